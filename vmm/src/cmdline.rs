@@ -1,0 +1,222 @@
+//! The QEMU command line for one VM, built from a typed description.
+
+use crate::accel::Accel;
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// QOM id of the virtio-mem device; hotplug code addresses it by this id.
+pub const VIRTIO_MEM_ID: &str = "vmem0";
+/// Prefix of the ids given to hotplugged vCPUs (`cpu<core>`).
+pub const HOTPLUG_CPU_ID_PREFIX: &str = "cpu";
+/// virtio-mem block size: the granularity of a memory resize.
+pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
+
+/// The guest NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Nic {
+    None,
+    /// An existing tap device, opened by name.
+    Tap { ifname: String, mac: String },
+}
+
+/// Everything QEMU needs to start one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineSpec {
+    pub name: String,
+    pub accel: Accel,
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+    /// Memory present at boot; never unplugged.
+    pub boot_memory_bytes: u64,
+    /// Size of the virtio-mem region that can be plugged on top; 0 means no device.
+    pub hotplug_memory_bytes: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub kernel_cmdline: String,
+    pub nic: Nic,
+    /// Empty `pcie-root-port`s for devices plugged later (vsock, disks).
+    pub spare_root_ports: u32,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl MachineSpec {
+    /// The arguments after `qemu-system-x86_64`. QEMU daemonizes: the VM must outlive vmhostd.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg,thread=multi", "qemu64"),
+        };
+        let mib = |bytes: u64| format!("{}M", bytes >> 20);
+        let max_memory = self.boot_memory_bytes + self.hotplug_memory_bytes;
+
+        push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
+        push(&["-machine", "q35,memory-backend=ram0"]);
+        push(&["-accel", accel, "-cpu", cpu]);
+        push(&[
+            "-smp",
+            &format!(
+                "cpus={},sockets=1,cores={},threads=1,maxcpus={}",
+                self.boot_vcpus, self.max_vcpus, self.max_vcpus
+            ),
+        ]);
+        // Shared memfd backing: a vhost-user device needs to map guest memory.
+        push(&[
+            "-m",
+            &format!("size={},maxmem={}", mib(self.boot_memory_bytes), mib(max_memory)),
+        ]);
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=ram0,size={},share=on",
+                mib(self.boot_memory_bytes)
+            ),
+        ]);
+        if self.hotplug_memory_bytes > 0 {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=hotmem0,size={},share=on",
+                    mib(self.hotplug_memory_bytes)
+                ),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=hotmem0,block-size={},requested-size=0",
+                    mib(VIRTIO_MEM_BLOCK_BYTES)
+                ),
+            ]);
+        }
+        for port in 0..self.spare_root_ports {
+            push(&[
+                "-device",
+                &format!("pcie-root-port,id=hotplug{port},chassis={}", port + 1),
+            ]);
+        }
+        if let Nic::Tap { ifname, mac } = &self.nic {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
+            ]);
+            push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
+        }
+        push(&["-nodefaults", "-no-reboot", "-display", "none"]);
+        push(&["-kernel"]);
+        args.push(self.kernel.clone().into());
+        if let Some(initrd) = &self.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.clone().into());
+        }
+        args.push("-append".into());
+        args.push(self.kernel_cmdline.clone().into());
+        args.push("-serial".into());
+        args.push(prefixed("file:", &self.serial_log));
+        args.push("-qmp".into());
+        let mut qmp = prefixed("unix:", &self.qmp_socket);
+        qmp.push(",server=on,wait=off");
+        args.push(qmp);
+        args.push("-daemonize".into());
+        args.push("-pidfile".into());
+        args.push(self.pidfile.clone().into());
+        args
+    }
+}
+
+fn prefixed(prefix: &str, path: &std::path::Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MachineSpec {
+        MachineSpec {
+            name: "db1".into(),
+            accel: Accel::Tcg,
+            boot_vcpus: 1,
+            max_vcpus: 4,
+            boot_memory_bytes: 1 << 30,
+            hotplug_memory_bytes: 3 << 30,
+            kernel: "/img/vmlinuz".into(),
+            initrd: Some("/img/initrd.img".into()),
+            kernel_cmdline: "console=ttyS0".into(),
+            nic: Nic::None,
+            spare_root_ports: 2,
+            qmp_socket: "/state/db1/qmp.sock".into(),
+            serial_log: "/state/db1/serial.log".into(),
+            pidfile: "/state/db1/qemu.pid".into(),
+        }
+    }
+
+    fn joined(spec: &MachineSpec) -> String {
+        spec.to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn sizes_boot_and_hotplug_memory() {
+        let line = joined(&spec());
+        assert!(line.contains("-m size=1024M,maxmem=4096M"), "{line}");
+        assert!(line.contains("memory-backend-memfd,id=ram0,size=1024M,share=on"), "{line}");
+        assert!(line.contains("memory-backend-memfd,id=hotmem0,size=3072M,share=on"), "{line}");
+        assert!(line.contains("virtio-mem-pci,id=vmem0,memdev=hotmem0,block-size=2M,requested-size=0"));
+    }
+
+    #[test]
+    fn vcpus_boot_at_min_and_plug_up_to_max() {
+        let line = joined(&spec());
+        assert!(line.contains("-smp cpus=1,sockets=1,cores=4,threads=1,maxcpus=4"), "{line}");
+    }
+
+    #[test]
+    fn no_virtio_mem_when_min_equals_max() {
+        let line = joined(&MachineSpec {
+            hotplug_memory_bytes: 0,
+            ..spec()
+        });
+        assert!(!line.contains("virtio-mem"), "{line}");
+        assert!(line.contains("maxmem=1024M"), "{line}");
+    }
+
+    #[test]
+    fn accel_selects_cpu_model() {
+        assert!(joined(&spec()).contains("-accel tcg,thread=multi -cpu qemu64"));
+        let kvm = MachineSpec {
+            accel: Accel::Kvm,
+            ..spec()
+        };
+        assert!(joined(&kvm).contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn root_ports_nic_and_runtime_files() {
+        let line = joined(&MachineSpec {
+            nic: Nic::Tap {
+                ifname: "vmh-db1".into(),
+                mac: "52:54:00:12:34:56".into(),
+            },
+            ..spec()
+        });
+        assert!(line.contains("pcie-root-port,id=hotplug0,chassis=1"));
+        assert!(line.contains("pcie-root-port,id=hotplug1,chassis=2"));
+        assert!(line.contains("-netdev tap,id=net0,ifname=vmh-db1,script=no,downscript=no"));
+        assert!(line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
+        assert!(line.contains("-nodefaults -no-reboot"));
+        assert!(line.contains("-serial file:/state/db1/serial.log"));
+        assert!(line.contains("-qmp unix:/state/db1/qmp.sock,server=on,wait=off"));
+        assert!(line.contains("-daemonize -pidfile /state/db1/qemu.pid"));
+        assert!(!joined(&spec()).contains("-netdev"));
+    }
+}
