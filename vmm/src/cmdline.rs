@@ -26,12 +26,18 @@ pub enum Nic {
 pub struct MachineSpec {
     pub name: String,
     pub accel: Accel,
+    /// vCPUs that are part of the machine and can never be unplugged.
     pub boot_vcpus: u32,
+    /// vCPUs present at start: the ones above `boot_vcpus` are cold-plugged devices, so
+    /// they can be unplugged later like hotplugged ones.
+    pub initial_vcpus: u32,
     pub max_vcpus: u32,
     /// Memory present at boot; never unplugged.
     pub boot_memory_bytes: u64,
     /// Size of the virtio-mem region that can be plugged on top; 0 means no device.
     pub hotplug_memory_bytes: u64,
+    /// virtio-mem memory plugged at start.
+    pub initial_hotplug_memory_bytes: u64,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub kernel_cmdline: String,
@@ -65,6 +71,14 @@ impl MachineSpec {
                 self.boot_vcpus, self.max_vcpus, self.max_vcpus
             ),
         ]);
+        for core in self.boot_vcpus..self.initial_vcpus {
+            push(&[
+                "-device",
+                &format!(
+                    "{cpu}-x86_64-cpu,id={HOTPLUG_CPU_ID_PREFIX}{core},socket-id=0,core-id={core},thread-id=0"
+                ),
+            ]);
+        }
         // Shared memfd backing: a vhost-user device needs to map guest memory.
         push(&[
             "-m",
@@ -88,8 +102,9 @@ impl MachineSpec {
             push(&[
                 "-device",
                 &format!(
-                    "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=hotmem0,block-size={},requested-size=0",
-                    mib(VIRTIO_MEM_BLOCK_BYTES)
+                    "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=hotmem0,block-size={},requested-size={}",
+                    mib(VIRTIO_MEM_BLOCK_BYTES),
+                    mib(self.initial_hotplug_memory_bytes)
                 ),
             ]);
         }
@@ -143,9 +158,11 @@ mod tests {
             name: "db1".into(),
             accel: Accel::Tcg,
             boot_vcpus: 1,
+            initial_vcpus: 1,
             max_vcpus: 4,
             boot_memory_bytes: 1 << 30,
             hotplug_memory_bytes: 3 << 30,
+            initial_hotplug_memory_bytes: 0,
             kernel: "/img/vmlinuz".into(),
             initrd: Some("/img/initrd.img".into()),
             kernel_cmdline: "console=ttyS0".into(),
@@ -171,7 +188,21 @@ mod tests {
         assert!(line.contains("-m size=1024M,maxmem=4096M"), "{line}");
         assert!(line.contains("memory-backend-memfd,id=ram0,size=1024M,share=on"), "{line}");
         assert!(line.contains("memory-backend-memfd,id=hotmem0,size=3072M,share=on"), "{line}");
-        assert!(line.contains("virtio-mem-pci,id=vmem0,memdev=hotmem0,block-size=2M,requested-size=0"));
+        assert!(line.contains("virtio-mem-pci,id=vmem0,memdev=hotmem0,block-size=2M,requested-size=0M"));
+    }
+
+    #[test]
+    fn starts_above_min_with_removable_vcpus_and_plugged_memory() {
+        let line = joined(&MachineSpec {
+            initial_vcpus: 3,
+            initial_hotplug_memory_bytes: 1 << 30,
+            ..spec()
+        });
+        assert!(line.contains("-smp cpus=1,"), "{line}");
+        assert!(line.contains("-device qemu64-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0"));
+        assert!(line.contains("-device qemu64-x86_64-cpu,id=cpu2,socket-id=0,core-id=2,thread-id=0"));
+        assert!(!line.contains("id=cpu3"));
+        assert!(line.contains("requested-size=1024M"), "{line}");
     }
 
     #[test]

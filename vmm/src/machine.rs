@@ -274,24 +274,27 @@ impl Machine {
         }
     }
 
-    /// Asks the guest to power off, then forces QEMU to quit after `grace`.
+    /// Asks the guest to power off, then makes QEMU quit after `grace`.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), VmmError> {
         if self.qmp.execute(SystemPowerdown {}).await.is_ok()
             && tokio::time::timeout(grace, self.qmp.closed()).await.is_ok()
+            && self.wait_gone(grace).await.is_ok()
         {
-            return self.wait_gone(grace).await;
+            return Ok(());
         }
         tracing::info!(pid = self.pid(), "guest did not power off in time; quitting QEMU");
-        let _ = self.qmp.execute(Quit {}).await;
-        if self.wait_gone(grace).await.is_err() {
-            self.kill();
-        }
-        self.wait_gone(grace).await
+        self.terminate().await
     }
 
-    /// Kills QEMU outright.
-    pub fn kill(&self) {
-        let _ = kill(self.pid, Signal::SIGKILL);
+    /// Makes QEMU quit now, killing it if it does not.
+    pub async fn terminate(&self) -> Result<(), VmmError> {
+        const QUIT_WAIT: Duration = Duration::from_secs(5);
+        let _ = self.qmp.execute(Quit {}).await;
+        if self.wait_gone(QUIT_WAIT).await.is_err() {
+            tracing::warn!(pid = self.pid(), "QEMU ignored quit; killing it");
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+        self.wait_gone(QUIT_WAIT).await
     }
 
     async fn wait_gone(&self, timeout: Duration) -> Result<(), VmmError> {

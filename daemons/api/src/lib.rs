@@ -1,0 +1,256 @@
+//! vmhostd's local API: one JSON request per line on a unix socket, one JSON response per
+//! line back. Shared by `vmhostd` (server) and `vmctl` (client) so both speak the same types.
+
+pub mod units;
+
+pub use units::{ComputeUnits, CuShape, Resources};
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::time::Duration;
+
+/// Version of this API; a server refuses requests from a different major version.
+pub const API_VERSION: u32 = 1;
+/// The longest request line the server reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What a VM should boot from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageRef {
+    /// An image named in the host config (`test`, `postgres`, ...).
+    Named(String),
+    /// A directory holding `vmlinuz` and `initrd.img`.
+    Path(std::path::PathBuf),
+}
+
+impl ImageRef {
+    /// `test`, `postgres` or any bare word is a configured image; anything with a `/` is a path.
+    pub fn parse(s: &str) -> ImageRef {
+        if s.contains('/') {
+            ImageRef::Path(s.into())
+        } else {
+            ImageRef::Named(s.into())
+        }
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRef::Named(name) => f.write_str(name),
+            ImageRef::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: String,
+    pub image: ImageRef,
+    pub min_cu: ComputeUnits,
+    pub max_cu: ComputeUnits,
+    /// Starting size; `min_cu` when absent.
+    pub cu: Option<ComputeUnits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Create(CreateVm),
+    List,
+    Show { name: String },
+    Scale { name: String, cu: ComputeUnits },
+    Stop { name: String },
+    Start { name: String },
+    Delete { name: String },
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// QEMU is being started.
+    Starting,
+    Running,
+    /// Stopped by an operator; holds no host resources.
+    Stopped,
+    /// QEMU went away without being asked to.
+    Crashed,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopped => "stopped",
+            VmState::Crashed => "crashed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    pub cu: ComputeUnits,
+    pub min_cu: ComputeUnits,
+    pub max_cu: ComputeUnits,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub accel: String,
+    pub image: String,
+    pub host: String,
+    pub pid: Option<i32>,
+    pub serial_log: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub accel: String,
+    pub accel_reason: String,
+    pub cu_shape: CuShape,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    pub vms: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Reply {
+    Vm(VmInfo),
+    Vms(Vec<VmInfo>),
+    Host(HostInfo),
+    Deleted { name: String },
+}
+
+/// Error classes; each maps to one `vmctl` exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    CapacityExceeded,
+    /// The VM is in a state where the action is not possible.
+    WrongState,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::InvalidArgument => 2,
+            ErrorKind::NotFound => 3,
+            ErrorKind::AlreadyExists => 4,
+            ErrorKind::CapacityExceeded => 5,
+            ErrorKind::WrongState => 6,
+            ErrorKind::Internal => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error(ApiError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to vmhostd at {path}: {source} (is vmhostd running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lost the connection to vmhostd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("vmhostd sent a reply this vmctl cannot read: {0}")]
+    BadReply(#[from] serde_json::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// Sends one request and waits for its reply. Operations that boot or resize a guest can
+/// take a while under emulation, hence the generous timeout.
+pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(&Envelope {
+        version: API_VERSION,
+        request,
+    })?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    match serde_json::from_str(&reply)? {
+        Response::Ok(reply) => Ok(reply),
+        Response::Error(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_stable() {
+        let envelope = Envelope {
+            version: API_VERSION,
+            request: Request::Scale {
+                name: "db1".into(),
+                cu: "1.5".parse().unwrap(),
+            },
+        };
+        let json = serde_json::to_string(&envelope).unwrap();
+        assert_eq!(json, r#"{"version":1,"op":"scale","name":"db1","cu":1.5}"#);
+        assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), envelope);
+    }
+
+    #[test]
+    fn image_ref_parses_names_and_paths() {
+        assert_eq!(ImageRef::parse("test"), ImageRef::Named("test".into()));
+        assert_eq!(ImageRef::parse("./img"), ImageRef::Path("./img".into()));
+    }
+
+    #[test]
+    fn invalid_cu_in_a_request_is_rejected_by_the_decoder() {
+        let json = r#"{"version":1,"op":"scale","name":"db1","cu":0.3}"#;
+        assert!(serde_json::from_str::<Envelope>(json).is_err());
+    }
+}

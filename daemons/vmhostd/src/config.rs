@@ -1,0 +1,298 @@
+//! The host config file (TOML).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmhost_api::{CuShape, Resources};
+use vmm::AccelChoice;
+
+/// Memory per CU must split into quarter CUs that are whole Linux memory blocks (128 MiB).
+const MEMORY_PER_CU_STEP_MIB: u64 = 512;
+const DEFAULT_CMDLINE: &str = "console=ttyS0 memhp_default_state=online_movable panic=-1 quiet";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's name in listings; defaults to the system hostname.
+    pub host_name: Option<String>,
+    pub state_dir: PathBuf,
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    #[serde(default)]
+    pub accel: AccelChoice,
+    #[serde(default = "default_qemu_binary")]
+    pub qemu_binary: PathBuf,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub compute_unit: ComputeUnitConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub images: BTreeMap<String, ImageConfig>,
+}
+
+/// What this host may give out to VMs.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComputeUnitConfig {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl Default for ComputeUnitConfig {
+    fn default() -> Self {
+        ComputeUnitConfig {
+            vcpus: 1,
+            memory_mib: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum NetworkConfig {
+    #[default]
+    None,
+    /// Each VM gets a tap device enslaved to this existing bridge.
+    Tap { bridge: String },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A single QMP command.
+    pub qmp_secs: u64,
+    /// The guest's acknowledgement of one resize.
+    pub hotplug_secs: u64,
+    /// How long a guest may take to power off before QEMU is made to quit.
+    pub stop_grace_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            qmp_secs: 10,
+            hotplug_secs: 60,
+            stop_grace_secs: 30,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn qmp(&self) -> Duration {
+        Duration::from_secs(self.qmp_secs)
+    }
+    pub fn hotplug(&self) -> Duration {
+        Duration::from_secs(self.hotplug_secs)
+    }
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.stop_grace_secs)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+}
+
+fn default_api_socket() -> PathBuf {
+    "/run/vmhost/vmhostd.sock".into()
+}
+fn default_qemu_binary() -> PathBuf {
+    "qemu-system-x86_64".into()
+}
+pub fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            // toml's message spans several lines with a source excerpt; keep it to one.
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.capacity.vcpus == 0 || self.capacity.memory_mib == 0 {
+            return Err("capacity.vcpus and capacity.memory_mib must be positive".into());
+        }
+        if self.compute_unit.vcpus == 0 {
+            return Err("compute_unit.vcpus must be positive".into());
+        }
+        if self.compute_unit.memory_mib == 0 || self.compute_unit.memory_mib % MEMORY_PER_CU_STEP_MIB != 0 {
+            return Err(format!(
+                "compute_unit.memory_mib must be a positive multiple of {MEMORY_PER_CU_STEP_MIB} \
+                 (so a quarter CU is whole 128 MiB memory blocks), got {}",
+                self.compute_unit.memory_mib
+            ));
+        }
+        if self.timeouts.qmp_secs == 0 || self.timeouts.hotplug_secs == 0 {
+            return Err("timeouts must be positive".into());
+        }
+        if !self.state_dir.is_absolute() || !self.api_socket.is_absolute() {
+            return Err("state_dir and api_socket must be absolute paths".into());
+        }
+        for (name, image) in &self.images {
+            if name.contains('/') || name.is_empty() {
+                return Err(format!("image name '{name}' must be a plain word"));
+            }
+            if !image.kernel.is_absolute() || image.initrd.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!("images.{name}: kernel and initrd must be absolute paths"));
+            }
+        }
+        if let NetworkConfig::Tap { bridge } = &self.network {
+            if bridge.is_empty() || bridge.len() > 15 {
+                return Err(format!("network.bridge '{bridge}' is not a valid interface name"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn cu_shape(&self) -> CuShape {
+        CuShape {
+            vcpus_per_cu: self.compute_unit.vcpus,
+            memory_per_cu_bytes: self.compute_unit.memory_mib << 20,
+        }
+    }
+
+    pub fn capacity(&self) -> Resources {
+        Resources {
+            vcpus: self.capacity.vcpus,
+            memory_bytes: self.capacity.memory_mib << 20,
+        }
+    }
+
+    pub fn host_name(&self) -> String {
+        self.host_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmhostd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    const MINIMAL: &str = r#"
+        state_dir = "/var/lib/vmhost"
+        [capacity]
+        vcpus = 8
+        memory_mib = 16384
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.accel, AccelChoice::Auto);
+        assert_eq!(config.cu_shape(), CuShape::default());
+        assert_eq!(config.network, NetworkConfig::None);
+        assert_eq!(config.capacity().memory_bytes, 16 << 30);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let config = load(
+            r#"
+            host_name = "host-a"
+            state_dir = "/var/lib/vmhost"
+            api_socket = "/run/vmhost/api.sock"
+            accel = "tcg"
+            [capacity]
+            vcpus = 4
+            memory_mib = 8192
+            [compute_unit]
+            vcpus = 1
+            memory_mib = 1024
+            [network]
+            mode = "tap"
+            bridge = "br0"
+            [timeouts]
+            hotplug_secs = 5
+            [images.test]
+            kernel = "/img/vmlinuz"
+            initrd = "/img/initrd.img"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.accel, AccelChoice::Tcg);
+        assert_eq!(config.network, NetworkConfig::Tap { bridge: "br0".into() });
+        assert_eq!(config.timeouts.hotplug_secs, 5);
+        assert_eq!(config.timeouts.qmp_secs, 10);
+        assert!(config.images["test"].cmdline.contains("memhp_default_state=online_movable"));
+    }
+
+    #[test]
+    fn errors_are_one_clear_line() {
+        let cases = [
+            (MINIMAL.replace("vcpus = 8", "vcpus = 8\ncolour = 1"), "unknown field"),
+            (MINIMAL.replace("memory_mib = 16384", "memory_mib = \"lots\""), "invalid type"),
+            (MINIMAL.replace("vcpus = 8", "vcpus = 0"), "must be positive"),
+            (format!("{MINIMAL}\n[compute_unit]\nmemory_mib = 1000"), "multiple of 512"),
+            (MINIMAL.replace("/var/lib/vmhost", "relative"), "absolute"),
+            ("state_dir = ".to_string(), "invalid config"),
+            (format!("accel = \"xen\"\n{MINIMAL}"), "unknown variant"),
+        ];
+        for (text, expected) in cases {
+            let message = load(&text).unwrap_err().to_string();
+            assert!(message.contains(expected), "{message:?} lacks {expected:?}");
+            assert!(!message.contains('\n'), "multi-line error: {message:?}");
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let message = Config::load(Path::new("/nonexistent/vmhostd.toml")).unwrap_err().to_string();
+        assert!(message.contains("/nonexistent/vmhostd.toml"), "{message}");
+    }
+}

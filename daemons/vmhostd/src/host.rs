@@ -1,0 +1,643 @@
+//! The VMs of this host: lifecycle, resizing, admission control and recovery after a restart.
+//!
+//! Each VM has an operation lock (one lifecycle or resize operation at a time, so slow guest
+//! acknowledgements never block other VMs) and a record behind a short-held mutex that
+//! listings read.
+
+use crate::config::{Config, NetworkConfig};
+use crate::ledger::{Ledger, LedgerError};
+use crate::net;
+use crate::store::{BootSource, Store, StoreError, VmSpec};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use vmhost_api::{
+    ApiError, ComputeUnits, CreateVm, ErrorKind, HostInfo, ImageRef, Reply, Request, Resources, VmInfo,
+    VmState,
+};
+use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
+
+/// Spare PCIe root ports for devices plugged at run time.
+const SPARE_ROOT_PORTS: u32 = 4;
+/// q35 with x2APIC supports up to 288 vCPUs; stay well below.
+const MAX_VCPUS: u32 = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("no VM named '{0}' on this host")]
+    NotFound(String),
+    #[error("a VM named '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Capacity(#[from] LedgerError),
+    #[error("VM '{name}' is {state}; cannot {action} it")]
+    WrongState {
+        name: String,
+        state: VmState,
+        action: &'static str,
+    },
+    #[error("VM '{name}': cannot {action}")]
+    Vmm {
+        name: String,
+        action: &'static str,
+        #[source]
+        source: VmmError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+}
+
+impl HostError {
+    /// The single place where errors become API error classes (and so vmctl exit codes).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            HostError::NotFound(_) => ErrorKind::NotFound,
+            HostError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            HostError::Invalid(_) => ErrorKind::InvalidArgument,
+            HostError::Capacity(_) => ErrorKind::CapacityExceeded,
+            HostError::WrongState { .. } => ErrorKind::WrongState,
+            HostError::Vmm { .. } | HostError::Store(_) | HostError::Net(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(error: HostError) -> ApiError {
+        ApiError::new(error.kind(), error_chain(&error))
+    }
+}
+
+/// "outer: cause: root cause", on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+struct VmRecord {
+    spec: VmSpec,
+    state: VmState,
+    machine: Option<Arc<Machine>>,
+    /// What QEMU holds now, as last measured.
+    applied: Resources,
+}
+
+struct VmSlot {
+    operation: tokio::sync::Mutex<()>,
+    record: Mutex<VmRecord>,
+}
+
+impl VmSlot {
+    fn record(&self) -> MutexGuard<'_, VmRecord> {
+        self.record.lock().expect("VM record lock poisoned")
+    }
+}
+
+pub struct Host {
+    config: Config,
+    host_name: String,
+    accel: AccelDecision,
+    store: Store,
+    ledger: Mutex<Ledger>,
+    vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+}
+
+fn validate_name(name: &str) -> Result<(), HostError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "invalid VM name '{name}': use 1 to 63 lowercase letters, digits and '-', not starting with '-'"
+        )))
+    }
+}
+
+fn check_bounds(spec: &VmSpec, cu: ComputeUnits) -> Result<(), HostError> {
+    if cu < spec.min_cu || cu > spec.max_cu {
+        return Err(HostError::Invalid(format!(
+            "{cu} CU is outside VM '{}' bounds [{}, {}]",
+            spec.name, spec.min_cu, spec.max_cu
+        )));
+    }
+    Ok(())
+}
+
+impl Host {
+    /// Opens the state directory and reattaches to every VM that should be running.
+    pub async fn recover(config: Config, accel: AccelDecision) -> Result<Arc<Host>, StoreError> {
+        let store = Store::open(&config.state_dir)?;
+        let (specs, broken) = store.load_all()?;
+        for error in broken {
+            tracing::error!(error = %error_chain(&error), "skipping a VM folder");
+        }
+        let host = Arc::new(Host {
+            host_name: config.host_name(),
+            ledger: Mutex::new(Ledger::new(config.capacity())),
+            config,
+            accel,
+            store,
+            vms: Mutex::new(BTreeMap::new()),
+        });
+        for spec in specs {
+            host.reattach(spec).await;
+        }
+        Ok(host)
+    }
+
+    async fn reattach(self: &Arc<Self>, spec: VmSpec) {
+        let name = spec.name.clone();
+        let mut record = VmRecord {
+            state: VmState::Stopped,
+            machine: None,
+            applied: spec.cu_shape.resources(spec.cu),
+            spec,
+        };
+        if record.spec.run {
+            let paths = self.store.vm_paths(&name);
+            match Machine::attach(&paths.qmp_socket, &paths.pidfile, self.config.timeouts.qmp()).await {
+                Ok(machine) => {
+                    let machine = Arc::new(machine);
+                    match self.measure(&record.spec, &machine).await {
+                        Ok(applied) => record.applied = applied,
+                        Err(error) => {
+                            tracing::warn!(vm = %name, error = %error_chain(&error), "cannot measure VM; booking its spec size")
+                        }
+                    }
+                    if self.ledger().adopt(&name, record.applied) {
+                        tracing::warn!(vm = %name, "host is over capacity after reattaching (was capacity lowered?)");
+                    }
+                    tracing::info!(vm = %name, pid = machine.pid(), size = %record.applied, "reattached to running VM");
+                    record.state = VmState::Running;
+                    record.machine = Some(machine.clone());
+                    self.watch_exit(&name, machine);
+                }
+                Err(error) => {
+                    tracing::error!(vm = %name, error = %error_chain(&error), "VM should be running but its QEMU is gone");
+                    record.state = VmState::Crashed;
+                }
+            }
+        }
+        self.vms().insert(
+            name,
+            Arc::new(VmSlot {
+                operation: tokio::sync::Mutex::new(()),
+                record: Mutex::new(record),
+            }),
+        );
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().expect("ledger lock poisoned")
+    }
+
+    fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<VmSlot>>> {
+        self.vms.lock().expect("VM table lock poisoned")
+    }
+
+    fn slot(&self, name: &str) -> Result<Arc<VmSlot>, HostError> {
+        self.vms()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| HostError::NotFound(name.into()))
+    }
+
+    pub async fn handle(self: &Arc<Self>, request: Request) -> Result<Reply, HostError> {
+        match request {
+            Request::Create(create) => self.create(create).await.map(Reply::Vm),
+            Request::List => Ok(Reply::Vms(self.list())),
+            Request::Show { name } => Ok(Reply::Vm(self.info(&*self.slot(&name)?))),
+            Request::Scale { name, cu } => self.scale(&name, cu).await.map(Reply::Vm),
+            Request::Stop { name } => self.stop(&name).await.map(Reply::Vm),
+            Request::Start { name } => self.start(&name).await.map(Reply::Vm),
+            Request::Delete { name } => self.delete(&name).await.map(|()| Reply::Deleted { name }),
+            Request::Host => Ok(Reply::Host(self.host_info())),
+        }
+    }
+
+    fn info(&self, slot: &VmSlot) -> VmInfo {
+        let record = slot.record();
+        let spec = &record.spec;
+        VmInfo {
+            name: spec.name.clone(),
+            state: record.state,
+            cu: spec.cu,
+            min_cu: spec.min_cu,
+            max_cu: spec.max_cu,
+            vcpus: record.applied.vcpus,
+            memory_bytes: record.applied.memory_bytes,
+            accel: self.accel.accel.to_string(),
+            image: spec.image.to_string(),
+            host: self.host_name.clone(),
+            pid: record.machine.as_ref().map(|m| m.pid()),
+            serial_log: self.store.vm_paths(&spec.name).serial_log.display().to_string(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let slots: Vec<_> = self.vms().values().cloned().collect();
+        slots.iter().map(|slot| self.info(slot)).collect()
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let ledger = self.ledger();
+        HostInfo {
+            name: self.host_name.clone(),
+            accel: self.accel.accel.to_string(),
+            accel_reason: self.accel.reason.clone(),
+            cu_shape: self.config.cu_shape(),
+            capacity: ledger.capacity(),
+            allocated: ledger.allocated(),
+            vms: self.vms().len(),
+        }
+    }
+
+    fn resolve_image(&self, image: &ImageRef) -> Result<BootSource, HostError> {
+        let boot = match image {
+            ImageRef::Named(name) => {
+                let configured = self.config.images.get(name).ok_or_else(|| {
+                    let known: Vec<_> = self.config.images.keys().map(String::as_str).collect();
+                    HostError::Invalid(format!(
+                        "image '{name}' is not configured on this host (configured: {})",
+                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                    ))
+                })?;
+                BootSource {
+                    kernel: configured.kernel.clone(),
+                    initrd: configured.initrd.clone(),
+                    cmdline: configured.cmdline.clone(),
+                }
+            }
+            ImageRef::Path(dir) => {
+                let dir = std::path::absolute(dir)
+                    .map_err(|e| HostError::Invalid(format!("bad image path {}: {e}", dir.display())))?;
+                let initrd = dir.join("initrd.img");
+                BootSource {
+                    kernel: dir.join("vmlinuz"),
+                    initrd: initrd.exists().then_some(initrd),
+                    cmdline: crate::config::default_cmdline(),
+                }
+            }
+        };
+        for file in std::iter::once(&boot.kernel).chain(&boot.initrd) {
+            if !file.is_file() {
+                return Err(HostError::Invalid(format!(
+                    "image '{image}': {} does not exist",
+                    file.display()
+                )));
+            }
+        }
+        Ok(boot)
+    }
+
+    async fn create(self: &Arc<Self>, request: CreateVm) -> Result<VmInfo, HostError> {
+        validate_name(&request.name)?;
+        if request.min_cu > request.max_cu {
+            return Err(HostError::Invalid(format!(
+                "min_cu ({}) is greater than max_cu ({})",
+                request.min_cu, request.max_cu
+            )));
+        }
+        let shape = self.config.cu_shape();
+        let spec = VmSpec {
+            name: request.name.clone(),
+            boot: self.resolve_image(&request.image)?,
+            image: request.image,
+            cu_shape: shape,
+            min_cu: request.min_cu,
+            max_cu: request.max_cu,
+            cu: request.cu.unwrap_or(request.min_cu),
+            run: true,
+        };
+        check_bounds(&spec, spec.cu)?;
+        let max_vcpus = shape.resources(spec.max_cu).vcpus;
+        if max_vcpus > MAX_VCPUS {
+            return Err(HostError::Invalid(format!(
+                "max_cu {} means {max_vcpus} vCPUs; at most {MAX_VCPUS} are supported",
+                spec.max_cu
+            )));
+        }
+        let name = spec.name.clone();
+        let slot = Arc::new(VmSlot {
+            operation: tokio::sync::Mutex::new(()),
+            record: Mutex::new(VmRecord {
+                applied: shape.resources(spec.cu),
+                spec: spec.clone(),
+                state: VmState::Starting,
+                machine: None,
+            }),
+        });
+        {
+            let mut vms = self.vms();
+            if vms.contains_key(&name) {
+                return Err(HostError::AlreadyExists(name));
+            }
+            vms.insert(name.clone(), slot.clone());
+        }
+        let _operation = slot.operation.lock().await;
+        let created = async {
+            self.ledger().set(&name, shape.resources(spec.cu))?;
+            if let Err(error) = self.store.create_vm(&spec) {
+                self.ledger().release(&name);
+                return Err(error.into());
+            }
+            match self.launch(&spec).await {
+                Ok(machine) => Ok(machine),
+                Err(error) => {
+                    self.ledger().release(&name);
+                    net::remove_tap(&name);
+                    if let Err(e) = self.store.remove_vm(&name) {
+                        tracing::error!(vm = %name, error = %error_chain(&e), "cannot clean up after a failed create");
+                    }
+                    Err(error)
+                }
+            }
+        }
+        .await;
+        match created {
+            Ok(machine) => {
+                {
+                    let mut record = slot.record();
+                    record.state = VmState::Running;
+                    record.machine = Some(machine.clone());
+                }
+                self.watch_exit(&name, machine);
+                tracing::info!(vm = %name, cu = %spec.cu, "created VM");
+                Ok(self.info(&slot))
+            }
+            Err(error) => {
+                self.vms().remove(&name);
+                Err(error)
+            }
+        }
+    }
+
+    /// Starts QEMU for `spec` at its current size.
+    async fn launch(&self, spec: &VmSpec) -> Result<Arc<Machine>, HostError> {
+        let paths = self.store.vm_paths(&spec.name);
+        let min = spec.cu_shape.resources(spec.min_cu);
+        let max = spec.cu_shape.resources(spec.max_cu);
+        let now = spec.cu_shape.resources(spec.cu);
+        let nic = match &self.config.network {
+            NetworkConfig::None => Nic::None,
+            NetworkConfig::Tap { bridge } => Nic::Tap {
+                ifname: net::ensure_tap(&spec.name, bridge)?,
+                mac: net::mac_address(&spec.name),
+            },
+        };
+        for stale in [&paths.qmp_socket, &paths.pidfile] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let machine_spec = MachineSpec {
+            name: spec.name.clone(),
+            accel: self.accel.accel,
+            boot_vcpus: min.vcpus,
+            initial_vcpus: now.vcpus,
+            max_vcpus: max.vcpus,
+            boot_memory_bytes: min.memory_bytes,
+            hotplug_memory_bytes: max.memory_bytes - min.memory_bytes,
+            initial_hotplug_memory_bytes: now.memory_bytes - min.memory_bytes,
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            kernel_cmdline: spec.boot.cmdline.clone(),
+            nic,
+            spare_root_ports: SPARE_ROOT_PORTS,
+            qmp_socket: paths.qmp_socket,
+            serial_log: paths.serial_log,
+            pidfile: paths.pidfile,
+        };
+        let machine = Machine::launch(&self.config.qemu_binary, &machine_spec, self.config.timeouts.qmp())
+            .await
+            .map_err(|source| HostError::Vmm {
+                name: spec.name.clone(),
+                action: "start QEMU",
+                source,
+            })?;
+        tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
+        Ok(Arc::new(machine))
+    }
+
+    /// What QEMU holds now: present vCPUs, boot memory plus plugged virtio-mem.
+    async fn measure(&self, spec: &VmSpec, machine: &Machine) -> Result<Resources, VmmError> {
+        let boot_memory = spec.cu_shape.resources(spec.min_cu).memory_bytes;
+        Ok(Resources {
+            vcpus: machine.vcpus().await?,
+            memory_bytes: boot_memory + machine.hotplug_memory().await?,
+        })
+    }
+
+    /// Marks the VM crashed and frees its resources if QEMU exits while it should run.
+    fn watch_exit(self: &Arc<Self>, name: &str, machine: Arc<Machine>) {
+        let host = Arc::downgrade(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            machine.exited().await;
+            let Some(host) = host.upgrade() else { return };
+            let Ok(slot) = host.slot(&name) else { return };
+            let mut record = slot.record();
+            if !record.machine.as_ref().is_some_and(|m| Arc::ptr_eq(m, &machine)) {
+                return;
+            }
+            record.machine = None;
+            host.ledger().release(&name);
+            if record.spec.run {
+                record.state = VmState::Crashed;
+                tracing::error!(vm = %name, "QEMU exited unexpectedly; VM marked crashed and its resources released");
+            } else {
+                record.state = VmState::Stopped;
+            }
+        });
+    }
+
+    fn wrong_state(record: &VmRecord, action: &'static str) -> HostError {
+        HostError::WrongState {
+            name: record.spec.name.clone(),
+            state: record.state,
+            action,
+        }
+    }
+
+    async fn scale(&self, name: &str, cu: ComputeUnits) -> Result<VmInfo, HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let (mut spec, machine, before) = {
+            let record = slot.record();
+            match (&record.machine, record.state) {
+                (Some(machine), VmState::Running) => (record.spec.clone(), machine.clone(), record.applied),
+                _ => return Err(Self::wrong_state(&record, "scale")),
+            }
+        };
+        check_bounds(&spec, cu)?;
+        let target = spec.cu_shape.resources(cu);
+        // Book the larger of the old and new size until the guest has actually let go,
+        // so memory being unplugged cannot be handed to another VM early.
+        let booked = Resources {
+            vcpus: before.vcpus.max(target.vcpus),
+            memory_bytes: before.memory_bytes.max(target.memory_bytes),
+        };
+        self.ledger().set(name, booked)?;
+        let started = std::time::Instant::now();
+        let boot_memory = spec.cu_shape.resources(spec.min_cu).memory_bytes;
+        let timeout = self.config.timeouts.hotplug();
+        let applied = async {
+            machine.set_vcpus(target.vcpus, timeout).await?;
+            if target.memory_bytes != before.memory_bytes {
+                machine
+                    .set_hotplug_memory(target.memory_bytes - boot_memory, timeout)
+                    .await?;
+            }
+            Ok::<(), VmmError>(())
+        }
+        .await;
+        let measured = self.measure(&spec, &machine).await.unwrap_or(booked);
+        // Shrinking the booking to what QEMU holds always fits.
+        let _ = self.ledger().set(name, measured);
+        slot.record().applied = measured;
+        applied.map_err(|source| HostError::Vmm {
+            name: name.into(),
+            action: "resize",
+            source,
+        })?;
+        spec.cu = cu;
+        self.store.save(&spec)?;
+        slot.record().spec = spec;
+        tracing::info!(vm = %name, %cu, size = %measured, elapsed_ms = started.elapsed().as_millis() as u64, "scaled VM");
+        Ok(self.info(&slot))
+    }
+
+    async fn stop(&self, name: &str) -> Result<VmInfo, HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let (mut spec, machine) = {
+            let record = slot.record();
+            match record.state {
+                VmState::Running | VmState::Crashed => (record.spec.clone(), record.machine.clone()),
+                _ => return Err(Self::wrong_state(&record, "stop")),
+            }
+        };
+        spec.run = false;
+        self.store.save(&spec)?;
+        slot.record().spec.run = false;
+        if let Some(machine) = machine {
+            machine
+                .shutdown(self.config.timeouts.stop_grace())
+                .await
+                .map_err(|source| HostError::Vmm {
+                    name: name.into(),
+                    action: "stop",
+                    source,
+                })?;
+        }
+        {
+            let mut record = slot.record();
+            record.machine = None;
+            record.state = VmState::Stopped;
+        }
+        self.ledger().release(name);
+        tracing::info!(vm = %name, "stopped VM");
+        Ok(self.info(&slot))
+    }
+
+    async fn start(self: &Arc<Self>, name: &str) -> Result<VmInfo, HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let mut spec = {
+            let record = slot.record();
+            match record.state {
+                VmState::Stopped | VmState::Crashed => record.spec.clone(),
+                _ => return Err(Self::wrong_state(&record, "start")),
+            }
+        };
+        let size = spec.cu_shape.resources(spec.cu);
+        self.ledger().set(name, size)?;
+        spec.run = true;
+        let started = async {
+            self.store.save(&spec)?;
+            self.launch(&spec).await
+        }
+        .await;
+        let machine = match started {
+            Ok(machine) => machine,
+            Err(error) => {
+                self.ledger().release(name);
+                return Err(error);
+            }
+        };
+        {
+            let mut record = slot.record();
+            record.spec = spec;
+            record.state = VmState::Running;
+            record.applied = size;
+            record.machine = Some(machine.clone());
+        }
+        self.watch_exit(name, machine);
+        tracing::info!(vm = %name, "started VM");
+        Ok(self.info(&slot))
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let machine = {
+            let mut record = slot.record();
+            record.spec.run = false;
+            record.machine.clone()
+        };
+        if let Some(machine) = machine {
+            machine.terminate().await.map_err(|source| HostError::Vmm {
+                name: name.into(),
+                action: "terminate QEMU for delete",
+                source,
+            })?;
+        }
+        self.store.remove_vm(name)?;
+        net::remove_tap(name);
+        self.ledger().release(name);
+        self.vms().remove(name);
+        tracing::info!(vm = %name, "deleted VM");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for good in ["db1", "a", "web-01"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", "-x", "Db1", "a/b", "a b", "../etc", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn error_chain_is_one_line_without_repeats() {
+        let error = HostError::Vmm {
+            name: "db1".into(),
+            action: "resize",
+            source: VmmError::NoHotplugMemory,
+        };
+        assert_eq!(
+            error_chain(&error),
+            "VM 'db1': cannot resize: VM has no hotplug memory device; its memory is fixed"
+        );
+        assert_eq!(ApiError::from(error).kind, ErrorKind::Internal);
+    }
+}

@@ -1,0 +1,91 @@
+//! vmhostd: runs the VMs of one host. See the README for its config and operation.
+
+mod api;
+mod config;
+mod host;
+mod ledger;
+mod net;
+mod store;
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(version, about = "vmhost host daemon")]
+struct Args {
+    /// Host config file (TOML).
+    #[arg(long, default_value = "/etc/vmhost/vmhostd.toml")]
+    config: PathBuf,
+}
+
+/// Logs go to journald under systemd, to stderr otherwise (or if journald is unreachable).
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            registry.with(journald).init();
+            return;
+        }
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+fn main() {
+    let args = Args::parse();
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+    if let Err(error) = runtime.block_on(run(args)) {
+        // One line: the chain of causes, outermost first.
+        eprintln!("vmhostd: {error:#}");
+        tracing::error!("{error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = config::Config::load(&args.config)?;
+    let accel = vmm::accel::decide(config.accel, &vmm::HostFacts::probe())?;
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+    let api_socket = config.api_socket.clone();
+    let host = host::Host::recover(config, accel).await?;
+    let listener = api::bind(&api_socket)?;
+    tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    spawn_watchdog();
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        () = api::serve(listener, host) => {}
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // VMs keep running: a restarted vmhostd reattaches to them.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = std::fs::remove_file(&api_socket);
+    tracing::info!("vmhostd stopping; VMs keep running");
+    Ok(())
+}
+
+/// Pings systemd's watchdog at half its interval, from the runtime, so a wedged runtime
+/// gets the daemon restarted.
+fn spawn_watchdog() {
+    if let Some(timeout) = sd_notify::watchdog_enabled() {
+        let interval = timeout / 2;
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+}

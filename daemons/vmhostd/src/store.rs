@@ -1,0 +1,226 @@
+//! The state directory: one folder per VM holding its spec, QMP socket, serial log and
+//! pidfile, plus a lock that keeps a second vmhostd away.
+
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use vmhost_api::{ComputeUnits, CuShape, ImageRef};
+
+const SPEC_FILE: &str = "spec.json";
+
+/// What must survive a restart of vmhostd, for one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: String,
+    pub image: ImageRef,
+    pub boot: BootSource,
+    /// The CU shape at creation: the VM's QEMU was sized with it, whatever the config says now.
+    pub cu_shape: CuShape,
+    pub min_cu: ComputeUnits,
+    pub max_cu: ComputeUnits,
+    /// The size last applied.
+    pub cu: ComputeUnits,
+    /// Whether the operator wants it running.
+    pub run: bool,
+}
+
+/// Resolved at creation, so a later change of the config's images does not change a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("another vmhostd already uses state directory {0}")]
+    Locked(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt VM spec {path}: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The locked state directory.
+pub struct Store {
+    root: PathBuf,
+    _lock: File,
+}
+
+/// Paths of one VM's files.
+pub struct VmPaths {
+    pub dir: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) and locks the state directory. The lock is released by the
+    /// kernel when the process dies, so a SIGKILLed vmhostd never leaves it stale.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(root.join("vms")).map_err(io_error("cannot create", root))?;
+        let lock_path = root.join("vmhostd.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error("cannot open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(root.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock", &lock_path)(e)),
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn vm_paths(&self, name: &str) -> VmPaths {
+        let dir = self.root.join("vms").join(name);
+        VmPaths {
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: dir.join("serial.log"),
+            pidfile: dir.join("qemu.pid"),
+            dir,
+        }
+    }
+
+    /// Creates the VM's folder; fails if it exists, so two creates of one name cannot race.
+    pub fn create_vm(&self, spec: &VmSpec) -> Result<VmPaths, StoreError> {
+        let paths = self.vm_paths(&spec.name);
+        std::fs::create_dir(&paths.dir).map_err(io_error("cannot create", &paths.dir))?;
+        if let Err(e) = self.save(spec) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e);
+        }
+        Ok(paths)
+    }
+
+    /// Writes the spec atomically (write, fsync, rename).
+    pub fn save(&self, spec: &VmSpec) -> Result<(), StoreError> {
+        let dir = self.vm_paths(&spec.name).dir;
+        let tmp = dir.join(format!("{SPEC_FILE}.tmp"));
+        let path = dir.join(SPEC_FILE);
+        let json = serde_json::to_vec_pretty(spec).expect("a spec always serializes");
+        let mut file = File::create(&tmp).map_err(io_error("cannot write", &tmp))?;
+        file.write_all(&json)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error("cannot write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_error("cannot replace", &path))
+    }
+
+    /// Every VM spec on disk, with the folders whose spec cannot be read reported apart.
+    pub fn load_all(&self) -> Result<(Vec<VmSpec>, Vec<StoreError>), StoreError> {
+        let vms = self.root.join("vms");
+        let mut specs = Vec::new();
+        let mut broken = Vec::new();
+        for entry in std::fs::read_dir(&vms).map_err(io_error("cannot list", &vms))? {
+            let entry = entry.map_err(io_error("cannot list", &vms))?;
+            let path = entry.path().join(SPEC_FILE);
+            let parsed = std::fs::read(&path)
+                .map_err(io_error("cannot read", &path))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<VmSpec>(&bytes).map_err(|e| StoreError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+                });
+            match parsed {
+                Ok(spec) if Some(spec.name.as_str()) == entry.file_name().to_str() => specs.push(spec),
+                Ok(spec) => broken.push(StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    message: format!("names VM '{}' but sits in another VM's folder", spec.name),
+                }),
+                Err(e) => broken.push(e),
+            }
+        }
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((specs, broken))
+    }
+
+    pub fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
+        let dir = self.vm_paths(name).dir;
+        std::fs::remove_dir_all(&dir).map_err(io_error("cannot remove", &dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            image: ImageRef::Named("test".into()),
+            boot: BootSource {
+                kernel: "/img/vmlinuz".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            cu_shape: CuShape::default(),
+            min_cu: ComputeUnits::whole(1),
+            max_cu: ComputeUnits::whole(2),
+            cu: ComputeUnits::whole(1),
+            run: true,
+        }
+    }
+
+    #[test]
+    fn second_open_of_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
+    }
+
+    #[test]
+    fn specs_round_trip_and_duplicates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_vm(&spec("b")).unwrap();
+        store.create_vm(&spec("a")).unwrap();
+        assert!(store.create_vm(&spec("a")).is_err());
+        let mut changed = spec("a");
+        changed.cu = ComputeUnits::whole(2);
+        store.save(&changed).unwrap();
+        let (specs, broken) = store.load_all().unwrap();
+        assert!(broken.is_empty());
+        assert_eq!(specs, vec![changed, spec("b")]);
+        store.remove_vm("a").unwrap();
+        assert_eq!(store.load_all().unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_spec_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_vm(&spec("good")).unwrap();
+        std::fs::create_dir(dir.path().join("vms/bad")).unwrap();
+        std::fs::write(dir.path().join("vms/bad/spec.json"), b"{not json").unwrap();
+        let (specs, broken) = store.load_all().unwrap();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(broken.len(), 1);
+        assert!(broken[0].to_string().contains("vms/bad/spec.json"));
+    }
+}
