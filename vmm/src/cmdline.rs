@@ -32,6 +32,8 @@ pub struct MachineSpec {
     /// they can be unplugged later like hotplugged ones.
     pub initial_vcpus: u32,
     pub max_vcpus: u32,
+    /// vCPU slots QEMU offers (`maxcpus`), at least `max_vcpus`. See [`vcpu_slots`].
+    pub vcpu_slots: u32,
     /// Memory present at boot; never unplugged.
     pub boot_memory_bytes: u64,
     /// Size of the virtio-mem region that can be plugged on top; 0 means no device.
@@ -47,6 +49,32 @@ pub struct MachineSpec {
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
+}
+
+/// The most vCPU slots a q35 machine gets here (xAPIC ids stay below 255).
+const MAX_VCPU_SLOTS: u32 = 255;
+/// Under TCG, spare slots per vCPU; see [`vcpu_slots`].
+const TCG_SLOTS_PER_VCPU: u32 = 16;
+
+/// QEMU's `maxcpus` for a VM of `max_vcpus`.
+///
+/// Multi-threaded TCG gives every vCPU thread that ever starts its own translation context,
+/// never returned on unplug, and aborts once `maxcpus` contexts are used. So under TCG the
+/// machine gets spare slots: each one is one more vCPU plug over the QEMU process's life.
+/// The guest sees them only as possible, never present, CPUs.
+pub fn vcpu_slots(accel: Accel, max_vcpus: u32) -> u32 {
+    match accel {
+        Accel::Kvm => max_vcpus,
+        Accel::Tcg => max_vcpus.saturating_mul(TCG_SLOTS_PER_VCPU).clamp(max_vcpus, MAX_VCPU_SLOTS),
+    }
+}
+
+/// How many vCPU plugs a fresh QEMU can still take: unlimited (`None`) under KVM.
+pub fn vcpu_plug_budget(accel: Accel, slots: u32, initial_vcpus: u32) -> Option<u32> {
+    match accel {
+        Accel::Kvm => None,
+        Accel::Tcg => Some(slots.saturating_sub(initial_vcpus)),
+    }
 }
 
 impl MachineSpec {
@@ -68,7 +96,7 @@ impl MachineSpec {
             "-smp",
             &format!(
                 "cpus={},sockets=1,cores={},threads=1,maxcpus={}",
-                self.boot_vcpus, self.max_vcpus, self.max_vcpus
+                self.boot_vcpus, self.vcpu_slots, self.vcpu_slots
             ),
         ]);
         for core in self.boot_vcpus..self.initial_vcpus {
@@ -160,6 +188,7 @@ mod tests {
             boot_vcpus: 1,
             initial_vcpus: 1,
             max_vcpus: 4,
+            vcpu_slots: 4,
             boot_memory_bytes: 1 << 30,
             hotplug_memory_bytes: 3 << 30,
             initial_hotplug_memory_bytes: 0,
@@ -209,6 +238,16 @@ mod tests {
     fn vcpus_boot_at_min_and_plug_up_to_max() {
         let line = joined(&spec());
         assert!(line.contains("-smp cpus=1,sockets=1,cores=4,threads=1,maxcpus=4"), "{line}");
+    }
+
+    #[test]
+    fn tcg_gets_spare_vcpu_slots_kvm_does_not() {
+        assert_eq!(vcpu_slots(Accel::Kvm, 4), 4);
+        assert_eq!(vcpu_slots(Accel::Tcg, 2), 32);
+        assert_eq!(vcpu_slots(Accel::Tcg, 200), 255);
+        assert_eq!(vcpu_slots(Accel::Tcg, 255), 255);
+        assert_eq!(vcpu_plug_budget(Accel::Tcg, 32, 2), Some(30));
+        assert_eq!(vcpu_plug_budget(Accel::Kvm, 4, 1), None);
     }
 
     #[test]

@@ -177,21 +177,24 @@ impl Machine {
         Ok(slots.iter().filter(|s| s.qom_path.is_some()).count() as u32)
     }
 
-    /// Plugs or unplugs vCPUs until the guest runs `target` of them.
-    pub async fn set_vcpus(&self, target: u32, timeout: Duration) -> Result<(), VmmError> {
+    /// Plugs or unplugs vCPUs until the guest runs `target` of them. Returns how many
+    /// vCPUs were plugged.
+    pub async fn set_vcpus(&self, target: u32, timeout: Duration) -> Result<u32, VmmError> {
         let slots = self.qmp.execute(QueryHotpluggableCpus {}).await?;
+        let mut plugged = 0;
         for change in plan_vcpus(&slots, target)? {
-            let mut events = self.qmp.subscribe();
             match change {
                 CpuChange::Plug(add) => {
                     let id = add.id.clone();
                     tracing::info!(vcpu = %id, "plugging vCPU");
+                    let mut events = self.qmp.subscribe();
                     self.qmp.execute(add).await?;
+                    plugged += 1;
                     let action = format!("acknowledge vCPU {id}");
                     let status = self
                         .wait_event(&mut events, &action, timeout, |event| match event {
                             Event::ACPI_DEVICE_OST { data, .. }
-                                if data.info.device.as_deref() == Some(id.as_str()) =>
+                                if data.info.device.as_deref() == Some(id.as_str()) && data.info.source == 1 =>
                             {
                                 Some(data.info.status)
                             }
@@ -205,18 +208,27 @@ impl Machine {
                 CpuChange::Unplug { id } => {
                     tracing::info!(vcpu = %id, "unplugging vCPU");
                     self.qmp.execute(DeviceDel { id: id.clone() }).await?;
-                    // QEMU also reports `<id>/lapic`; only the CPU's own id means it is gone.
-                    self.wait_event(&mut events, &format!("eject vCPU {id}"), timeout, |event| match event {
-                        Event::DEVICE_DELETED { data, .. } if data.device.as_deref() == Some(id.as_str()) => {
-                            Some(())
+                    // Under TCG QEMU reports only `<id>/lapic` as deleted, never the CPU
+                    // itself, so wait for the slot to empty: the guest has ejected it.
+                    let path = format!("{PERIPHERAL_PREFIX}{id}");
+                    let deadline = Instant::now() + timeout;
+                    loop {
+                        let slots = self.qmp.execute(QueryHotpluggableCpus {}).await?;
+                        if !slots.iter().any(|s| s.qom_path.as_deref() == Some(path.as_str())) {
+                            break;
                         }
-                        _ => None,
-                    })
-                    .await?;
+                        if Instant::now() >= deadline {
+                            return Err(VmmError::GuestTimeout {
+                                action: format!("eject vCPU {id}"),
+                                timeout,
+                            });
+                        }
+                        tokio::time::sleep(POLL_INTERVAL).await;
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(plugged)
     }
 
     /// Bytes currently plugged through virtio-mem.
@@ -227,18 +239,21 @@ impl Machine {
     /// Requests `bytes` of virtio-mem memory and waits until the guest has plugged or
     /// unplugged all of it. The size-change event is rate-limited by QEMU, so poll instead.
     pub async fn set_hotplug_memory(&self, bytes: u64, timeout: Duration) -> Result<(), VmmError> {
-        let region = self.virtio_mem_property("max-size").await?;
-        if region == 0 {
-            return Err(VmmError::NoHotplugMemory);
-        }
         tracing::info!(bytes, "requesting virtio-mem size");
-        self.qmp
+        let request = self
+            .qmp
             .execute(QomSet {
                 path: virtio_mem_path(),
                 property: "requested-size".into(),
                 value: bytes.into(),
             })
-            .await?;
+            .await;
+        match request {
+            Err(QmpError::Command { message, .. }) if message.contains("not found") => {
+                return Err(VmmError::NoHotplugMemory)
+            }
+            other => other?,
+        };
         let deadline = Instant::now() + timeout;
         loop {
             let size = self.hotplug_memory().await?;

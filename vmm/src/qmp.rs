@@ -69,7 +69,7 @@ impl QmpClient {
                         let _ = sender.send(event);
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "QMP stream error");
+                        tracing::debug!(%error, "QMP stream ended");
                         break;
                     }
                 }

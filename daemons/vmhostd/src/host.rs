@@ -91,6 +91,8 @@ struct VmRecord {
     machine: Option<Arc<Machine>>,
     /// What QEMU holds now, as last measured.
     applied: Resources,
+    /// vCPU plugs the running QEMU can still take (see `vmm::cmdline::vcpu_slots`).
+    vcpu_plug_budget: Option<u32>,
 }
 
 struct VmSlot {
@@ -165,6 +167,7 @@ impl Host {
             state: VmState::Stopped,
             machine: None,
             applied: spec.cu_shape.resources(spec.cu),
+            vcpu_plug_budget: self.load_plug_budget(&spec.name),
             spec,
         };
         if record.spec.run {
@@ -339,6 +342,7 @@ impl Host {
                 spec: spec.clone(),
                 state: VmState::Starting,
                 machine: None,
+                vcpu_plug_budget: None,
             }),
         });
         {
@@ -369,11 +373,12 @@ impl Host {
         }
         .await;
         match created {
-            Ok(machine) => {
+            Ok((machine, budget)) => {
                 {
                     let mut record = slot.record();
                     record.state = VmState::Running;
                     record.machine = Some(machine.clone());
+                    record.vcpu_plug_budget = budget;
                 }
                 self.watch_exit(&name, machine);
                 tracing::info!(vm = %name, cu = %spec.cu, "created VM");
@@ -386,8 +391,41 @@ impl Host {
         }
     }
 
-    /// Starts QEMU for `spec` at its current size.
-    async fn launch(&self, spec: &VmSpec) -> Result<Arc<Machine>, HostError> {
+    fn plug_budget_file(&self, name: &str) -> std::path::PathBuf {
+        self.store.vm_paths(name).dir.join("vcpu-plug-budget")
+    }
+
+    /// The budget saved for a running QEMU. Under TCG a missing file means no plugs are
+    /// known to be safe.
+    fn load_plug_budget(&self, name: &str) -> Option<u32> {
+        match self.accel.accel {
+            vmm::Accel::Kvm => None,
+            vmm::Accel::Tcg => Some(
+                std::fs::read_to_string(self.plug_budget_file(name))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0),
+            ),
+        }
+    }
+
+    fn save_plug_budget(&self, name: &str, budget: Option<u32>) -> Result<(), HostError> {
+        let path = self.plug_budget_file(name);
+        match budget {
+            None => Ok(()),
+            Some(left) => std::fs::write(&path, left.to_string()).map_err(|source| {
+                StoreError::Io {
+                    action: "cannot write",
+                    path: path.display().to_string(),
+                    source,
+                }
+                .into()
+            }),
+        }
+    }
+
+    /// Starts QEMU for `spec` at its current size. Returns it with its vCPU plug budget.
+    async fn launch(&self, spec: &VmSpec) -> Result<(Arc<Machine>, Option<u32>), HostError> {
         let paths = self.store.vm_paths(&spec.name);
         let min = spec.cu_shape.resources(spec.min_cu);
         let max = spec.cu_shape.resources(spec.max_cu);
@@ -402,12 +440,16 @@ impl Host {
         for stale in [&paths.qmp_socket, &paths.pidfile] {
             let _ = std::fs::remove_file(stale);
         }
+        let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
+        let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
+        self.save_plug_budget(&spec.name, budget)?;
         let machine_spec = MachineSpec {
             name: spec.name.clone(),
             accel: self.accel.accel,
             boot_vcpus: min.vcpus,
             initial_vcpus: now.vcpus,
             max_vcpus: max.vcpus,
+            vcpu_slots,
             boot_memory_bytes: min.memory_bytes,
             hotplug_memory_bytes: max.memory_bytes - min.memory_bytes,
             initial_hotplug_memory_bytes: now.memory_bytes - min.memory_bytes,
@@ -428,7 +470,7 @@ impl Host {
                 source,
             })?;
         tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
-        Ok(Arc::new(machine))
+        Ok((Arc::new(machine), budget))
     }
 
     /// What QEMU holds now: present vCPUs, boot memory plus plugged virtio-mem.
@@ -474,15 +516,33 @@ impl Host {
     async fn scale(&self, name: &str, cu: ComputeUnits) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
-        let (mut spec, machine, before) = {
+        let (mut spec, machine, before, budget) = {
             let record = slot.record();
             match (&record.machine, record.state) {
-                (Some(machine), VmState::Running) => (record.spec.clone(), machine.clone(), record.applied),
+                (Some(machine), VmState::Running) => (
+                    record.spec.clone(),
+                    machine.clone(),
+                    record.applied,
+                    record.vcpu_plug_budget,
+                ),
                 _ => return Err(Self::wrong_state(&record, "scale")),
             }
         };
         check_bounds(&spec, cu)?;
         let target = spec.cu_shape.resources(cu);
+        let plugs = target.vcpus.saturating_sub(before.vcpus);
+        if let Some(left) = budget {
+            if plugs > left {
+                return Err(HostError::Invalid(format!(
+                    "VM '{name}' can take only {left} more vCPU plugs in this QEMU process (under TCG every \
+                     plug uses up one vCPU slot for good); stop and start the VM to reset"
+                )));
+            }
+            // Spent before plugging: a plug that fails halfway still used its slot.
+            let left = left - plugs;
+            self.save_plug_budget(name, Some(left))?;
+            slot.record().vcpu_plug_budget = Some(left);
+        }
         // Book the larger of the old and new size until the guest has actually let go,
         // so memory being unplugged cannot be handed to another VM early.
         let booked = Resources {
@@ -570,8 +630,8 @@ impl Host {
             self.launch(&spec).await
         }
         .await;
-        let machine = match started {
-            Ok(machine) => machine,
+        let (machine, budget) = match started {
+            Ok(started) => started,
             Err(error) => {
                 self.ledger().release(name);
                 return Err(error);
@@ -583,6 +643,7 @@ impl Host {
             record.state = VmState::Running;
             record.applied = size;
             record.machine = Some(machine.clone());
+            record.vcpu_plug_budget = budget;
         }
         self.watch_exit(name, machine);
         tracing::info!(vm = %name, "started VM");
