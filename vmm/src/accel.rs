@@ -125,7 +125,10 @@ mod tests {
 
     #[test]
     fn auto_picks_kvm_with_hardware_virtualisation() {
-        assert_eq!(decide(AccelChoice::Auto, &HARDWARE_KVM).unwrap().accel, Accel::Kvm);
+        assert_eq!(
+            decide(AccelChoice::Auto, &HARDWARE_KVM).unwrap().accel,
+            Accel::Kvm
+        );
     }
 
     #[test]
@@ -146,12 +149,18 @@ mod tests {
             cpu_has_vmx_or_svm: false,
             ..HARDWARE_KVM
         };
-        assert_eq!(decide(AccelChoice::Auto, &no_flags).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            decide(AccelChoice::Auto, &no_flags).unwrap().accel,
+            Accel::Tcg
+        );
         let no_device = HostFacts {
             kvm_device_opens: false,
             ..HARDWARE_KVM
         };
-        assert_eq!(decide(AccelChoice::Auto, &no_device).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            decide(AccelChoice::Auto, &no_device).unwrap().accel,
+            Accel::Tcg
+        );
     }
 
     #[test]
@@ -168,6 +177,9 @@ mod tests {
 
     #[test]
     fn explicit_tcg_is_always_honoured() {
-        assert_eq!(decide(AccelChoice::Tcg, &HARDWARE_KVM).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            decide(AccelChoice::Tcg, &HARDWARE_KVM).unwrap().accel,
+            Accel::Tcg
+        );
     }
 }

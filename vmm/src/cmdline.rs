@@ -18,7 +18,10 @@ pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
 pub enum Nic {
     None,
     /// An existing tap device, opened by name.
-    Tap { ifname: String, mac: String },
+    Tap {
+        ifname: String,
+        mac: String,
+    },
 }
 
 /// Everything QEMU needs to start one VM.
@@ -65,7 +68,9 @@ const TCG_SLOTS_PER_VCPU: u32 = 16;
 pub fn vcpu_slots(accel: Accel, max_vcpus: u32) -> u32 {
     match accel {
         Accel::Kvm => max_vcpus,
-        Accel::Tcg => max_vcpus.saturating_mul(TCG_SLOTS_PER_VCPU).clamp(max_vcpus, MAX_VCPU_SLOTS),
+        Accel::Tcg => max_vcpus
+            .saturating_mul(TCG_SLOTS_PER_VCPU)
+            .clamp(max_vcpus, MAX_VCPU_SLOTS),
     }
 }
 
@@ -110,7 +115,11 @@ impl MachineSpec {
         // Shared memfd backing: a vhost-user device needs to map guest memory.
         push(&[
             "-m",
-            &format!("size={},maxmem={}", mib(self.boot_memory_bytes), mib(max_memory)),
+            &format!(
+                "size={},maxmem={}",
+                mib(self.boot_memory_bytes),
+                mib(max_memory)
+            ),
         ]);
         push(&[
             "-object",
@@ -215,9 +224,17 @@ mod tests {
     fn sizes_boot_and_hotplug_memory() {
         let line = joined(&spec());
         assert!(line.contains("-m size=1024M,maxmem=4096M"), "{line}");
-        assert!(line.contains("memory-backend-memfd,id=ram0,size=1024M,share=on"), "{line}");
-        assert!(line.contains("memory-backend-memfd,id=hotmem0,size=3072M,share=on"), "{line}");
-        assert!(line.contains("virtio-mem-pci,id=vmem0,memdev=hotmem0,block-size=2M,requested-size=0M"));
+        assert!(
+            line.contains("memory-backend-memfd,id=ram0,size=1024M,share=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("memory-backend-memfd,id=hotmem0,size=3072M,share=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("virtio-mem-pci,id=vmem0,memdev=hotmem0,block-size=2M,requested-size=0M")
+        );
     }
 
     #[test]
@@ -228,8 +245,12 @@ mod tests {
             ..spec()
         });
         assert!(line.contains("-smp cpus=1,"), "{line}");
-        assert!(line.contains("-device qemu64-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0"));
-        assert!(line.contains("-device qemu64-x86_64-cpu,id=cpu2,socket-id=0,core-id=2,thread-id=0"));
+        assert!(
+            line.contains("-device qemu64-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0")
+        );
+        assert!(
+            line.contains("-device qemu64-x86_64-cpu,id=cpu2,socket-id=0,core-id=2,thread-id=0")
+        );
         assert!(!line.contains("id=cpu3"));
         assert!(line.contains("requested-size=1024M"), "{line}");
     }
@@ -237,7 +258,10 @@ mod tests {
     #[test]
     fn vcpus_boot_at_min_and_plug_up_to_max() {
         let line = joined(&spec());
-        assert!(line.contains("-smp cpus=1,sockets=1,cores=4,threads=1,maxcpus=4"), "{line}");
+        assert!(
+            line.contains("-smp cpus=1,sockets=1,cores=4,threads=1,maxcpus=4"),
+            "{line}"
+        );
     }
 
     #[test]

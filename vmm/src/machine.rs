@@ -76,7 +76,8 @@ pub fn plan_vcpus(slots: &[HotpluggableCpu], target: u32) -> Result<Vec<CpuChang
         });
     }
     if target >= present {
-        let mut free: Vec<&HotpluggableCpu> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
+        let mut free: Vec<&HotpluggableCpu> =
+            slots.iter().filter(|s| s.qom_path.is_none()).collect();
         free.sort_by_key(|s| (s.props.socket_id, s.props.core_id, s.props.thread_id));
         return Ok(free
             .into_iter()
@@ -90,7 +91,9 @@ pub fn plan_vcpus(slots: &[HotpluggableCpu], target: u32) -> Result<Vec<CpuChang
             })
             .collect());
     }
-    removable.sort_by_key(|(s, _)| std::cmp::Reverse((s.props.socket_id, s.props.core_id, s.props.thread_id)));
+    removable.sort_by_key(|(s, _)| {
+        std::cmp::Reverse((s.props.socket_id, s.props.core_id, s.props.thread_id))
+    });
     Ok(removable
         .into_iter()
         .take((present - target) as usize)
@@ -124,7 +127,12 @@ impl Machine {
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             return Err(VmmError::LaunchFailed {
-                stderr: stderr.trim().lines().last().unwrap_or("no output").to_string(),
+                stderr: stderr
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("no output")
+                    .to_string(),
             });
         }
         let machine = Machine::attach(&spec.qmp_socket, &spec.pidfile, qmp_timeout).await;
@@ -138,7 +146,11 @@ impl Machine {
 
     /// Connects to a QEMU that is already running, after checking the pidfile names a live
     /// QEMU serving this socket (a stale pid may have been reused by another process).
-    pub async fn attach(qmp_socket: &Path, pidfile: &Path, qmp_timeout: Duration) -> Result<Machine, VmmError> {
+    pub async fn attach(
+        qmp_socket: &Path,
+        pidfile: &Path,
+        qmp_timeout: Duration,
+    ) -> Result<Machine, VmmError> {
         let pid = read_pid(pidfile)?;
         if !process_serves(pid, qmp_socket) {
             return Err(VmmError::NotRunning {
@@ -194,7 +206,8 @@ impl Machine {
                     let status = self
                         .wait_event(&mut events, &action, timeout, |event| match event {
                             Event::ACPI_DEVICE_OST { data, .. }
-                                if data.info.device.as_deref() == Some(id.as_str()) && data.info.source == 1 =>
+                                if data.info.device.as_deref() == Some(id.as_str())
+                                    && data.info.source == 1 =>
                             {
                                 Some(data.info.status)
                             }
@@ -214,7 +227,10 @@ impl Machine {
                     let deadline = Instant::now() + timeout;
                     loop {
                         let slots = self.qmp.execute(QueryHotpluggableCpus {}).await?;
-                        if !slots.iter().any(|s| s.qom_path.as_deref() == Some(path.as_str())) {
+                        if !slots
+                            .iter()
+                            .any(|s| s.qom_path.as_deref() == Some(path.as_str()))
+                        {
                             break;
                         }
                         if Instant::now() >= deadline {
@@ -297,7 +313,10 @@ impl Machine {
         {
             return Ok(());
         }
-        tracing::info!(pid = self.pid(), "guest did not power off in time; quitting QEMU");
+        tracing::info!(
+            pid = self.pid(),
+            "guest did not power off in time; quitting QEMU"
+        );
         self.terminate().await
     }
 
@@ -343,7 +362,9 @@ impl Machine {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => {
-                        return Err(VmmError::Exited { action: action.into() })
+                        return Err(VmmError::Exited {
+                            action: action.into(),
+                        })
                     }
                 }
             }

@@ -202,10 +202,11 @@ pub enum ClientError {
 /// Sends one request and waits for its reply. Operations that boot or resize a guest can
 /// take a while under emulation, hence the generous timeout.
 pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
-    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.display().to_string(),
-        source,
-    })?;
+    let stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(&Envelope {
         version: API_VERSION,

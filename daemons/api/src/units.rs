@@ -75,7 +75,10 @@ impl FromStr for ComputeUnits {
     type Err = CuError;
 
     fn from_str(s: &str) -> Result<Self, CuError> {
-        let value: f64 = s.trim().parse().map_err(|_| CuError::NotANumber(s.into()))?;
+        let value: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| CuError::NotANumber(s.into()))?;
         ComputeUnits::try_from(value)
     }
 }
@@ -116,7 +119,12 @@ impl Resources {
 
 impl fmt::Display for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} vCPU, {}", self.vcpus, format_bytes(self.memory_bytes))
+        write!(
+            f,
+            "{} vCPU, {}",
+            self.vcpus,
+            format_bytes(self.memory_bytes)
+        )
     }
 }
 
@@ -175,7 +183,10 @@ mod tests {
         for bad in ["0", "-1", "0.3", "1.1", "abc", "NaN", "inf", ""] {
             assert!(bad.parse::<ComputeUnits>().is_err(), "{bad} accepted");
         }
-        assert!(matches!("5000".parse::<ComputeUnits>(), Err(CuError::TooLarge(_))));
+        assert!(matches!(
+            "5000".parse::<ComputeUnits>(),
+            Err(CuError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -192,15 +203,39 @@ mod tests {
         assert_eq!(r.vcpus, 2);
         assert_eq!(r.memory_bytes, 5 << 30);
         let r = shape.resources("0.25".parse().unwrap());
-        assert_eq!(r, Resources { vcpus: 1, memory_bytes: 1 << 30 });
+        assert_eq!(
+            r,
+            Resources {
+                vcpus: 1,
+                memory_bytes: 1 << 30
+            }
+        );
     }
 
     #[test]
     fn resources_fit_and_arithmetic() {
-        let a = Resources { vcpus: 2, memory_bytes: 10 };
-        let b = Resources { vcpus: 1, memory_bytes: 20 };
+        let a = Resources {
+            vcpus: 2,
+            memory_bytes: 10,
+        };
+        let b = Resources {
+            vcpus: 1,
+            memory_bytes: 20,
+        };
         assert!(!b.fits_in(a));
-        assert_eq!(a.checked_add(b).unwrap(), Resources { vcpus: 3, memory_bytes: 30 });
-        assert_eq!(a.saturating_sub(b), Resources { vcpus: 1, memory_bytes: 0 });
+        assert_eq!(
+            a.checked_add(b).unwrap(),
+            Resources {
+                vcpus: 3,
+                memory_bytes: 30
+            }
+        );
+        assert_eq!(
+            a.saturating_sub(b),
+            Resources {
+                vcpus: 1,
+                memory_bytes: 0
+            }
+        );
     }
 }

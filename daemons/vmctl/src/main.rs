@@ -13,7 +13,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 #[command(version, about = "Operate vmhost VMs")]
 struct Cli {
     /// vmhostd's API socket.
-    #[arg(long, global = true, env = "VMHOST_SOCKET", default_value = "/run/vmhost/vmhostd.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "VMHOST_SOCKET",
+        default_value = "/run/vmhost/vmhostd.sock"
+    )]
     socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -121,7 +126,10 @@ fn print_reply(reply: &Reply, json: bool) {
             Reply::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
         }
         .expect("replies always serialize");
-        println!("{}", serde_json::to_string_pretty(&value).expect("JSON values always print"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON values always print")
+        );
         return;
     }
     match reply {
@@ -136,7 +144,10 @@ fn print_vm(vm: &VmInfo) {
     let rows = [
         ("name", vm.name.clone()),
         ("state", vm.state.to_string()),
-        ("cu", format!("{} (min {}, max {})", vm.cu, vm.min_cu, vm.max_cu)),
+        (
+            "cu",
+            format!("{} (min {}, max {})", vm.cu, vm.min_cu, vm.max_cu),
+        ),
         ("vcpus", vm.vcpus.to_string()),
         ("memory", format_bytes(vm.memory_bytes)),
         ("accel", vm.accel.clone()),

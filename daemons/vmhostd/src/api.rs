@@ -65,18 +65,19 @@ async fn handle_connection(stream: UnixStream, host: Arc<Host>) -> std::io::Resu
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
-    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await {
-        Err(_) => return Ok(()),
-        Ok(Err(error)) => Response::Error(ApiError::new(
-            ErrorKind::InvalidArgument,
-            format!("unreadable request: {error}"),
-        )),
-        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Response::Error(ApiError::new(
-            ErrorKind::InvalidArgument,
-            format!("request longer than {MAX_REQUEST_BYTES} bytes"),
-        )),
-        Ok(Ok(_)) => respond(&line, &host).await,
-    };
+    let response =
+        match tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(error)) => Response::Error(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("unreadable request: {error}"),
+            )),
+            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Response::Error(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            )),
+            Ok(Ok(_)) => respond(&line, &host).await,
+        };
     let mut out = serde_json::to_vec(&response).expect("a response always serializes");
     out.push(b'\n');
     write.write_all(&out).await

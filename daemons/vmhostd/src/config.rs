@@ -161,7 +161,9 @@ impl Config {
         if self.compute_unit.vcpus == 0 {
             return Err("compute_unit.vcpus must be positive".into());
         }
-        if self.compute_unit.memory_mib == 0 || self.compute_unit.memory_mib % MEMORY_PER_CU_STEP_MIB != 0 {
+        if self.compute_unit.memory_mib == 0
+            || self.compute_unit.memory_mib % MEMORY_PER_CU_STEP_MIB != 0
+        {
             return Err(format!(
                 "compute_unit.memory_mib must be a positive multiple of {MEMORY_PER_CU_STEP_MIB} \
                  (so a quarter CU is whole 128 MiB memory blocks), got {}",
@@ -178,13 +180,19 @@ impl Config {
             if name.contains('/') || name.is_empty() {
                 return Err(format!("image name '{name}' must be a plain word"));
             }
-            if !image.kernel.is_absolute() || image.initrd.as_ref().is_some_and(|p| !p.is_absolute()) {
-                return Err(format!("images.{name}: kernel and initrd must be absolute paths"));
+            if !image.kernel.is_absolute()
+                || image.initrd.as_ref().is_some_and(|p| !p.is_absolute())
+            {
+                return Err(format!(
+                    "images.{name}: kernel and initrd must be absolute paths"
+                ));
             }
         }
         if let NetworkConfig::Tap { bridge } = &self.network {
             if bridge.is_empty() || bridge.len() > 15 {
-                return Err(format!("network.bridge '{bridge}' is not a valid interface name"));
+                return Err(format!(
+                    "network.bridge '{bridge}' is not a valid interface name"
+                ));
             }
         }
         Ok(())
@@ -266,19 +274,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.accel, AccelChoice::Tcg);
-        assert_eq!(config.network, NetworkConfig::Tap { bridge: "br0".into() });
+        assert_eq!(
+            config.network,
+            NetworkConfig::Tap {
+                bridge: "br0".into()
+            }
+        );
         assert_eq!(config.timeouts.hotplug_secs, 5);
         assert_eq!(config.timeouts.qmp_secs, 10);
-        assert!(config.images["test"].cmdline.contains("memhp_default_state=online_movable"));
+        assert!(config.images["test"]
+            .cmdline
+            .contains("memhp_default_state=online_movable"));
     }
 
     #[test]
     fn errors_are_one_clear_line() {
         let cases = [
-            (MINIMAL.replace("vcpus = 8", "vcpus = 8\ncolour = 1"), "unknown field"),
-            (MINIMAL.replace("memory_mib = 16384", "memory_mib = \"lots\""), "invalid type"),
-            (MINIMAL.replace("vcpus = 8", "vcpus = 0"), "must be positive"),
-            (format!("{MINIMAL}\n[compute_unit]\nmemory_mib = 1000"), "multiple of 512"),
+            (
+                MINIMAL.replace("vcpus = 8", "vcpus = 8\ncolour = 1"),
+                "unknown field",
+            ),
+            (
+                MINIMAL.replace("memory_mib = 16384", "memory_mib = \"lots\""),
+                "invalid type",
+            ),
+            (
+                MINIMAL.replace("vcpus = 8", "vcpus = 0"),
+                "must be positive",
+            ),
+            (
+                format!("{MINIMAL}\n[compute_unit]\nmemory_mib = 1000"),
+                "multiple of 512",
+            ),
             (MINIMAL.replace("/var/lib/vmhost", "relative"), "absolute"),
             ("state_dir = ".to_string(), "invalid config"),
             (format!("accel = \"xen\"\n{MINIMAL}"), "unknown variant"),
@@ -292,7 +319,9 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let message = Config::load(Path::new("/nonexistent/vmhostd.toml")).unwrap_err().to_string();
+        let message = Config::load(Path::new("/nonexistent/vmhostd.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("/nonexistent/vmhostd.toml"), "{message}");
     }
 }

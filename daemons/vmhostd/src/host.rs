@@ -11,8 +11,8 @@ use crate::store::{BootSource, Store, StoreError, VmSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmhost_api::{
-    ApiError, ComputeUnits, CreateVm, ErrorKind, HostInfo, ImageRef, Reply, Request, Resources, VmInfo,
-    VmState,
+    ApiError, ComputeUnits, CreateVm, ErrorKind, HostInfo, ImageRef, Reply, Request, Resources,
+    VmInfo, VmState,
 };
 use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
 
@@ -118,7 +118,9 @@ pub struct Host {
 fn validate_name(name: &str) -> Result<(), HostError> {
     let valid = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
     if valid {
         Ok(())
@@ -172,7 +174,13 @@ impl Host {
         };
         if record.spec.run {
             let paths = self.store.vm_paths(&name);
-            match Machine::attach(&paths.qmp_socket, &paths.pidfile, self.config.timeouts.qmp()).await {
+            match Machine::attach(
+                &paths.qmp_socket,
+                &paths.pidfile,
+                self.config.timeouts.qmp(),
+            )
+            .await
+            {
                 Ok(machine) => {
                     let machine = Arc::new(machine);
                     match self.measure(&record.spec, &machine).await {
@@ -247,7 +255,12 @@ impl Host {
             image: spec.image.to_string(),
             host: self.host_name.clone(),
             pid: record.machine.as_ref().map(|m| m.pid()),
-            serial_log: self.store.vm_paths(&spec.name).serial_log.display().to_string(),
+            serial_log: self
+                .store
+                .vm_paths(&spec.name)
+                .serial_log
+                .display()
+                .to_string(),
         }
     }
 
@@ -276,7 +289,11 @@ impl Host {
                     let known: Vec<_> = self.config.images.keys().map(String::as_str).collect();
                     HostError::Invalid(format!(
                         "image '{name}' is not configured on this host (configured: {})",
-                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
                     ))
                 })?;
                 BootSource {
@@ -286,8 +303,9 @@ impl Host {
                 }
             }
             ImageRef::Path(dir) => {
-                let dir = std::path::absolute(dir)
-                    .map_err(|e| HostError::Invalid(format!("bad image path {}: {e}", dir.display())))?;
+                let dir = std::path::absolute(dir).map_err(|e| {
+                    HostError::Invalid(format!("bad image path {}: {e}", dir.display()))
+                })?;
                 let initrd = dir.join("initrd.img");
                 BootSource {
                     kernel: dir.join("vmlinuz"),
@@ -462,13 +480,17 @@ impl Host {
             serial_log: paths.serial_log,
             pidfile: paths.pidfile,
         };
-        let machine = Machine::launch(&self.config.qemu_binary, &machine_spec, self.config.timeouts.qmp())
-            .await
-            .map_err(|source| HostError::Vmm {
-                name: spec.name.clone(),
-                action: "start QEMU",
-                source,
-            })?;
+        let machine = Machine::launch(
+            &self.config.qemu_binary,
+            &machine_spec,
+            self.config.timeouts.qmp(),
+        )
+        .await
+        .map_err(|source| HostError::Vmm {
+            name: spec.name.clone(),
+            action: "start QEMU",
+            source,
+        })?;
         tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
         Ok((Arc::new(machine), budget))
     }
@@ -491,7 +513,11 @@ impl Host {
             let Some(host) = host.upgrade() else { return };
             let Ok(slot) = host.slot(&name) else { return };
             let mut record = slot.record();
-            if !record.machine.as_ref().is_some_and(|m| Arc::ptr_eq(m, &machine)) {
+            if !record
+                .machine
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, &machine))
+            {
                 return;
             }
             record.machine = None;
@@ -585,7 +611,9 @@ impl Host {
         let (mut spec, machine) = {
             let record = slot.record();
             match record.state {
-                VmState::Running | VmState::Crashed => (record.spec.clone(), record.machine.clone()),
+                VmState::Running | VmState::Crashed => {
+                    (record.spec.clone(), record.machine.clone())
+                }
                 _ => return Err(Self::wrong_state(&record, "stop")),
             }
         };

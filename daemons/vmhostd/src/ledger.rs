@@ -39,10 +39,12 @@ impl Ledger {
 
     /// The sum of all allocations.
     pub fn allocated(&self) -> Resources {
-        self.allocations.values().fold(Resources::default(), |sum, r| Resources {
-            vcpus: sum.vcpus + r.vcpus,
-            memory_bytes: sum.memory_bytes + r.memory_bytes,
-        })
+        self.allocations
+            .values()
+            .fold(Resources::default(), |sum, r| Resources {
+                vcpus: sum.vcpus + r.vcpus,
+                memory_bytes: sum.memory_bytes + r.memory_bytes,
+            })
     }
 
     pub fn free(&self) -> Resources {
@@ -58,7 +60,9 @@ impl Ledger {
     pub fn set(&mut self, owner: &str, wanted: Resources) -> Result<(), LedgerError> {
         let current = self.allocation(owner);
         let others = self.allocated().saturating_sub(current);
-        let fits = others.checked_add(wanted).is_some_and(|total| total.fits_in(self.capacity));
+        let fits = others
+            .checked_add(wanted)
+            .is_some_and(|total| total.fits_in(self.capacity));
         if !fits {
             return Err(LedgerError::CapacityExceeded {
                 owner: owner.to_string(),

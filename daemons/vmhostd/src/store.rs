@@ -50,7 +50,10 @@ pub enum StoreError {
     Corrupt { path: String, message: String },
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         action,
         path: path.display().to_string(),
@@ -89,7 +92,9 @@ impl Store {
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(StoreError::Locked(root.display().to_string()))
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("cannot lock", &lock_path)(e)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_error("cannot lock", &lock_path)(e))
+            }
         }
         Ok(Store {
             root: root.to_path_buf(),
@@ -148,7 +153,9 @@ impl Store {
                     })
                 });
             match parsed {
-                Ok(spec) if Some(spec.name.as_str()) == entry.file_name().to_str() => specs.push(spec),
+                Ok(spec) if Some(spec.name.as_str()) == entry.file_name().to_str() => {
+                    specs.push(spec)
+                }
                 Ok(spec) => broken.push(StoreError::Corrupt {
                     path: path.display().to_string(),
                     message: format!("names VM '{}' but sits in another VM's folder", spec.name),
@@ -191,7 +198,10 @@ mod tests {
     fn second_open_of_the_same_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
-        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
     }
 
     #[test]

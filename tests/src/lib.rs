@@ -1,0 +1,343 @@
+//! Test harness: a real vmhostd on a private state dir, driven through the real vmctl, with
+//! guests booted from the minimal test image.
+//!
+//! These tests need root-free access to QEMU and the image builder's inputs (a guest kernel
+//! and busybox-static). When something is missing they fail with a message saying what.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory of the workspace's built binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> or target/<profile>/<bench>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds (or finds in the cache) the minimal test image; returns its directory.
+pub fn test_image() -> PathBuf {
+    let output = Command::new(repo_root().join("images/build-test-image"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run images/build-test-image");
+    assert!(
+        output.status.success(),
+        "images/build-test-image failed; it needs linux-image-cloud-amd64 and busybox-static"
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+/// The guest's own view of its size, as the test image's init reports it on the serial log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestView {
+    pub cpus: u32,
+    pub mem_total_kb: u64,
+}
+
+pub fn parse_guest_view(line: &str) -> Option<GuestView> {
+    let rest = line.split("vmhost-guest: cpus=").nth(1)?;
+    let (cpus, rest) = rest.split_once(" mem_total_kb=")?;
+    Some(GuestView {
+        cpus: cpus.trim().parse().ok()?,
+        mem_total_kb: rest.trim().parse().ok()?,
+    })
+}
+
+pub struct Limits {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// One vmhostd with its own state dir and socket. Dropping it kills the daemon and every
+/// QEMU it started, even when the test failed.
+pub struct TestHost {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl TestHost {
+    /// Writes a config (1 CU = 1 vCPU + 1 GiB) and starts vmhostd.
+    pub fn start(limits: Limits) -> TestHost {
+        let image = test_image();
+        let dir = tempfile::Builder::new()
+            .prefix("vmhost-test-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("vmhostd.sock");
+        let config = dir.path().join("vmhostd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"host_name = "test-host"
+state_dir = "{state}"
+api_socket = "{socket}"
+accel = "auto"
+[capacity]
+vcpus = {vcpus}
+memory_mib = {memory}
+[compute_unit]
+vcpus = 1
+memory_mib = 1024
+[timeouts]
+hotplug_secs = 120
+stop_grace_secs = 3
+[images.test]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+"#,
+                state = dir.path().join("state").display(),
+                socket = socket.display(),
+                vcpus = limits.vcpus,
+                memory = limits.memory_mib,
+                image = image.display(),
+            ),
+        )
+        .unwrap();
+        let mut host = TestHost {
+            dir,
+            config,
+            socket,
+            daemon: None,
+        };
+        host.start_daemon();
+        host
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.dir.path().join("vmhostd.log")
+    }
+
+    /// Runs vmhostd on this host's config and waits until its socket answers.
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.daemon_log())
+            .unwrap();
+        let child = Command::new(bin("vmhostd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start vmhostd");
+        self.daemon = Some(child);
+        wait_until(
+            Duration::from_secs(30),
+            "vmhostd to serve its socket",
+            || std::os::unix::net::UnixStream::connect(&self.socket).is_ok(),
+        );
+    }
+
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn vmctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("vmctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("cannot run vmctl")
+    }
+
+    /// Runs vmctl and insists it succeeds; returns stdout.
+    pub fn vmctl_ok(&self, args: &[&str]) -> String {
+        let output = self.vmctl(args);
+        assert!(
+            output.status.success(),
+            "vmctl {args:?} failed: {}\n--- vmhostd log ---\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(self.daemon_log()).unwrap_or_default()
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs vmctl expecting failure; returns (exit code, stderr).
+    pub fn vmctl_err(&self, args: &[&str]) -> (i32, String) {
+        let output = self.vmctl(args);
+        assert!(
+            !output.status.success(),
+            "vmctl {args:?} unexpectedly succeeded"
+        );
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    }
+
+    pub fn show(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.vmctl_ok(&["--json", "show", name])).unwrap()
+    }
+
+    pub fn serial_log(&self, name: &str) -> PathBuf {
+        self.state_dir().join("vms").join(name).join("serial.log")
+    }
+
+    /// Waits for the guest to finish booting; returns its boot id.
+    pub fn wait_guest_ready(&self, name: &str) -> String {
+        let log = self.serial_log(name);
+        let mut boot_id = String::new();
+        wait_until(
+            Duration::from_secs(180),
+            &format!("guest {name} to boot"),
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                match text
+                    .lines()
+                    .find_map(|l| l.split("vmhost-guest: ready boot_id=").nth(1))
+                {
+                    Some(id) => {
+                        boot_id = id.trim().to_string();
+                        true
+                    }
+                    None => false,
+                }
+            },
+        );
+        boot_id
+    }
+
+    /// The guest's latest report of its size.
+    pub fn guest_view(&self, name: &str) -> Option<GuestView> {
+        let text = std::fs::read_to_string(self.serial_log(name)).unwrap_or_default();
+        text.lines().rev().find_map(parse_guest_view)
+    }
+
+    /// Waits for the guest's first report of its size.
+    pub fn wait_guest_report(&self, name: &str) -> GuestView {
+        wait_until(
+            Duration::from_secs(120),
+            &format!("guest {name} to report its size"),
+            || self.guest_view(name).is_some(),
+        );
+        self.guest_view(name).unwrap()
+    }
+
+    /// Waits until the guest itself reports `expected` exactly (a resize of a running
+    /// guest changes MemTotal by exactly the plugged amount).
+    pub fn wait_guest_view(&self, name: &str, expected: GuestView) {
+        self.wait_guest_view_within(name, expected, 0)
+    }
+
+    /// Like `wait_guest_view`, with MemTotal allowed to differ by `tolerance_kb` (a guest
+    /// booted with memory already plugged reserves slightly different amounts).
+    pub fn wait_guest_view_within(&self, name: &str, expected: GuestView, tolerance_kb: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let view = self.guest_view(name);
+            if view.is_some_and(|v| {
+                v.cpus == expected.cpus
+                    && v.mem_total_kb.abs_diff(expected.mem_total_kb) <= tolerance_kb
+            }) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest {name} reports {view:?}, expected {expected:?} (±{tolerance_kb} kB)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// PIDs of every QEMU this host started, from their pidfiles.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir(self.state_dir().join("vms")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("qemu.pid")).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D']))
+        })
+        .unwrap_or(false)
+}
+
+/// Polls `condition` every 50 ms; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_guest_reports() {
+        assert_eq!(
+            parse_guest_view("vmhost-guest: cpus=2 mem_total_kb=1970132"),
+            Some(GuestView {
+                cpus: 2,
+                mem_total_kb: 1970132
+            })
+        );
+        assert_eq!(
+            parse_guest_view("[ 3.1] vmhost-guest: ready boot_id=x"),
+            None
+        );
+        assert_eq!(
+            parse_guest_view("vmhost-guest: cpus=x mem_total_kb=1"),
+            None
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! One host, real QEMU guests under the accelerator `auto` picks, driven through vmctl.
+
+use vmhost_tests::{process_alive, GuestView, Limits, TestHost};
+
+const GIB: u64 = 1 << 30;
+const GIB_KB: u64 = 1 << 20;
+
+fn roomy() -> Limits {
+    Limits {
+        vcpus: 4,
+        memory_mib: 8192,
+    }
+}
+
+#[test]
+fn scales_vcpus_and_memory_and_the_guest_sees_it() {
+    let host = TestHost::start(roomy());
+    let created = host.vmctl_ok(&["--json", "create", "db1", "--min-cu", "1", "--max-cu", "2"]);
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let host_info: serde_json::Value =
+        serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap();
+    eprintln!(
+        "accelerator: {} ({})",
+        host_info["accel"], host_info["accel_reason"]
+    );
+    assert_eq!(created["accel"], host_info["accel"]);
+    assert_eq!(created["state"], "running");
+    assert_eq!(created["vcpus"], 1);
+    assert_eq!(created["memory_bytes"], GIB);
+
+    host.wait_guest_ready("db1");
+    let boot = host.wait_guest_report("db1");
+    assert_eq!(boot.cpus, 1);
+
+    host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
+    let shown = host.show("db1");
+    for (field, value) in [
+        ("cu", serde_json::json!(2.0)),
+        ("vcpus", 2.into()),
+        ("memory_bytes", (2 * GIB).into()),
+        ("min_cu", serde_json::json!(1.0)),
+        ("max_cu", serde_json::json!(2.0)),
+        ("name", "db1".into()),
+        ("state", "running".into()),
+    ] {
+        assert_eq!(shown[field], value, "show --json field {field}: {shown}");
+    }
+    assert!(shown["accel"].is_string());
+    host.wait_guest_view(
+        "db1",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB,
+        },
+    );
+
+    host.vmctl_ok(&["scale", "db1", "--cu", "1"]);
+    assert_eq!(host.show("db1")["vcpus"], 1);
+    host.wait_guest_view("db1", boot);
+
+    // A fractional step: 1.5 CU rounds vCPUs up and plugs half a GiB.
+    host.vmctl_ok(&["scale", "db1", "--cu", "1.5"]);
+    host.wait_guest_view(
+        "db1",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB / 2,
+        },
+    );
+
+    // Stop frees the host; start brings the VM back at its last size.
+    host.vmctl_ok(&["stop", "db1"]);
+    let allocated: serde_json::Value =
+        serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap();
+    assert_eq!(allocated["allocated"]["vcpus"], 0);
+    host.vmctl_ok(&["start", "db1"]);
+    host.wait_guest_ready("db1");
+    host.wait_guest_view_within(
+        "db1",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB / 2,
+        },
+        1024,
+    );
+    host.vmctl_ok(&["delete", "db1"]);
+    assert!(!host.state_dir().join("vms/db1").exists());
+}
+
+#[test]
+fn vms_survive_a_sigkilled_vmhostd() {
+    let mut host = TestHost::start(roomy());
+    host.vmctl_ok(&["create", "db1", "--min-cu", "1", "--max-cu", "2"]);
+    let boot_id = host.wait_guest_ready("db1");
+    let boot = host.wait_guest_report("db1");
+    let pid = host.show("db1")["pid"].as_i64().unwrap() as i32;
+
+    host.kill_daemon();
+    assert!(process_alive(pid), "QEMU died with vmhostd");
+    assert!(
+        !host.vmctl(&["list"]).status.success(),
+        "vmctl reached a dead daemon"
+    );
+
+    host.start_daemon();
+    let shown = host.show("db1");
+    assert_eq!(shown["state"], "running");
+    assert_eq!(shown["pid"], pid);
+    let listed = host.vmctl_ok(&["list"]);
+    assert!(
+        listed.contains("db1") && listed.contains("running"),
+        "{listed}"
+    );
+
+    host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
+    host.wait_guest_view(
+        "db1",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB,
+        },
+    );
+    // Same guest, never rebooted.
+    assert_eq!(host.wait_guest_ready("db1"), boot_id);
+    let log = std::fs::read_to_string(host.serial_log("db1")).unwrap();
+    assert_eq!(log.matches("vmhost-guest: ready").count(), 1);
+}
+
+/// Asserts one line on stderr naming the problem, and the given exit code.
+fn assert_one_line_error(result: (i32, String), code: i32, needle: &str) {
+    let (exit, stderr) = result;
+    assert_eq!(exit, code, "exit code for {stderr:?}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr:?}"
+    );
+    assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
+    let host = TestHost::start(Limits {
+        vcpus: 2,
+        memory_mib: 2048,
+    });
+    assert_one_line_error(host.vmctl_err(&["show", "nope"]), 3, "no VM named 'nope'");
+    assert_one_line_error(
+        host.vmctl_err(&["scale", "nope", "--cu", "1"]),
+        3,
+        "no VM named 'nope'",
+    );
+    assert_one_line_error(host.vmctl_err(&["delete", "nope"]), 3, "no VM named 'nope'");
+    assert_one_line_error(
+        host.vmctl_err(&["create", "x", "--min-cu", "2", "--max-cu", "1"]),
+        2,
+        "min_cu (2) is greater than max_cu (1)",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["create", "x", "--min-cu", "0.3"]),
+        2,
+        "multiple of 0.25",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["create", "Bad/Name"]),
+        2,
+        "invalid VM name",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["create", "x", "--image", "postgres"]),
+        2,
+        "image 'postgres' is not configured",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["create", "x", "--min-cu", "3"]),
+        5,
+        "host capacity exceeded",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["frobnicate"]),
+        2,
+        "unrecognized subcommand",
+    );
+
+    // Nothing half-made by the refusals.
+    assert!(
+        host.vmctl_ok(&["list"]).lines().count() == 1,
+        "list not empty"
+    );
+    let vms_dir = host.state_dir().join("vms");
+    assert_eq!(std::fs::read_dir(&vms_dir).unwrap().count(), 0);
+    assert!(host.qemu_pids().is_empty());
+
+    // Scale past capacity and outside bounds are refused; the VM keeps its size.
+    host.vmctl_ok(&["create", "a", "--min-cu", "1", "--max-cu", "4"]);
+    host.vmctl_ok(&["create", "b", "--min-cu", "1"]);
+    assert_one_line_error(
+        host.vmctl_err(&["scale", "a", "--cu", "2"]),
+        5,
+        "host capacity exceeded",
+    );
+    assert_one_line_error(
+        host.vmctl_err(&["scale", "a", "--cu", "5"]),
+        2,
+        "outside VM 'a' bounds",
+    );
+    assert_one_line_error(host.vmctl_err(&["create", "a"]), 4, "already exists");
+    assert_eq!(host.show("a")["cu"], serde_json::json!(1.0));
+    assert_eq!(host.show("a")["vcpus"], 1);
+
+    // A second vmhostd on the same state dir is refused, and the first keeps serving.
+    let second = std::process::Command::new(vmhost_tests::bin("vmhostd"))
+        .arg("--config")
+        .arg(&host.config)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("another vmhostd already uses state directory"),
+        "{stderr}"
+    );
+    assert_eq!(host.show("a")["state"], "running");
+
+    // A malformed config is one clear line and a non-zero exit.
+    let bad = host.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "state_dir = \"/tmp/x\"\n[capacity]\nvcpus = \"many\"\nmemory_mib = 1\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(vmhost_tests::bin("vmhostd"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid config") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+}
