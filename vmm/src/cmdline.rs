@@ -9,6 +9,10 @@ use std::path::PathBuf;
 pub const VIRTIO_MEM_ID: &str = "vmem0";
 /// Prefix of the ids given to hotplugged vCPUs (`cpu<core>`).
 pub const HOTPLUG_CPU_ID_PREFIX: &str = "cpu";
+/// Kernel command line for guests: serial console for the log, hotplugged memory onlined
+/// as movable so it can be unplugged again, and no reboot loop on panic.
+pub const DEFAULT_KERNEL_CMDLINE: &str =
+    "console=ttyS0 memhp_default_state=online_movable panic=-1 quiet";
 /// virtio-mem block size: the granularity of a memory resize.
 pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
 

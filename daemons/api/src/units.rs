@@ -160,7 +160,7 @@ impl CuShape {
 pub fn format_bytes(bytes: u64) -> String {
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
-    if bytes >= GIB && bytes % (GIB / 4) == 0 {
+    if bytes >= GIB && bytes.is_multiple_of(GIB / 4) {
         format!("{} GiB", bytes as f64 / GIB as f64)
     } else {
         format!("{} MiB", bytes / MIB)

@@ -9,7 +9,6 @@ use vmm::AccelChoice;
 
 /// Memory per CU must split into quarter CUs that are whole Linux memory blocks (128 MiB).
 const MEMORY_PER_CU_STEP_MIB: u64 = 512;
-const DEFAULT_CMDLINE: &str = "console=ttyS0 memhp_default_state=online_movable panic=-1 quiet";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,7 +115,7 @@ fn default_qemu_binary() -> PathBuf {
     "qemu-system-x86_64".into()
 }
 pub fn default_cmdline() -> String {
-    DEFAULT_CMDLINE.into()
+    vmm::cmdline::DEFAULT_KERNEL_CMDLINE.into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +161,10 @@ impl Config {
             return Err("compute_unit.vcpus must be positive".into());
         }
         if self.compute_unit.memory_mib == 0
-            || self.compute_unit.memory_mib % MEMORY_PER_CU_STEP_MIB != 0
+            || !self
+                .compute_unit
+                .memory_mib
+                .is_multiple_of(MEMORY_PER_CU_STEP_MIB)
         {
             return Err(format!(
                 "compute_unit.memory_mib must be a positive multiple of {MEMORY_PER_CU_STEP_MIB} \
