@@ -144,43 +144,32 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
         vcpus: 2,
         memory_mib: 2048,
     });
-    assert_one_line_error(host.vmctl_err(&["show", "nope"]), 3, "no VM named 'nope'");
-    assert_one_line_error(
-        host.vmctl_err(&["scale", "nope", "--cu", "1"]),
-        3,
-        "no VM named 'nope'",
-    );
-    assert_one_line_error(host.vmctl_err(&["delete", "nope"]), 3, "no VM named 'nope'");
-    assert_one_line_error(
-        host.vmctl_err(&["create", "x", "--min-cu", "2", "--max-cu", "1"]),
-        2,
-        "min_cu (2) is greater than max_cu (1)",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["create", "x", "--min-cu", "0.3"]),
-        2,
-        "multiple of 0.25",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["create", "Bad/Name"]),
-        2,
-        "invalid VM name",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["create", "x", "--image", "postgres"]),
-        2,
-        "image 'postgres' is not configured",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["create", "x", "--min-cu", "3"]),
-        5,
-        "host capacity exceeded",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["frobnicate"]),
-        2,
-        "unrecognized subcommand",
-    );
+    let refusals: [(&[&str], i32, &str); 9] = [
+        (&["show", "nope"], 3, "no VM named 'nope'"),
+        (&["scale", "nope", "--cu", "1"], 3, "no VM named 'nope'"),
+        (&["delete", "nope"], 3, "no VM named 'nope'"),
+        (
+            &["create", "x", "--min-cu", "2", "--max-cu", "1"],
+            2,
+            "min_cu (2) is greater than max_cu (1)",
+        ),
+        (&["create", "x", "--min-cu", "0.3"], 2, "multiple of 0.25"),
+        (&["create", "Bad/Name"], 2, "invalid VM name"),
+        (
+            &["create", "x", "--image", "postgres"],
+            2,
+            "image 'postgres' is not configured",
+        ),
+        (
+            &["create", "x", "--min-cu", "3"],
+            5,
+            "host capacity exceeded",
+        ),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+    ];
+    for (args, code, needle) in refusals {
+        assert_one_line_error(host.vmctl_err(args), code, needle);
+    }
 
     // Nothing half-made by the refusals.
     assert!(
@@ -194,17 +183,14 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
     // Scale past capacity and outside bounds are refused; the VM keeps its size.
     host.vmctl_ok(&["create", "a", "--min-cu", "1", "--max-cu", "4"]);
     host.vmctl_ok(&["create", "b", "--min-cu", "1"]);
-    assert_one_line_error(
-        host.vmctl_err(&["scale", "a", "--cu", "2"]),
-        5,
-        "host capacity exceeded",
-    );
-    assert_one_line_error(
-        host.vmctl_err(&["scale", "a", "--cu", "5"]),
-        2,
-        "outside VM 'a' bounds",
-    );
-    assert_one_line_error(host.vmctl_err(&["create", "a"]), 4, "already exists");
+    let refusals: [(&[&str], i32, &str); 3] = [
+        (&["scale", "a", "--cu", "2"], 5, "host capacity exceeded"),
+        (&["scale", "a", "--cu", "5"], 2, "outside VM 'a' bounds"),
+        (&["create", "a"], 4, "already exists"),
+    ];
+    for (args, code, needle) in refusals {
+        assert_one_line_error(host.vmctl_err(args), code, needle);
+    }
     assert_eq!(host.show("a")["cu"], serde_json::json!(1.0));
     assert_eq!(host.show("a")["vcpus"], 1);
 
