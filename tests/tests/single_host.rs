@@ -46,6 +46,7 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
         assert_eq!(shown[field], value, "show --json field {field}: {shown}");
     }
     assert!(shown["accel"].is_string());
+    assert_eq!(shown["qemu_status"], "running");
     host.wait_guest_view(
         "db1",
         GuestView {

@@ -170,11 +170,6 @@ impl Machine {
         self.pid.as_raw()
     }
 
-    /// Whether the QEMU process is alive and its monitor connected.
-    pub fn is_running(&self) -> bool {
-        !self.qmp.is_closed() && process_serves(self.pid, &self.qmp_socket)
-    }
-
     /// Resolves when QEMU goes away.
     pub async fn exited(&self) {
         self.qmp.closed().await

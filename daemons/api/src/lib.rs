@@ -112,6 +112,9 @@ pub struct VmInfo {
     pub host: String,
     pub pid: Option<i32>,
     pub serial_log: String,
+    /// QEMU's own run state (`running`, `paused`, ...), asked live by `show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_status: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

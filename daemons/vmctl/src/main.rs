@@ -154,6 +154,7 @@ fn print_vm(vm: &VmInfo) {
         ("image", vm.image.clone()),
         ("host", vm.host.clone()),
         ("pid", vm.pid.map_or("-".into(), |p| p.to_string())),
+        ("qemu", vm.qemu_status.clone().unwrap_or_else(|| "-".into())),
         ("serial log", vm.serial_log.clone()),
     ];
     for (key, value) in rows {

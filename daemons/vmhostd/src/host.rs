@@ -231,7 +231,7 @@ impl Host {
         match request {
             Request::Create(create) => self.create(create).await.map(Reply::Vm),
             Request::List => Ok(Reply::Vms(self.list())),
-            Request::Show { name } => Ok(Reply::Vm(self.info(&*self.slot(&name)?))),
+            Request::Show { name } => self.show(&name).await.map(Reply::Vm),
             Request::Scale { name, cu } => self.scale(&name, cu).await.map(Reply::Vm),
             Request::Stop { name } => self.stop(&name).await.map(Reply::Vm),
             Request::Start { name } => self.start(&name).await.map(Reply::Vm),
@@ -261,7 +261,22 @@ impl Host {
                 .serial_log
                 .display()
                 .to_string(),
+            qemu_status: None,
         }
+    }
+
+    /// One VM, with QEMU's run state asked live.
+    async fn show(&self, name: &str) -> Result<VmInfo, HostError> {
+        let slot = self.slot(name)?;
+        let machine = slot.record().machine.clone();
+        let mut info = self.info(&slot);
+        if let Some(machine) = machine {
+            info.qemu_status = Some(match machine.status().await {
+                Ok(status) => status.status,
+                Err(error) => format!("unknown ({})", error_chain(&error)),
+            });
+        }
+        Ok(info)
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
