@@ -1,0 +1,255 @@
+//! The host-guest protocol: length-prefixed postcard frames over a vsock stream.
+//!
+//! The guest always dials the host (CID 2, [`GUEST_PORT`]) and speaks first with
+//! [`GuestMessage::Hello`]; the host answers [`HostMessage::Welcome`] with the highest
+//! version both speak, or [`HostMessage::VersionRefused`] and closes. Every request carries
+//! an id that its reply repeats.
+//!
+//! Everything here is pure: the decoder takes bytes and returns frames, so it can be
+//! property-tested and fuzzed without a guest.
+
+use serde::{Deserialize, Serialize};
+use std::ops::RangeInclusive;
+
+/// The vsock port vmhostd listens on; with a hybrid vhost-user backend, the unix socket
+/// `<uds>_1024`.
+pub const GUEST_PORT: u32 = 1024;
+/// Protocol versions this build speaks. Only the current and the previous are kept.
+pub const VERSIONS: RangeInclusive<u16> = 1..=1;
+/// The largest frame body either side accepts.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024;
+const LENGTH_BYTES: usize = 4;
+
+/// The highest version in both ranges.
+pub fn negotiate(ours: &RangeInclusive<u16>, theirs: &RangeInclusive<u16>) -> Option<u16> {
+    let high = (*ours.end()).min(*theirs.end());
+    let low = (*ours.start()).max(*theirs.start());
+    (low <= high).then_some(high)
+}
+
+/// Guest metrics, sent every second and on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub load1: f32,
+    pub load5: f32,
+    pub mem_total_bytes: u64,
+    /// MemTotal − MemAvailable.
+    pub mem_used_bytes: u64,
+    /// Page cache (Cached).
+    pub mem_cached_bytes: u64,
+    /// The workload cgroup's `memory.current`.
+    pub workload_mem_bytes: u64,
+    pub online_cpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    Hello { min_version: u16, max_version: u16 },
+    Metrics(Metrics),
+    /// Memory pressure: the guest wants more. `pressure_age_us` is how long ago the guest
+    /// detected it, so the host can log the end-to-end latency.
+    UpscaleRequest { id: u64, pressure_age_us: u64 },
+    DownscaleResult { id: u64, ok: bool, reason: String },
+    HealthCheck { id: u64 },
+    HealthCheckReply { id: u64 },
+    InvalidMessage { reason: String },
+    InternalError { reason: String },
+}
+
+/// What a change left the guest with, as the host sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Size {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HostMessage {
+    Welcome { version: u16 },
+    VersionRefused { min_version: u16, max_version: u16 },
+    /// The host granted resources (in reply to an upscale request, or on its own).
+    UpscaleNotification { id: u64, granted: Size },
+    /// May the guest shrink to `target`? Answered by [`GuestMessage::DownscaleResult`].
+    DownscaleRequest { id: u64, target: Size },
+    MetricsRequest,
+    HealthCheck { id: u64 },
+    HealthCheckReply { id: u64 },
+    InvalidMessage { reason: String },
+    InternalError { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes one message as a frame: a big-endian u32 length, then the postcard body.
+pub fn encode<M: Serialize>(message: &M) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_stdvec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(LENGTH_BYTES + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decodes one frame body.
+pub fn decode<'a, M: Deserialize<'a>>(body: &'a [u8]) -> Result<M, FrameError> {
+    postcard::from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Splits a byte stream into frame bodies. A length over the limit is an error before any
+/// of the body is buffered, so a peer cannot make the decoder hold more than one frame.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame body, if one is buffered. After an error the stream is out
+    /// of sync and must be closed.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        let Some(header) = self.buffer.first_chunk::<LENGTH_BYTES>() else {
+            return Ok(None);
+        };
+        let length = u32::from_be_bytes(*header) as usize;
+        if length > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(length));
+        }
+        if self.buffer.len() < LENGTH_BYTES + length {
+            return Ok(None);
+        }
+        let body = self.buffer[LENGTH_BYTES..LENGTH_BYTES + length].to_vec();
+        self.buffer.drain(..LENGTH_BYTES + length);
+        Ok(Some(body))
+    }
+
+    /// Bytes buffered but not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn metrics() -> Metrics {
+        Metrics {
+            load1: 0.5,
+            load5: 0.25,
+            mem_total_bytes: 1 << 30,
+            mem_used_bytes: 100 << 20,
+            mem_cached_bytes: 10 << 20,
+            workload_mem_bytes: 50 << 20,
+            online_cpus: 2,
+        }
+    }
+
+    #[test]
+    fn negotiates_the_highest_common_version() {
+        assert_eq!(negotiate(&(1..=3), &(2..=5)), Some(3));
+        assert_eq!(negotiate(&(1..=1), &(1..=1)), Some(1));
+        assert_eq!(negotiate(&(1..=2), &(3..=4)), None);
+    }
+
+    #[test]
+    fn round_trips_every_message() {
+        let guest = [
+            GuestMessage::Hello { min_version: 1, max_version: 1 },
+            GuestMessage::Metrics(metrics()),
+            GuestMessage::UpscaleRequest { id: 7, pressure_age_us: 900 },
+            GuestMessage::DownscaleResult { id: 8, ok: false, reason: "would starve".into() },
+            GuestMessage::HealthCheckReply { id: 9 },
+        ];
+        for message in guest {
+            let frame = encode(&message).unwrap();
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&frame);
+            let body = decoder.next_frame().unwrap().unwrap();
+            assert_eq!(decode::<GuestMessage>(&body).unwrap(), message);
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering_the_body() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&((MAX_FRAME_BYTES as u32 + 1).to_be_bytes()));
+        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge(MAX_FRAME_BYTES + 1)));
+        assert!(encode(&GuestMessage::InvalidMessage { reason: "x".repeat(MAX_FRAME_BYTES) }).is_err());
+    }
+
+    #[test]
+    fn garbage_body_is_malformed_not_a_panic() {
+        assert!(matches!(decode::<HostMessage>(&[0xff, 0xff, 0xff]), Err(FrameError::Malformed(_))));
+    }
+
+    fn cases() -> u32 {
+        // VMHOST_FUZZ_CASES raises the count for a long fuzzing run.
+        std::env::var("VMHOST_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Any byte stream, cut anywhere: the decoder never panics, never holds more than
+        /// one frame's worth, and every body it yields decodes or fails cleanly.
+        #[test]
+        fn decoder_survives_arbitrary_streams(bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+                                              cuts in proptest::collection::vec(1usize..64, 1..32)) {
+            let mut decoder = FrameDecoder::new();
+            let mut rest = &bytes[..];
+            let mut cut = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*cut.next().unwrap()).min(rest.len());
+                decoder.push(&rest[..n]);
+                rest = &rest[n..];
+                loop {
+                    match decoder.next_frame() {
+                        Ok(Some(body)) => {
+                            prop_assert!(body.len() <= MAX_FRAME_BYTES);
+                            let _ = decode::<GuestMessage>(&body);
+                            let _ = decode::<HostMessage>(&body);
+                        }
+                        Ok(None) => break,
+                        Err(FrameError::TooLarge(n)) => { prop_assert!(n > MAX_FRAME_BYTES); return Ok(()); }
+                        Err(e) => prop_assert!(false, "unexpected {e}"),
+                    }
+                }
+                prop_assert!(decoder.buffered() <= bytes.len());
+            }
+        }
+
+        /// Valid frames split at arbitrary points come out whole and in order.
+        #[test]
+        fn frames_survive_any_split(ids in proptest::collection::vec(any::<u64>(), 1..20), split in 1usize..50) {
+            let messages: Vec<_> = ids.iter().map(|&id| GuestMessage::HealthCheck { id }).collect();
+            let stream: Vec<u8> = messages.iter().flat_map(|m| encode(m).unwrap()).collect();
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            for chunk in stream.chunks(split) {
+                decoder.push(chunk);
+                while let Some(body) = decoder.next_frame().unwrap() {
+                    out.push(decode::<GuestMessage>(&body).unwrap());
+                }
+            }
+            prop_assert_eq!(out, messages);
+        }
+    }
+}
