@@ -16,6 +16,20 @@ done
 boot_id=$(cat /proc/sys/kernel/random/boot_id)
 echo "vmhost-guest: ready boot_id=$boot_id"
 
+# The monitor, when the image carries it; it creates the workload cgroup.
+if [ -x /bin/vm-monitor ]; then
+    vm-monitor &
+fi
+# A test workload named on the kernel command line, e.g. vmhost.workload=vmhost-memhog,700,16,50,20
+# runs inside the monitor's cgroup.
+workload=$(sed -n 's/.*vmhost\.workload=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
+if [ -n "$workload" ]; then
+    (
+        until [ -f /sys/fs/cgroup/workload/cgroup.procs ]; do sleep 0.1; done
+        exec sh -c 'echo $$ > /sys/fs/cgroup/workload/cgroup.procs && exec "$@"' workload $workload
+    ) &
+fi
+
 last=""
 while true; do
     for online in /sys/devices/system/cpu/cpu*/online; do

@@ -36,9 +36,14 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds (or finds in the cache) the minimal test image; returns its directory.
+/// Builds (or finds in the cache) the minimal test image with this workspace's guest
+/// binaries; returns its directory.
 pub fn test_image() -> PathBuf {
     let output = Command::new(repo_root().join("images/build-test-image"))
+        .arg("--with-binary")
+        .arg(bin("vm-monitor"))
+        .arg("--with-binary")
+        .arg(bin("vmhost-memhog"))
         .stderr(Stdio::inherit())
         .output()
         .expect("cannot run images/build-test-image");
@@ -64,6 +69,10 @@ pub fn parse_guest_view(line: &str) -> Option<GuestView> {
         mem_total_kb: rest.trim().parse().ok()?,
     })
 }
+
+/// What the `memhog` image's workload allocates, and how long it holds it.
+pub const MEMHOG_MIB: u64 = 800;
+pub const MEMHOG_HOLD_SECS: u64 = 20;
 
 pub struct Limits {
     pub vcpus: u32,
@@ -108,7 +117,14 @@ stop_grace_secs = 3
 [images.test]
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
+# The same image with a workload that grows to {MEMHOG_MIB} MiB in 16 MiB steps every
+# 50 ms, holds it {MEMHOG_HOLD_SECS} s, then frees it.
+[images.memhog]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,50,{MEMHOG_HOLD_SECS}"
 "#,
+                cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
                 state = dir.path().join("state").display(),
                 socket = socket.display(),
                 vcpus = limits.vcpus,

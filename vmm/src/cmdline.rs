@@ -13,6 +13,9 @@ pub const HOTPLUG_CPU_ID_PREFIX: &str = "cpu";
 /// as movable so it can be unplugged again, and no reboot loop on panic.
 pub const DEFAULT_KERNEL_CMDLINE: &str =
     "console=ttyS0 memhp_default_state=online_movable panic=-1 quiet";
+/// The guest vsock device and the root port it sits on.
+pub const VSOCK_DEVICE_ID: &str = "vsock0";
+pub const VSOCK_ROOT_PORT: &str = "vsockport";
 /// virtio-mem block size: the granularity of a memory resize.
 pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
 
@@ -53,6 +56,8 @@ pub struct MachineSpec {
     pub nic: Nic,
     /// Empty `pcie-root-port`s for devices plugged later (vsock, disks).
     pub spare_root_ports: u32,
+    /// The vhost-user socket of the guest's vsock backend, if it has one.
+    pub vhost_user_vsock: Option<PathBuf>,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
@@ -155,6 +160,21 @@ impl MachineSpec {
                 &format!("pcie-root-port,id=hotplug{port},chassis={}", port + 1),
             ]);
         }
+        if let Some(socket) = &self.vhost_user_vsock {
+            push(&[
+                "-chardev",
+                &format!("socket,id=vsock0,path={}", socket.display()),
+            ]);
+            // On its own root port, so it can be unplugged before a migration.
+            push(&[
+                "-device",
+                &format!("pcie-root-port,id={VSOCK_ROOT_PORT},chassis=100"),
+            ]);
+            push(&[
+                "-device",
+                &format!("vhost-user-vsock-pci,id={VSOCK_DEVICE_ID},chardev=vsock0,bus={VSOCK_ROOT_PORT}"),
+            ]);
+        }
         if let Nic::Tap { ifname, mac } = &self.nic {
             push(&[
                 "-netdev",
@@ -210,6 +230,7 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             nic: Nic::None,
             spare_root_ports: 2,
+            vhost_user_vsock: None,
             qmp_socket: "/state/db1/qmp.sock".into(),
             serial_log: "/state/db1/serial.log".into(),
             pidfile: "/state/db1/qemu.pid".into(),
@@ -316,5 +337,20 @@ mod tests {
         assert!(line.contains("-qmp unix:/state/db1/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-daemonize -pidfile /state/db1/qemu.pid"));
         assert!(!joined(&spec()).contains("-netdev"));
+        assert!(!joined(&spec()).contains("vsock"));
+    }
+
+    #[test]
+    fn vhost_user_vsock_sits_on_its_own_root_port() {
+        let line = joined(&MachineSpec {
+            vhost_user_vsock: Some("/state/db1/vhost-vsock.sock".into()),
+            ..spec()
+        });
+        assert!(
+            line.contains("-chardev socket,id=vsock0,path=/state/db1/vhost-vsock.sock"),
+            "{line}"
+        );
+        assert!(line.contains("pcie-root-port,id=vsockport,chassis=100"));
+        assert!(line.contains("vhost-user-vsock-pci,id=vsock0,chardev=vsock0,bus=vsockport"));
     }
 }

@@ -5,6 +5,7 @@ pub mod accel;
 pub mod cmdline;
 pub mod machine;
 pub mod qmp;
+pub mod vsock;
 
 pub use accel::{Accel, AccelChoice, AccelDecision, HostFacts};
 pub use cmdline::{MachineSpec, Nic};

@@ -376,7 +376,7 @@ fn virtio_mem_path() -> String {
     format!("{PERIPHERAL_PREFIX}{VIRTIO_MEM_ID}")
 }
 
-fn read_pid(pidfile: &Path) -> Result<Pid, VmmError> {
+pub(crate) fn read_pid(pidfile: &Path) -> Result<Pid, VmmError> {
     std::fs::read_to_string(pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

@@ -60,11 +60,25 @@ pub struct CreateVm {
 pub enum Request {
     Create(CreateVm),
     List,
-    Show { name: String },
-    Scale { name: String, cu: ComputeUnits },
-    Stop { name: String },
-    Start { name: String },
-    Delete { name: String },
+    Show {
+        name: String,
+    },
+    Scale {
+        name: String,
+        cu: ComputeUnits,
+        /// Skip the guest monitor's approval of a downscale.
+        #[serde(default)]
+        force: bool,
+    },
+    Stop {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
     Host,
 }
 
@@ -112,9 +126,27 @@ pub struct VmInfo {
     pub host: String,
     pub pid: Option<i32>,
     pub serial_log: String,
+    /// The guest link, while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
     /// QEMU's own run state (`running`, `paused`, ...), asked live by `show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_status: Option<String>,
+}
+
+/// What vmhostd knows of the guest through its monitor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestInfo {
+    pub connected: bool,
+    /// False once the guest has been silent for too long.
+    pub healthy: bool,
+    pub protocol_version: Option<u16>,
+    pub online_cpus: Option<u32>,
+    pub mem_total_bytes: Option<u64>,
+    pub metrics: Option<vmhost_guest_protocol::Metrics>,
+    pub metrics_age_ms: Option<u64>,
+    pub upscale_requests: u64,
+    pub protocol_errors: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +179,8 @@ pub enum ErrorKind {
     CapacityExceeded,
     /// The VM is in a state where the action is not possible.
     WrongState,
+    /// The guest's monitor vetoed the change.
+    Refused,
     Internal,
 }
 
@@ -158,6 +192,7 @@ impl ErrorKind {
             ErrorKind::AlreadyExists => 4,
             ErrorKind::CapacityExceeded => 5,
             ErrorKind::WrongState => 6,
+            ErrorKind::Refused => 7,
             ErrorKind::Internal => 1,
         }
     }
@@ -239,10 +274,14 @@ mod tests {
             request: Request::Scale {
                 name: "db1".into(),
                 cu: "1.5".parse().unwrap(),
+                force: false,
             },
         };
         let json = serde_json::to_string(&envelope).unwrap();
-        assert_eq!(json, r#"{"version":1,"op":"scale","name":"db1","cu":1.5}"#);
+        assert_eq!(
+            json,
+            r#"{"version":1,"op":"scale","name":"db1","cu":1.5,"force":false}"#
+        );
         assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), envelope);
     }
 

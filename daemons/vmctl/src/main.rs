@@ -54,6 +54,9 @@ enum Command {
         name: String,
         #[arg(long)]
         cu: ComputeUnits,
+        /// Shrink even if the guest's monitor does not approve (or is not connected).
+        #[arg(long)]
+        force: bool,
     },
     /// Power a VM off (it keeps its spec and can be started again).
     Stop { name: String },
@@ -83,7 +86,7 @@ impl Command {
             }),
             Command::List => Request::List,
             Command::Show { name } => Request::Show { name },
-            Command::Scale { name, cu } => Request::Scale { name, cu },
+            Command::Scale { name, cu, force } => Request::Scale { name, cu, force },
             Command::Stop { name } => Request::Stop { name },
             Command::Start { name } => Request::Start { name },
             Command::Delete { name } => Request::Delete { name },
@@ -156,10 +159,37 @@ fn print_vm(vm: &VmInfo) {
         ("pid", vm.pid.map_or("-".into(), |p| p.to_string())),
         ("qemu", vm.qemu_status.clone().unwrap_or_else(|| "-".into())),
         ("serial log", vm.serial_log.clone()),
+        (
+            "guest",
+            vm.guest.as_ref().map_or("-".into(), describe_guest),
+        ),
     ];
     for (key, value) in rows {
         println!("{key:<11}{value}");
     }
+}
+
+fn describe_guest(guest: &vmhost_api::GuestInfo) -> String {
+    if !guest.connected {
+        return "not connected".into();
+    }
+    let mut text = format!(
+        "connected (protocol {}{})",
+        guest.protocol_version.unwrap_or(0),
+        if guest.healthy { "" } else { ", UNHEALTHY" }
+    );
+    if let Some(m) = &guest.metrics {
+        text += &format!(
+            ", {} CPUs, load {:.2}/{:.2}, memory {} used of {}, workload {}",
+            m.online_cpus,
+            m.load1,
+            m.load5,
+            format_bytes(m.mem_used_bytes),
+            format_bytes(m.mem_total_bytes),
+            format_bytes(m.workload_mem_bytes)
+        );
+    }
+    text
 }
 
 fn print_table(vms: &[VmInfo]) {

@@ -22,6 +22,9 @@ pub struct Config {
     pub accel: AccelChoice,
     #[serde(default = "default_qemu_binary")]
     pub qemu_binary: PathBuf,
+    /// The vhost-user vsock backend (rust-vmm's vhost-device-vsock).
+    #[serde(default = "default_vsock_backend")]
+    pub vsock_backend: PathBuf,
     pub capacity: Capacity,
     #[serde(default)]
     pub compute_unit: ComputeUnitConfig,
@@ -30,7 +33,27 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
+    pub guest: GuestConfig,
+    #[serde(default)]
     pub images: BTreeMap<String, ImageConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// Grant a monitor's upscale request (current + 1 CU, within the VM's bounds) at once.
+    pub grant_upscale_requests: bool,
+    /// How long the monitor has to answer a downscale request.
+    pub downscale_answer_secs: u64,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            grant_upscale_requests: true,
+            downscale_answer_secs: 10,
+        }
+    }
 }
 
 /// What this host may give out to VMs.
@@ -110,6 +133,9 @@ pub struct ImageConfig {
 
 fn default_api_socket() -> PathBuf {
     "/run/vmhost/vmhostd.sock".into()
+}
+fn default_vsock_backend() -> PathBuf {
+    "vhost-device-vsock".into()
 }
 fn default_qemu_binary() -> PathBuf {
     "qemu-system-x86_64".into()

@@ -5,9 +5,10 @@
 //! listings read.
 
 use crate::config::{Config, NetworkConfig};
+use crate::guest_link::{DownscaleError, GuestLink, UpscaleRequest};
 use crate::ledger::{Ledger, LedgerError};
 use crate::net;
-use crate::store::{BootSource, Store, StoreError, VmSpec};
+use crate::store::{BootSource, Store, StoreError, VmPaths, VmSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmhost_api::{
@@ -48,6 +49,14 @@ pub enum HostError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error(transparent)]
+    Vsock(#[from] vmm::vsock::VsockError),
+    #[error("VM '{name}': cannot shrink: {source}")]
+    Downscale {
+        name: String,
+        #[source]
+        source: DownscaleError,
+    },
 }
 
 impl HostError {
@@ -59,7 +68,11 @@ impl HostError {
             HostError::Invalid(_) => ErrorKind::InvalidArgument,
             HostError::Capacity(_) => ErrorKind::CapacityExceeded,
             HostError::WrongState { .. } => ErrorKind::WrongState,
-            HostError::Vmm { .. } | HostError::Store(_) | HostError::Net(_) => ErrorKind::Internal,
+            HostError::Downscale { .. } => ErrorKind::Refused,
+            HostError::Vmm { .. }
+            | HostError::Store(_)
+            | HostError::Net(_)
+            | HostError::Vsock(_) => ErrorKind::Internal,
         }
     }
 }
@@ -93,6 +106,8 @@ struct VmRecord {
     applied: Resources,
     /// vCPU plugs the running QEMU can still take (see `vmm::cmdline::vcpu_slots`).
     vcpu_plug_budget: Option<u32>,
+    /// The link to the guest's monitor, while QEMU runs.
+    guest: Option<Arc<GuestLink>>,
 }
 
 struct VmSlot {
@@ -170,10 +185,11 @@ impl Host {
             machine: None,
             applied: spec.cu_shape.resources(spec.cu),
             vcpu_plug_budget: self.load_plug_budget(&spec.name),
+            guest: None,
             spec,
         };
         if record.spec.run {
-            let paths = self.store.vm_paths(&name);
+            let paths = self.paths(&name);
             match Machine::attach(
                 &paths.qmp_socket,
                 &paths.pidfile,
@@ -193,9 +209,10 @@ impl Host {
                         tracing::warn!(vm = %name, "host is over capacity after reattaching (was capacity lowered?)");
                     }
                     tracing::info!(vm = %name, pid = machine.pid(), size = %record.applied, "reattached to running VM");
-                    record.state = VmState::Running;
-                    record.machine = Some(machine.clone());
-                    self.watch_exit(&name, machine);
+                    if !paths.vsock.is_running() {
+                        tracing::error!(vm = %name, "the VM's vsock backend is gone; its guest cannot reach this host until it restarts");
+                    }
+                    self.set_running(&mut record, machine);
                 }
                 Err(error) => {
                     tracing::error!(vm = %name, error = %error_chain(&error), "VM should be running but its QEMU is gone");
@@ -232,7 +249,7 @@ impl Host {
             Request::Create(create) => self.create(create).await.map(Reply::Vm),
             Request::List => Ok(Reply::Vms(self.list())),
             Request::Show { name } => self.show(&name).await.map(Reply::Vm),
-            Request::Scale { name, cu } => self.scale(&name, cu).await.map(Reply::Vm),
+            Request::Scale { name, cu, force } => self.scale(&name, cu, force).await.map(Reply::Vm),
             Request::Stop { name } => self.stop(&name).await.map(Reply::Vm),
             Request::Start { name } => self.start(&name).await.map(Reply::Vm),
             Request::Delete { name } => self.delete(&name).await.map(|()| Reply::Deleted { name }),
@@ -255,13 +272,9 @@ impl Host {
             image: spec.image.to_string(),
             host: self.host_name.clone(),
             pid: record.machine.as_ref().map(|m| m.pid()),
-            serial_log: self
-                .store
-                .vm_paths(&spec.name)
-                .serial_log
-                .display()
-                .to_string(),
+            serial_log: self.paths(&spec.name).serial_log.display().to_string(),
             qemu_status: None,
+            guest: record.guest.as_ref().map(|g| g.info()),
         }
     }
 
@@ -376,6 +389,7 @@ impl Host {
                 state: VmState::Starting,
                 machine: None,
                 vcpu_plug_budget: None,
+                guest: None,
             }),
         });
         {
@@ -409,11 +423,9 @@ impl Host {
             Ok((machine, budget)) => {
                 {
                     let mut record = slot.record();
-                    record.state = VmState::Running;
-                    record.machine = Some(machine.clone());
                     record.vcpu_plug_budget = budget;
+                    self.set_running(&mut record, machine);
                 }
-                self.watch_exit(&name, machine);
                 tracing::info!(vm = %name, cu = %spec.cu, "created VM");
                 Ok(self.info(&slot))
             }
@@ -425,7 +437,7 @@ impl Host {
     }
 
     fn plug_budget_file(&self, name: &str) -> std::path::PathBuf {
-        self.store.vm_paths(name).dir.join("vcpu-plug-budget")
+        self.store.vm_dir(name).join("vcpu-plug-budget")
     }
 
     /// The budget saved for a running QEMU. Under TCG a missing file means no plugs are
@@ -459,7 +471,7 @@ impl Host {
 
     /// Starts QEMU for `spec` at its current size. Returns it with its vCPU plug budget.
     async fn launch(&self, spec: &VmSpec) -> Result<(Arc<Machine>, Option<u32>), HostError> {
-        let paths = self.store.vm_paths(&spec.name);
+        let paths = self.paths(&spec.name);
         let min = spec.cu_shape.resources(spec.min_cu);
         let max = spec.cu_shape.resources(spec.max_cu);
         let now = spec.cu_shape.resources(spec.cu);
@@ -473,6 +485,7 @@ impl Host {
         for stale in [&paths.qmp_socket, &paths.pidfile] {
             let _ = std::fs::remove_file(stale);
         }
+        paths.vsock.ensure_running().await?;
         let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
         let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
         self.save_plug_budget(&spec.name, budget)?;
@@ -491,6 +504,7 @@ impl Host {
             kernel_cmdline: spec.boot.cmdline.clone(),
             nic,
             spare_root_ports: SPARE_ROOT_PORTS,
+            vhost_user_vsock: Some(paths.vsock.vhost_socket.clone()),
             qmp_socket: paths.qmp_socket,
             serial_log: paths.serial_log,
             pidfile: paths.pidfile,
@@ -501,10 +515,13 @@ impl Host {
             self.config.timeouts.qmp(),
         )
         .await
-        .map_err(|source| HostError::Vmm {
-            name: spec.name.clone(),
-            action: "start QEMU",
-            source,
+        .map_err(|source| {
+            paths.vsock.stop();
+            HostError::Vmm {
+                name: spec.name.clone(),
+                action: "start QEMU",
+                source,
+            }
         })?;
         tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
         Ok((Arc::new(machine), budget))
@@ -535,15 +552,100 @@ impl Host {
             {
                 return;
             }
-            record.machine = None;
-            host.ledger().release(&name);
             if record.spec.run {
-                record.state = VmState::Crashed;
+                host.set_down(&mut record, VmState::Crashed);
                 tracing::error!(vm = %name, "QEMU exited unexpectedly; VM marked crashed and its resources released");
             } else {
-                record.state = VmState::Stopped;
+                host.set_down(&mut record, VmState::Stopped);
             }
         });
+    }
+
+    fn paths(&self, name: &str) -> VmPaths {
+        self.store.vm_paths(name, &self.config.vsock_backend)
+    }
+
+    /// Records a running QEMU: opens the guest link and watches for QEMU's exit.
+    fn set_running(self: &Arc<Self>, record: &mut VmRecord, machine: Arc<Machine>) {
+        let name = record.spec.name.clone();
+        record.state = VmState::Running;
+        record.machine = Some(machine.clone());
+        record.guest = self.open_guest_link(&name);
+        self.watch_exit(&name, machine);
+    }
+
+    /// Records that QEMU is gone: closes the guest link, stops the vsock backend and frees
+    /// the VM's resources.
+    fn set_down(&self, record: &mut VmRecord, state: VmState) {
+        record.machine = None;
+        record.guest = None;
+        record.state = state;
+        self.paths(&record.spec.name).vsock.stop();
+        self.ledger().release(&record.spec.name);
+    }
+
+    fn open_guest_link(self: &Arc<Self>, name: &str) -> Option<Arc<GuestLink>> {
+        let socket = self
+            .paths(name)
+            .vsock
+            .host_socket(vmhost_guest_protocol::GUEST_PORT);
+        let host = Arc::downgrade(self);
+        let vm = name.to_string();
+        let on_upscale = Arc::new(move |request: UpscaleRequest| {
+            if let Some(host) = host.upgrade() {
+                let vm = vm.clone();
+                tokio::spawn(async move { host.grant_guest_upscale(&vm, request).await });
+            }
+        });
+        match GuestLink::listen(name, &socket, on_upscale) {
+            Ok(link) => Some(Arc::new(link)),
+            Err(error) => {
+                tracing::error!(vm = %name, socket = %socket.display(), %error, "cannot listen for the guest");
+                None
+            }
+        }
+    }
+
+    /// A monitor asked for memory: grow by one CU within the VM's bounds, then tell it.
+    async fn grant_guest_upscale(self: Arc<Self>, name: &str, request: UpscaleRequest) {
+        if !self.config.guest.grant_upscale_requests {
+            return;
+        }
+        let Ok(slot) = self.slot(name) else { return };
+        let (current, max, guest) = {
+            let record = slot.record();
+            (record.spec.cu, record.spec.max_cu, record.guest.clone())
+        };
+        let target = ComputeUnits::from_quarters((current.quarters() + 4).min(max.quarters()));
+        if target == current {
+            tracing::debug!(vm = %name, "guest asked for memory but the VM is at its maximum");
+            return;
+        }
+        match self.scale(name, target, true).await {
+            Ok(info) => {
+                tracing::info!(
+                    vm = %name,
+                    request = request.id,
+                    from = %current,
+                    to = %target,
+                    latency_ms = request.received.elapsed().as_millis() as u64,
+                    pressure_age_us = request.pressure_age.as_micros() as u64,
+                    "granted the guest's upscale request"
+                );
+                if let Some(guest) = guest {
+                    guest.notify_upscale(
+                        request.id,
+                        vmhost_guest_protocol::Size {
+                            vcpus: info.vcpus,
+                            memory_bytes: info.memory_bytes,
+                        },
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::warn!(vm = %name, error = %error_chain(&error), "cannot grant the guest's upscale request")
+            }
+        }
     }
 
     fn wrong_state(record: &VmRecord, action: &'static str) -> HostError {
@@ -554,10 +656,10 @@ impl Host {
         }
     }
 
-    async fn scale(&self, name: &str, cu: ComputeUnits) -> Result<VmInfo, HostError> {
+    async fn scale(&self, name: &str, cu: ComputeUnits, force: bool) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
-        let (mut spec, machine, before, budget) = {
+        let (mut spec, machine, before, budget, guest) = {
             let record = slot.record();
             match (&record.machine, record.state) {
                 (Some(machine), VmState::Running) => (
@@ -565,12 +667,32 @@ impl Host {
                     machine.clone(),
                     record.applied,
                     record.vcpu_plug_budget,
+                    record.guest.clone(),
                 ),
                 _ => return Err(Self::wrong_state(&record, "scale")),
             }
         };
         check_bounds(&spec, cu)?;
         let target = spec.cu_shape.resources(cu);
+        let shrinks = target.memory_bytes < before.memory_bytes || target.vcpus < before.vcpus;
+        if shrinks && !force {
+            let answer = match &guest {
+                Some(guest) => {
+                    let timeout =
+                        std::time::Duration::from_secs(self.config.guest.downscale_answer_secs);
+                    let size = vmhost_guest_protocol::Size {
+                        vcpus: target.vcpus,
+                        memory_bytes: target.memory_bytes,
+                    };
+                    guest.ask_downscale(size, timeout).await
+                }
+                None => Err(DownscaleError::NotConnected),
+            };
+            answer.map_err(|source| HostError::Downscale {
+                name: name.into(),
+                source,
+            })?;
+        }
         let plugs = target.vcpus.saturating_sub(before.vcpus);
         if let Some(left) = budget {
             if plugs > left {
@@ -645,12 +767,7 @@ impl Host {
                     source,
                 })?;
         }
-        {
-            let mut record = slot.record();
-            record.machine = None;
-            record.state = VmState::Stopped;
-        }
-        self.ledger().release(name);
+        self.set_down(&mut slot.record(), VmState::Stopped);
         tracing::info!(vm = %name, "stopped VM");
         Ok(self.info(&slot))
     }
@@ -683,12 +800,10 @@ impl Host {
         {
             let mut record = slot.record();
             record.spec = spec;
-            record.state = VmState::Running;
             record.applied = size;
-            record.machine = Some(machine.clone());
             record.vcpu_plug_budget = budget;
+            self.set_running(&mut record, machine);
         }
-        self.watch_exit(name, machine);
         tracing::info!(vm = %name, "started VM");
         Ok(self.info(&slot))
     }
@@ -708,9 +823,9 @@ impl Host {
                 source,
             })?;
         }
+        self.set_down(&mut slot.record(), VmState::Stopped);
         self.store.remove_vm(name)?;
         net::remove_tap(name);
-        self.ledger().release(name);
         self.vms().remove(name);
         tracing::info!(vm = %name, "deleted VM");
         Ok(())

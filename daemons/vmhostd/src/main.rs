@@ -2,6 +2,7 @@
 
 mod api;
 mod config;
+mod guest_link;
 mod host;
 mod ledger;
 mod net;

@@ -69,10 +69,10 @@ pub struct Store {
 
 /// Paths of one VM's files.
 pub struct VmPaths {
-    pub dir: PathBuf,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
+    pub vsock: vmm::vsock::VsockBackend,
 }
 
 impl Store {
@@ -102,30 +102,40 @@ impl Store {
         })
     }
 
-    pub fn vm_paths(&self, name: &str) -> VmPaths {
-        let dir = self.root.join("vms").join(name);
+    pub fn vm_paths(&self, name: &str, vsock_binary: &Path) -> VmPaths {
+        let dir = self.vm_dir(name);
         VmPaths {
+            vsock: vmm::vsock::VsockBackend {
+                binary: vsock_binary.to_path_buf(),
+                vhost_socket: dir.join("vhost-vsock.sock"),
+                uds_path: dir.join("vsock.sock"),
+                pidfile: dir.join("vsock.pid"),
+                log: dir.join("vsock.log"),
+            },
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
             pidfile: dir.join("qemu.pid"),
-            dir,
         }
     }
 
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(name)
+    }
+
     /// Creates the VM's folder; fails if it exists, so two creates of one name cannot race.
-    pub fn create_vm(&self, spec: &VmSpec) -> Result<VmPaths, StoreError> {
-        let paths = self.vm_paths(&spec.name);
-        std::fs::create_dir(&paths.dir).map_err(io_error("cannot create", &paths.dir))?;
+    pub fn create_vm(&self, spec: &VmSpec) -> Result<(), StoreError> {
+        let paths = self.vm_dir(&spec.name);
+        std::fs::create_dir(&paths).map_err(io_error("cannot create", &paths))?;
         if let Err(e) = self.save(spec) {
-            let _ = std::fs::remove_dir_all(&paths.dir);
+            let _ = std::fs::remove_dir_all(&paths);
             return Err(e);
         }
-        Ok(paths)
+        Ok(())
     }
 
     /// Writes the spec atomically (write, fsync, rename).
     pub fn save(&self, spec: &VmSpec) -> Result<(), StoreError> {
-        let dir = self.vm_paths(&spec.name).dir;
+        let dir = self.vm_dir(&spec.name);
         let tmp = dir.join(format!("{SPEC_FILE}.tmp"));
         let path = dir.join(SPEC_FILE);
         let json = serde_json::to_vec_pretty(spec).expect("a spec always serializes");
@@ -168,7 +178,7 @@ impl Store {
     }
 
     pub fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
-        let dir = self.vm_paths(name).dir;
+        let dir = self.vm_dir(name);
         std::fs::remove_dir_all(&dir).map_err(io_error("cannot remove", &dir))
     }
 }

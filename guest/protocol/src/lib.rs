@@ -44,16 +44,34 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GuestMessage {
-    Hello { min_version: u16, max_version: u16 },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+    },
     Metrics(Metrics),
     /// Memory pressure: the guest wants more. `pressure_age_us` is how long ago the guest
     /// detected it, so the host can log the end-to-end latency.
-    UpscaleRequest { id: u64, pressure_age_us: u64 },
-    DownscaleResult { id: u64, ok: bool, reason: String },
-    HealthCheck { id: u64 },
-    HealthCheckReply { id: u64 },
-    InvalidMessage { reason: String },
-    InternalError { reason: String },
+    UpscaleRequest {
+        id: u64,
+        pressure_age_us: u64,
+    },
+    DownscaleResult {
+        id: u64,
+        ok: bool,
+        reason: String,
+    },
+    HealthCheck {
+        id: u64,
+    },
+    HealthCheckReply {
+        id: u64,
+    },
+    InvalidMessage {
+        reason: String,
+    },
+    InternalError {
+        reason: String,
+    },
 }
 
 /// What a change left the guest with, as the host sees it.
@@ -65,17 +83,36 @@ pub struct Size {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HostMessage {
-    Welcome { version: u16 },
-    VersionRefused { min_version: u16, max_version: u16 },
+    Welcome {
+        version: u16,
+    },
+    VersionRefused {
+        min_version: u16,
+        max_version: u16,
+    },
     /// The host granted resources (in reply to an upscale request, or on its own).
-    UpscaleNotification { id: u64, granted: Size },
+    UpscaleNotification {
+        id: u64,
+        granted: Size,
+    },
     /// May the guest shrink to `target`? Answered by [`GuestMessage::DownscaleResult`].
-    DownscaleRequest { id: u64, target: Size },
+    DownscaleRequest {
+        id: u64,
+        target: Size,
+    },
     MetricsRequest,
-    HealthCheck { id: u64 },
-    HealthCheckReply { id: u64 },
-    InvalidMessage { reason: String },
-    InternalError { reason: String },
+    HealthCheck {
+        id: u64,
+    },
+    HealthCheckReply {
+        id: u64,
+    },
+    InvalidMessage {
+        reason: String,
+    },
+    InternalError {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,10 +208,20 @@ mod tests {
     #[test]
     fn round_trips_every_message() {
         let guest = [
-            GuestMessage::Hello { min_version: 1, max_version: 1 },
+            GuestMessage::Hello {
+                min_version: 1,
+                max_version: 1,
+            },
             GuestMessage::Metrics(metrics()),
-            GuestMessage::UpscaleRequest { id: 7, pressure_age_us: 900 },
-            GuestMessage::DownscaleResult { id: 8, ok: false, reason: "would starve".into() },
+            GuestMessage::UpscaleRequest {
+                id: 7,
+                pressure_age_us: 900,
+            },
+            GuestMessage::DownscaleResult {
+                id: 8,
+                ok: false,
+                reason: "would starve".into(),
+            },
             GuestMessage::HealthCheckReply { id: 9 },
         ];
         for message in guest {
@@ -191,18 +238,30 @@ mod tests {
     fn oversized_length_is_refused_before_buffering_the_body() {
         let mut decoder = FrameDecoder::new();
         decoder.push(&((MAX_FRAME_BYTES as u32 + 1).to_be_bytes()));
-        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge(MAX_FRAME_BYTES + 1)));
-        assert!(encode(&GuestMessage::InvalidMessage { reason: "x".repeat(MAX_FRAME_BYTES) }).is_err());
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+        assert!(encode(&GuestMessage::InvalidMessage {
+            reason: "x".repeat(MAX_FRAME_BYTES)
+        })
+        .is_err());
     }
 
     #[test]
     fn garbage_body_is_malformed_not_a_panic() {
-        assert!(matches!(decode::<HostMessage>(&[0xff, 0xff, 0xff]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<HostMessage>(&[0xff, 0xff, 0xff]),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     fn cases() -> u32 {
         // VMHOST_FUZZ_CASES raises the count for a long fuzzing run.
-        std::env::var("VMHOST_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2000)
+        std::env::var("VMHOST_FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2000)
     }
 
     proptest! {

@@ -53,6 +53,8 @@ fn raw_qemu(image: &Path, accel: vmm::Accel) -> Duration {
         kernel_cmdline: vmm::cmdline::DEFAULT_KERNEL_CMDLINE.into(),
         nic: Nic::None,
         spare_root_ports: 4,
+        // Raw QEMU has no guest channel; ours includes starting its backend.
+        vhost_user_vsock: None,
         qmp_socket: dir.path().join("qmp.sock"),
         serial_log: dir.path().join("serial.log"),
         pidfile: dir.path().join("qemu.pid"),
