@@ -16,8 +16,9 @@ done
 boot_id=$(cat /proc/sys/kernel/random/boot_id)
 echo "vmhost-guest: ready boot_id=$boot_id"
 
-# The monitor, when the image carries it; it creates the workload cgroup.
-if [ -x /bin/vm-monitor ]; then
+# The monitor, when the image carries it and the kernel command line does not say
+# vmhost.monitor=off; it creates the workload cgroup.
+if [ -x /bin/vm-monitor ] && ! grep -q 'vmhost\.monitor=off' /proc/cmdline; then
     vm-monitor &
 fi
 # A test workload named on the kernel command line, e.g. vmhost.workload=vmhost-memhog,700,16,50,20

@@ -71,7 +71,7 @@ pub fn parse_guest_view(line: &str) -> Option<GuestView> {
 }
 
 /// What the `memhog` image's workload allocates, and how long it holds it.
-pub const MEMHOG_MIB: u64 = 800;
+pub const MEMHOG_MIB: u64 = 900;
 pub const MEMHOG_HOLD_SECS: u64 = 20;
 
 pub struct Limits {
@@ -118,11 +118,16 @@ stop_grace_secs = 3
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 # The same image with a workload that grows to {MEMHOG_MIB} MiB in 16 MiB steps every
-# 50 ms, holds it {MEMHOG_HOLD_SECS} s, then frees it.
+# 100 ms, holds it {MEMHOG_HOLD_SECS} s, then frees it.
 [images.memhog]
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
-cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,50,{MEMHOG_HOLD_SECS}"
+cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,100,{MEMHOG_HOLD_SECS}"
+# The same image without its monitor, so a test can play the guest.
+[images.nomonitor]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} vmhost.monitor=off"
 "#,
                 cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
                 state = dir.path().join("state").display(),

@@ -163,7 +163,7 @@ pub struct HostInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "body", rename_all = "snake_case")]
 pub enum Reply {
-    Vm(VmInfo),
+    Vm(Box<VmInfo>),
     Vms(Vec<VmInfo>),
     Host(HostInfo),
     Deleted { name: String },

@@ -320,7 +320,6 @@ async fn serve_connection(
             }
         }
     });
-    let _writer_guard = AbortOnDrop(writer_task);
     *shared.outbox.lock().unwrap() = Some(tx.clone());
     {
         let mut status = shared.status.lock().unwrap();
@@ -330,6 +329,21 @@ async fn serve_connection(
     }
     tracing::info!(vm = %shared.vm, version, "guest monitor connected");
 
+    let result = message_loop(&mut reader, &mut decoder, &tx, shared, log).await;
+    // Let the last replies (an error saying why we close, typically) reach the guest.
+    *shared.outbox.lock().unwrap() = None;
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    result
+}
+
+async fn message_loop(
+    reader: &mut OwnedReadHalf,
+    decoder: &mut FrameDecoder,
+    tx: &mpsc::Sender<HostMessage>,
+    shared: &Shared,
+    log: &mut RateLimitedLog,
+) -> Result<(), String> {
     let mut bucket = TokenBucket::new(Instant::now());
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     let mut errors = 0u64;
@@ -337,7 +351,7 @@ async fn serve_connection(
     let mut health_id = 0u64;
     loop {
         let message = tokio::select! {
-            message = next_message(&mut reader, &mut decoder) => message,
+            message = next_message(reader, decoder) => message,
             _ = health.tick() => {
                 health_id += 1;
                 let _ = tx.try_send(HostMessage::HealthCheck { id: health_id });
@@ -433,14 +447,6 @@ async fn serve_connection(
                 log.warn(&shared.vm, &format!("guest reports an error: {reason}"));
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

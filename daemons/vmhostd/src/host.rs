@@ -246,12 +246,12 @@ impl Host {
 
     pub async fn handle(self: &Arc<Self>, request: Request) -> Result<Reply, HostError> {
         match request {
-            Request::Create(create) => self.create(create).await.map(Reply::Vm),
+            Request::Create(create) => self.create(create).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::List => Ok(Reply::Vms(self.list())),
-            Request::Show { name } => self.show(&name).await.map(Reply::Vm),
-            Request::Scale { name, cu, force } => self.scale(&name, cu, force).await.map(Reply::Vm),
-            Request::Stop { name } => self.stop(&name).await.map(Reply::Vm),
-            Request::Start { name } => self.start(&name).await.map(Reply::Vm),
+            Request::Show { name } => self.show(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
+            Request::Scale { name, cu, force } => self.scale(&name, cu, force).await.map(|vm| Reply::Vm(Box::new(vm))),
+            Request::Stop { name } => self.stop(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
+            Request::Start { name } => self.start(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::Delete { name } => self.delete(&name).await.map(|()| Reply::Deleted { name }),
             Request::Host => Ok(Reply::Host(self.host_info())),
         }

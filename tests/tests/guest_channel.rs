@@ -1,0 +1,330 @@
+//! The host-guest channel over vsock: the real vm-monitor in a real guest, a real
+//! vhost-user-vsock backend, and vmhostd's guest link.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+use vmhost_guest_protocol::{self as protocol, FrameDecoder, GuestMessage, HostMessage};
+use vmhost_tests::{wait_until, Limits, TestHost, MEMHOG_MIB};
+
+const GIB: u64 = 1 << 30;
+
+fn roomy() -> Limits {
+    Limits {
+        vcpus: 4,
+        memory_mib: 8192,
+    }
+}
+
+/// Waits until `show --json` satisfies `check`; returns that view.
+fn wait_show(
+    host: &TestHost,
+    name: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shown = host.show(name);
+        if check(&shown) {
+            return shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn guest_connected(shown: &serde_json::Value) -> bool {
+    shown["guest"]["connected"] == true && shown["guest"]["metrics"].is_object()
+}
+
+#[test]
+fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
+    let host = TestHost::start(roomy());
+    host.vmctl_ok(&["create", "db1", "--min-cu", "1", "--max-cu", "2"]);
+    let shown = wait_show(
+        &host,
+        "db1",
+        "the guest monitor to connect",
+        guest_connected,
+    );
+    let guest = &shown["guest"];
+    assert_eq!(guest["protocol_version"], 1);
+    assert_eq!(guest["healthy"], true);
+    assert_eq!(guest["online_cpus"], 1);
+    assert!(guest["metrics_age_ms"].as_u64().unwrap() < 5000, "{guest}");
+    let boot_total = guest["mem_total_bytes"].as_u64().unwrap();
+    assert!(boot_total > GIB / 2 && boot_total <= GIB, "{guest}");
+    // Metrics are live: their age stays small as time passes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        host.show("db1")["guest"]["metrics_age_ms"]
+            .as_u64()
+            .unwrap()
+            < 2500
+    );
+
+    for (cu, vcpus, total) in [("2", 2, boot_total + GIB), ("1", 1, boot_total)] {
+        host.vmctl_ok(&["scale", "db1", "--cu", cu]);
+        let shown = wait_show(
+            &host,
+            "db1",
+            &format!("the guest to report {vcpus} CPUs and {total} bytes"),
+            |s| s["guest"]["online_cpus"] == vcpus && s["guest"]["mem_total_bytes"] == total,
+        );
+        assert_eq!(shown["vcpus"], vcpus);
+    }
+}
+
+#[test]
+fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
+    let host = TestHost::start(roomy());
+    host.vmctl_ok(&[
+        "create", "hog", "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
+    ]);
+    // 900 MiB does not fit in the 1 CU guest (the workload's limit is MemTotal − 96 MiB):
+    // it only gets there if the upscale lands first.
+    let shown = wait_show(
+        &host,
+        "hog",
+        "the monitor's upscale request to be granted",
+        |s| s["cu"].as_f64().unwrap() >= 2.0,
+    );
+    assert!(
+        shown["guest"]["upscale_requests"].as_u64().unwrap() >= 1,
+        "{shown}"
+    );
+    let serial = host.serial_log("hog");
+    wait_until(
+        Duration::from_secs(120),
+        "memhog to hold its memory",
+        || {
+            std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .contains(&format!("memhog: holding {MEMHOG_MIB} MiB"))
+        },
+    );
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !log.contains("Out of memory") && !log.contains("oom-kill"),
+        "the workload was OOM-killed:\n{log}"
+    );
+    let daemon_log = std::fs::read_to_string(host.daemon_log()).unwrap();
+    let grant = daemon_log
+        .lines()
+        .find(|l| l.contains("granted the guest's upscale request"))
+        .expect("vmhostd logs the granted request");
+    assert!(
+        grant.contains("latency_ms=") && grant.contains("pressure_age_us="),
+        "{grant}"
+    );
+    eprintln!("{grant}");
+
+    // While the workload holds its memory, shrinking to 1 CU would starve it.
+    let output = host.vmctl(&["scale", "hog", "--cu", "1"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !std::fs::read_to_string(&serial)
+        .unwrap()
+        .contains("memhog: freed")
+    {
+        assert_eq!(output.status.code(), Some(7), "{stderr}");
+        assert!(stderr.contains("guest monitor refused"), "{stderr}");
+        assert!(host.show("hog")["cu"].as_f64().unwrap() >= 2.0);
+    }
+    // Once it lets go, the same downscale is approved.
+    wait_until(
+        Duration::from_secs(120),
+        "memhog to free its memory",
+        || {
+            std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .contains("memhog: freed")
+        },
+    );
+    host.vmctl_ok(&["scale", "hog", "--cu", "1"]);
+    assert_eq!(host.show("hog")["vcpus"], 1);
+}
+
+/// A fake guest on the socket where the vsock backend delivers guest connections.
+struct FakeGuest {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+impl FakeGuest {
+    fn connect(host: &TestHost, vm: &str) -> FakeGuest {
+        let path = host
+            .state_dir()
+            .join("vms")
+            .join(vm)
+            .join(format!("vsock.sock_{}", protocol::GUEST_PORT));
+        let stream = UnixStream::connect(&path).expect("connect to the guest link socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        FakeGuest {
+            stream,
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    fn hello(host: &TestHost, vm: &str) -> FakeGuest {
+        let mut guest = FakeGuest::connect(host, vm);
+        guest.send(&GuestMessage::Hello {
+            min_version: 1,
+            max_version: 1,
+        });
+        assert_eq!(guest.receive(), Some(HostMessage::Welcome { version: 1 }));
+        guest
+    }
+
+    fn send(&mut self, message: &GuestMessage) {
+        let _ = self.stream.write_all(&protocol::encode(message).unwrap());
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// The next message, or None once the host has closed the connection.
+    fn receive(&mut self) -> Option<HostMessage> {
+        loop {
+            if let Some(body) = self.decoder.next_frame().unwrap() {
+                return Some(protocol::decode(&body).unwrap());
+            }
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return None,
+                Err(e) => {
+                    eprintln!("fake guest read: {e}");
+                    return None;
+                }
+                Ok(n) => self.decoder.push(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads until the host closes; returns what it said on the way.
+    fn drain(&mut self) -> Vec<HostMessage> {
+        std::iter::from_fn(|| self.receive()).collect()
+    }
+}
+
+fn is_invalid(message: &HostMessage) -> bool {
+    matches!(message, HostMessage::InvalidMessage { .. })
+}
+
+#[test]
+fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
+    let host = TestHost::start(roomy());
+    // The victim runs no monitor: this test plays its guest. The bystander's real monitor
+    // must stay connected and healthy throughout.
+    host.vmctl_ok(&[
+        "create",
+        "victim",
+        "--image",
+        "nomonitor",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "2",
+    ]);
+    host.vmctl_ok(&["create", "bystander", "--min-cu", "1"]);
+    host.wait_guest_ready("victim");
+    wait_show(
+        &host,
+        "bystander",
+        "the bystander's monitor to connect",
+        guest_connected,
+    );
+
+    // No handshake: an error, then the connection is closed.
+    let mut guest = FakeGuest::connect(&host, "victim");
+    guest.send(&GuestMessage::HealthCheck { id: 1 });
+    let said = guest.drain();
+    assert!(said.iter().any(is_invalid), "{said:?}");
+
+    // A version the host does not speak is refused.
+    let mut guest = FakeGuest::connect(&host, "victim");
+    guest.send(&GuestMessage::Hello {
+        min_version: 50,
+        max_version: 60,
+    });
+    assert!(matches!(
+        guest.receive(),
+        Some(HostMessage::VersionRefused { .. })
+    ));
+    assert_eq!(guest.receive(), None);
+
+    // An oversized frame: an error, then closed, without the host buffering the body.
+    let mut guest = FakeGuest::hello(&host, "victim");
+    guest.send_raw(&(10u32 << 20).to_be_bytes());
+    let said = guest.drain();
+    assert!(said.iter().any(is_invalid), "{said:?}");
+
+    // Malformed bodies: each gets an error reply; past the bound the link is closed.
+    let mut guest = FakeGuest::hello(&host, "victim");
+    for _ in 0..20 {
+        guest.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    }
+    let said = guest.drain();
+    assert!(
+        said.iter().filter(|m| is_invalid(m)).count() >= 10,
+        "{said:?}"
+    );
+
+    // A flood: rate-limited, then cut off, while vmhostd answers everyone else.
+    let mut guest = FakeGuest::hello(&host, "victim");
+    let flood: Vec<u8> = (0..5000u64)
+        .flat_map(|id| protocol::encode(&GuestMessage::HealthCheckReply { id }).unwrap())
+        .collect();
+    guest.send_raw(&flood);
+    let started = Instant::now();
+    host.vmctl_ok(&["list"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "vmhostd stalled under a guest flood"
+    );
+    let said = guest.drain();
+    assert!(
+        said.iter().any(
+            |m| matches!(m, HostMessage::InvalidMessage { reason } if reason == "rate limited")
+        ),
+        "{said:?}"
+    );
+
+    // Upscale requests are clamped to the VM's bounds.
+    let mut guest = FakeGuest::hello(&host, "victim");
+    for id in 1..=3 {
+        guest.send(&GuestMessage::UpscaleRequest {
+            id,
+            pressure_age_us: u64::MAX,
+        });
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_show(&host, "victim", "the upscale to land", |s| s["cu"] == 2.0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        host.show("victim")["cu"],
+        2.0,
+        "an upscale went past max_cu"
+    );
+    drop(guest);
+
+    let victim = host.show("victim");
+    assert!(
+        victim["guest"]["protocol_errors"].as_u64().unwrap() >= 3,
+        "{victim}"
+    );
+    assert_eq!(victim["state"], "running");
+    let bystander = host.show("bystander");
+    assert_eq!(bystander["guest"]["connected"], true, "{bystander}");
+    assert_eq!(bystander["guest"]["healthy"], true, "{bystander}");
+    assert!(
+        bystander["guest"]["metrics_age_ms"].as_u64().unwrap() < 3000,
+        "{bystander}"
+    );
+}
