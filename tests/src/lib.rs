@@ -295,11 +295,15 @@ cmdline = "{cmdline} vmhost.monitor=off"
 
     /// PIDs of every QEMU this host started, from their pidfiles.
     pub fn qemu_pids(&self) -> Vec<i32> {
+        self.pids_from("qemu.pid")
+    }
+
+    fn pids_from(&self, pidfile: &str) -> Vec<i32> {
         let Ok(entries) = std::fs::read_dir(self.state_dir().join("vms")) else {
             return Vec::new();
         };
         entries
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("qemu.pid")).ok())
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join(pidfile)).ok())
             .filter_map(|s| s.trim().parse().ok())
             .collect()
     }
@@ -308,7 +312,8 @@ cmdline = "{cmdline} vmhost.monitor=off"
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.kill_daemon();
-        for pid in self.qemu_pids() {
+        // QEMUs and their vsock backends outlive vmhostd by design; a test must not.
+        for pid in self.qemu_pids().into_iter().chain(self.pids_from("vsock.pid")) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
