@@ -313,7 +313,11 @@ impl Drop for TestHost {
     fn drop(&mut self) {
         self.kill_daemon();
         // QEMUs and their vsock backends outlive vmhostd by design; a test must not.
-        for pid in self.qemu_pids().into_iter().chain(self.pids_from("vsock.pid")) {
+        for pid in self
+            .qemu_pids()
+            .into_iter()
+            .chain(self.pids_from("vsock.pid"))
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -249,7 +249,10 @@ impl Host {
             Request::Create(create) => self.create(create).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::List => Ok(Reply::Vms(self.list())),
             Request::Show { name } => self.show(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
-            Request::Scale { name, cu, force } => self.scale(&name, cu, force).await.map(|vm| Reply::Vm(Box::new(vm))),
+            Request::Scale { name, cu, force } => self
+                .scale(&name, cu, force)
+                .await
+                .map(|vm| Reply::Vm(Box::new(vm))),
             Request::Stop { name } => self.stop(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::Start { name } => self.start(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::Delete { name } => self.delete(&name).await.map(|()| Reply::Deleted { name }),

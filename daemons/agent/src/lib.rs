@@ -1,0 +1,336 @@
+//! The autoscaling core: a state machine per VM, free of I/O and of the clock. The caller
+//! feeds it inputs (metrics, monitor requests, outcomes of actions), each with `now`, and
+//! asks [`Agent::next_action`] what to do. Tests drive it with a fake clock.
+//!
+//! The goal follows Neon's algorithm: CPU goal = load1 / load target / vCPUs per CU, memory
+//! goal = used / memory target / memory per CU, rounded up to a quarter CU and clamped to the
+//! VM's bounds. Upscales go ledger → vmm → monitor; downscales go monitor → vmm → ledger,
+//! one CU at a time and not within the cooldown of the last change.
+
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use vmhost_api::{ComputeUnits, CuShape};
+
+/// Every threshold and interval of the algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// load1 per vCPU the agent aims for.
+    pub load_target: f64,
+    /// Fraction of memory in use the agent aims for.
+    pub memory_target: f64,
+    /// Metrics older than this are ignored (and the VM is never shrunk on them).
+    pub metrics_max_age_secs: u64,
+    /// How long a monitor's upscale request keeps its floor of current + 1 CU.
+    pub upscale_request_hold_secs: u64,
+    /// No downscale within this long of the last change.
+    pub downscale_cooldown_secs: u64,
+    /// After a monitor denies a downscale to X, the floor is X + 1 CU for this long.
+    pub denied_retry_secs: u64,
+    /// After a ledger refusal or a failed operation, wait this long (doubling on repeated
+    /// failures, up to 16 times) before trying again.
+    pub retry_backoff_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            load_target: 0.9,
+            memory_target: 0.75,
+            metrics_max_age_secs: 15,
+            upscale_request_hold_secs: 30,
+            downscale_cooldown_secs: 60,
+            denied_retry_secs: 60,
+            retry_backoff_secs: 2,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.load_target > 0.0 && self.load_target.is_finite()) {
+            return Err(format!(
+                "load_target must be positive, got {}",
+                self.load_target
+            ));
+        }
+        if !(self.memory_target > 0.0 && self.memory_target <= 1.0) {
+            return Err(format!(
+                "memory_target must be in (0, 1], got {}",
+                self.memory_target
+            ));
+        }
+        if self.metrics_max_age_secs == 0 || self.retry_backoff_secs == 0 {
+            return Err("metrics_max_age_secs and retry_backoff_secs must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the guest reported, as the agent uses it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    pub load1: f64,
+    pub mem_used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Book `target` in the ledger (a partial grant is taken), resize, tell the monitor.
+    Upscale { target: ComputeUnits },
+    /// Ask the monitor, resize, release in the ledger.
+    Downscale { target: ComputeUnits },
+}
+
+/// How an action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Grown to `to`, possibly less than asked because the ledger granted part.
+    Upscaled {
+        to: ComputeUnits,
+    },
+    /// The ledger had no room at all.
+    UpscaleRefused,
+    Downscaled {
+        to: ComputeUnits,
+    },
+    /// The monitor said no to `target`.
+    DownscaleDenied {
+        target: ComputeUnits,
+    },
+    /// The operation failed (vmm, guest link); retried with backoff.
+    Failed,
+}
+
+/// One decision, with what it was based on, for events and logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub current: ComputeUnits,
+    pub goal: ComputeUnits,
+    pub reason: String,
+    pub action: Option<Action>,
+}
+
+const ONE_CU: u32 = 4;
+
+fn cu(quarters: u32) -> ComputeUnits {
+    ComputeUnits::from_quarters(quarters)
+}
+
+/// A floor on the goal that holds until a deadline.
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    at_least: ComputeUnits,
+    until: Instant,
+}
+
+impl Floor {
+    fn active(self, now: Instant) -> Option<ComputeUnits> {
+        (now < self.until).then_some(self.at_least)
+    }
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    shape: CuShape,
+    min: ComputeUnits,
+    max: ComputeUnits,
+    current: ComputeUnits,
+    metrics: Option<(Metrics, Instant)>,
+    requested: Option<Floor>,
+    denied: Option<Floor>,
+    last_change: Instant,
+    in_flight: Option<Action>,
+    blocked_until: Option<Instant>,
+    failures: u32,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        shape: CuShape,
+        min: ComputeUnits,
+        max: ComputeUnits,
+        current: ComputeUnits,
+        now: Instant,
+    ) -> Self {
+        Agent {
+            config,
+            shape,
+            min,
+            max,
+            current,
+            metrics: None,
+            requested: None,
+            denied: None,
+            last_change: now,
+            in_flight: None,
+            blocked_until: None,
+            failures: 0,
+        }
+    }
+
+    pub fn current(&self) -> ComputeUnits {
+        self.current
+    }
+
+    pub fn on_metrics(&mut self, metrics: Metrics, now: Instant) {
+        self.metrics = Some((metrics, now));
+    }
+
+    /// The monitor asked for memory: at least current + 1 CU for a while, at once.
+    pub fn on_upscale_request(&mut self, now: Instant) {
+        self.requested = Some(Floor {
+            at_least: cu(self.current.quarters() + ONE_CU),
+            until: now + Duration::from_secs(self.config.upscale_request_hold_secs),
+        });
+        // A request overrides a backoff from an earlier refusal: the guest needs it now.
+        self.blocked_until = None;
+    }
+
+    /// The operator changed the bounds; the next decision moves the VM into them.
+    pub fn set_bounds(&mut self, min: ComputeUnits, max: ComputeUnits) {
+        self.min = min;
+        self.max = max;
+    }
+
+    /// The size changed outside the agent (an operator's scale): adopt it, and count it as
+    /// a change for the cooldown.
+    pub fn set_current(&mut self, current: ComputeUnits, now: Instant) {
+        if current != self.current {
+            self.current = current;
+            self.last_change = now;
+        }
+    }
+
+    fn fresh_metrics(&self, now: Instant) -> Option<Metrics> {
+        let (metrics, at) = self.metrics?;
+        (now.saturating_duration_since(at) <= Duration::from_secs(self.config.metrics_max_age_secs))
+            .then_some(metrics)
+    }
+
+    /// The size the agent wants now, and why.
+    pub fn goal(&self, now: Instant) -> (ComputeUnits, String) {
+        let (mut goal, mut reason) = match self.fresh_metrics(now) {
+            Some(m) => {
+                let cpu =
+                    m.load1.max(0.0) / self.config.load_target / f64::from(self.shape.vcpus_per_cu);
+                let memory = m.mem_used_bytes as f64
+                    / self.config.memory_target
+                    / self.shape.memory_per_cu_bytes as f64;
+                let wanted = cpu.max(memory);
+                // Round up to a quarter CU; NaN and huge values end at the maximum.
+                let quarters = (wanted * 4.0).ceil();
+                let quarters = if quarters.is_finite() {
+                    quarters.clamp(0.0, f64::from(u32::MAX / 2)) as u32
+                } else {
+                    u32::MAX / 2
+                };
+                (
+                    cu(quarters),
+                    format!(
+                        "load1 {:.2} → {cpu:.2} CU, memory used {} MiB → {memory:.2} CU",
+                        m.load1,
+                        m.mem_used_bytes >> 20
+                    ),
+                )
+            }
+            None => (
+                self.current,
+                "no fresh metrics: keep at least the current size".to_string(),
+            ),
+        };
+        if let Some(floor) = self.requested.and_then(|f| f.active(now)) {
+            if floor > goal {
+                goal = floor;
+                reason += "; monitor asked for more";
+            }
+        }
+        if let Some(floor) = self.denied.and_then(|f| f.active(now)) {
+            // A denial only stops shrinking; it never grows the VM.
+            let floor = floor.min(self.current);
+            if floor > goal {
+                goal = floor;
+                reason += "; a recent downscale was denied";
+            }
+        }
+        let clamped = goal.clamp(self.min, self.max.max(self.min));
+        if clamped != goal {
+            reason += &format!("; clamped to [{}, {}]", self.min, self.max);
+        }
+        (clamped, reason)
+    }
+
+    /// The next action, if any. While one is in flight nothing else is started.
+    pub fn next_action(&mut self, now: Instant) -> Decision {
+        let (goal, mut reason) = self.goal(now);
+        let action = if self.in_flight.is_some() {
+            None
+        } else if self.blocked_until.is_some_and(|until| now < until) {
+            if goal != self.current {
+                reason += "; waiting after a refusal or failure";
+            }
+            None
+        } else if goal > self.current {
+            Some(Action::Upscale { target: goal })
+        } else if goal < self.current {
+            let cooldown_ends =
+                self.last_change + Duration::from_secs(self.config.downscale_cooldown_secs);
+            if now < cooldown_ends {
+                reason += "; in downscale cooldown";
+                None
+            } else {
+                let one_step_down = cu(self.current.quarters().saturating_sub(ONE_CU));
+                Some(Action::Downscale {
+                    target: goal.max(one_step_down),
+                })
+            }
+        } else {
+            None
+        };
+        self.in_flight = action;
+        Decision {
+            current: self.current,
+            goal,
+            reason,
+            action,
+        }
+    }
+
+    pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
+        self.in_flight = None;
+        match outcome {
+            Outcome::Upscaled { to } | Outcome::Downscaled { to } => {
+                self.failures = 0;
+                if to != self.current {
+                    self.current = to;
+                    self.last_change = now;
+                }
+                // A partial grant means the ledger is short: do not ask again at once.
+                let (goal, _) = self.goal(now);
+                if matches!(outcome, Outcome::Upscaled { .. }) && to < goal {
+                    self.back_off(now);
+                }
+            }
+            Outcome::UpscaleRefused | Outcome::Failed => self.back_off(now),
+            Outcome::DownscaleDenied { target } => {
+                self.denied = Some(Floor {
+                    at_least: cu(target.quarters() + ONE_CU),
+                    until: now + Duration::from_secs(self.config.denied_retry_secs),
+                });
+            }
+        }
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.failures = (self.failures + 1).min(5);
+        let delay =
+            Duration::from_secs(self.config.retry_backoff_secs) * (1 << (self.failures - 1));
+        self.blocked_until = Some(now + delay);
+    }
+}
+
+#[cfg(test)]
+mod tests;
