@@ -44,6 +44,8 @@ pub fn test_image() -> PathBuf {
         .arg(bin("vm-monitor"))
         .arg("--with-binary")
         .arg(bin("vmhost-memhog"))
+        .arg("--with-binary")
+        .arg(bin("vmhost-cpuburn"))
         .stderr(Stdio::inherit())
         .output()
         .expect("cannot run images/build-test-image");
@@ -73,6 +75,10 @@ pub fn parse_guest_view(line: &str) -> Option<GuestView> {
 /// What the `memhog` image's workload allocates, and how long it holds it.
 pub const MEMHOG_MIB: u64 = 900;
 pub const MEMHOG_HOLD_SECS: u64 = 20;
+
+/// What the `cpuburn` image's workload runs.
+pub const CPUBURN_THREADS: u64 = 6;
+pub const CPUBURN_SECS: u64 = 30;
 
 pub struct Limits {
     pub vcpus: u32,
@@ -111,6 +117,8 @@ memory_mib = {memory}
 [compute_unit]
 vcpus = 1
 memory_mib = 1024
+[metrics]
+listen = "127.0.0.1:0"
 [timeouts]
 hotplug_secs = 120
 stop_grace_secs = 3
@@ -123,6 +131,11 @@ initrd = "{image}/initrd.img"
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,100,{MEMHOG_HOLD_SECS}"
+# The same image with {CPUBURN_THREADS} busy threads for {CPUBURN_SECS} s.
+[images.cpuburn]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} vmhost.workload=vmhost-cpuburn,{CPUBURN_THREADS},{CPUBURN_SECS}"
 # The same image without its monitor, so a test can play the guest.
 [images.nomonitor]
 kernel = "{image}/vmlinuz"
@@ -146,6 +159,31 @@ cmdline = "{cmdline} vmhost.monitor=off"
         };
         host.start_daemon();
         host
+    }
+
+    /// Where vmhostd serves Prometheus metrics (it binds an ephemeral port in tests).
+    pub fn metrics_addr(&self) -> String {
+        let log = std::fs::read_to_string(self.daemon_log()).unwrap_or_default();
+        log.lines()
+            .rev()
+            .find_map(|l| l.split("metrics endpoint listening addr=").nth(1))
+            .expect("vmhostd logged its metrics address")
+            .trim()
+            .to_string()
+    }
+
+    /// `GET /metrics` from this host's vmhostd.
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr())
+            .expect("connect to the metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
     }
 
     pub fn state_dir(&self) -> PathBuf {

@@ -30,6 +30,8 @@ pub struct AgentConfig {
     /// After a ledger refusal or a failed operation, wait this long (doubling on repeated
     /// failures, up to 16 times) before trying again.
     pub retry_backoff_secs: u64,
+    /// How often the agent takes the guest's latest metrics (monitor requests do not wait).
+    pub metrics_pull_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +44,7 @@ impl Default for AgentConfig {
             downscale_cooldown_secs: 60,
             denied_retry_secs: 60,
             retry_backoff_secs: 2,
+            metrics_pull_secs: 5,
         }
     }
 }
@@ -60,8 +63,14 @@ impl AgentConfig {
                 self.memory_target
             ));
         }
-        if self.metrics_max_age_secs == 0 || self.retry_backoff_secs == 0 {
-            return Err("metrics_max_age_secs and retry_backoff_secs must be positive".into());
+        if self.metrics_max_age_secs == 0
+            || self.retry_backoff_secs == 0
+            || self.metrics_pull_secs == 0
+        {
+            return Err(
+                "metrics_max_age_secs, retry_backoff_secs and metrics_pull_secs must be positive"
+                    .into(),
+            );
         }
         Ok(())
     }

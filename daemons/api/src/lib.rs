@@ -53,6 +53,16 @@ pub struct CreateVm {
     pub max_cu: ComputeUnits,
     /// Starting size; `min_cu` when absent.
     pub cu: Option<ComputeUnits>,
+    /// Let the host's agent size the VM within its bounds.
+    #[serde(default = "yes")]
+    pub autoscale: bool,
+    /// Per-VM overrides of the host's `[agent]` settings, by key.
+    #[serde(default)]
+    pub agent: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,7 +89,19 @@ pub enum Request {
     Delete {
         name: String,
     },
+    /// Change a VM's bounds while it runs (within the sizes its QEMU was started with).
+    Bounds {
+        name: String,
+        min_cu: ComputeUnits,
+        max_cu: ComputeUnits,
+    },
     Host,
+    /// Scaling events, of one VM or all; with `follow`, new ones stream as they happen.
+    Events {
+        name: Option<String>,
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +146,10 @@ pub struct VmInfo {
     pub accel: String,
     pub image: String,
     pub host: String,
+    pub autoscale: bool,
+    /// What the agent wants, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goal_cu: Option<ComputeUnits>,
     pub pid: Option<i32>,
     pub serial_log: String,
     /// The guest link, while the VM runs.
@@ -160,13 +186,52 @@ pub struct HostInfo {
     pub vms: usize,
 }
 
+/// One scaling event: a decision of the agent, its outcome, or an operator's change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub unix_ms: u64,
+    pub vm: String,
+    pub kind: EventKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The agent chose an action (inputs, goal and action in the message).
+    Decision,
+    /// A resize was applied.
+    Scaled,
+    /// The ledger had no (or only partial) room.
+    CapacityRefused,
+    /// The guest's monitor vetoed a downscale.
+    DownscaleDenied,
+    /// The guest's monitor asked for memory.
+    UpscaleRequested,
+    Failed,
+    /// An operator's command (scale, bounds).
+    Operator,
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self).ok();
+        f.write_str(text.as_ref().and_then(|v| v.as_str()).unwrap_or("event"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "body", rename_all = "snake_case")]
 pub enum Reply {
     Vm(Box<VmInfo>),
     Vms(Vec<VmInfo>),
     Host(HostInfo),
-    Deleted { name: String },
+    Deleted {
+        name: String,
+    },
+    Events(Vec<Event>),
+    /// One event of a followed stream.
+    Event(Event),
 }
 
 /// Error classes; each maps to one `vmctl` exit code.
@@ -237,21 +302,54 @@ pub enum ClientError {
     Api(#[from] ApiError),
 }
 
-/// Sends one request and waits for its reply. Operations that boot or resize a guest can
-/// take a while under emulation, hence the generous timeout.
-pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
-    let stream =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
-    stream.set_read_timeout(Some(timeout))?;
+/// Sends a request whose replies stream (`Events` with `follow`), calling `on_reply` for
+/// each until the daemon closes the connection or `on_reply` returns false.
+pub fn call_stream(
+    socket: &Path,
+    request: Request,
+    mut on_reply: impl FnMut(Reply) -> bool,
+) -> Result<(), ClientError> {
+    let stream = connect(socket)?;
+    send_request(&stream, request)?;
+    for line in BufReader::new(&stream).lines() {
+        match serde_json::from_str(&line?)? {
+            Response::Ok(reply) => {
+                if !on_reply(reply) {
+                    break;
+                }
+            }
+            Response::Error(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+fn connect(socket: &Path) -> Result<std::os::unix::net::UnixStream, ClientError> {
+    std::os::unix::net::UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })
+}
+
+fn send_request(
+    mut stream: &std::os::unix::net::UnixStream,
+    request: Request,
+) -> Result<(), ClientError> {
     let mut line = serde_json::to_vec(&Envelope {
         version: API_VERSION,
         request,
     })?;
     line.push(b'\n');
-    (&stream).write_all(&line)?;
+    stream.write_all(&line)?;
+    Ok(())
+}
+
+/// Sends one request and waits for its reply. Operations that boot or resize a guest can
+/// take a while under emulation, hence the generous timeout.
+pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let stream = connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    send_request(&stream, request)?;
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply)?;
     if reply.is_empty() {

@@ -44,6 +44,13 @@ enum Command {
         /// Starting size; defaults to --min-cu.
         #[arg(long)]
         cu: Option<ComputeUnits>,
+        /// Keep the size fixed unless an operator changes it.
+        #[arg(long)]
+        no_autoscale: bool,
+        /// Override one of the host's [agent] settings for this VM (repeatable),
+        /// e.g. --agent downscale_cooldown_secs=30.
+        #[arg(long = "agent", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        agent: Vec<(String, serde_json::Value)>,
     },
     /// List the VMs.
     List,
@@ -64,8 +71,36 @@ enum Command {
     Start { name: String },
     /// Destroy a VM and its files.
     Delete { name: String },
+    /// Change a VM's bounds; the agent moves it into them.
+    Bounds {
+        name: String,
+        #[arg(long)]
+        min_cu: ComputeUnits,
+        #[arg(long)]
+        max_cu: ComputeUnits,
+    },
     /// Show this host: accelerator, capacity and allocation.
     Host,
+    /// Scaling decisions and their outcomes, of one VM or all.
+    Events {
+        name: Option<String>,
+        /// Keep streaming new events.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Each VM's size, goal, load and memory, refreshed every second.
+    Top {
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (key, value) = text.split_once('=').ok_or("expected KEY=VALUE")?;
+    let value = serde_json::from_str(value)
+        .map_err(|_| format!("'{value}' is not a number or true/false"))?;
+    Ok((key.to_string(), value))
 }
 
 impl Command {
@@ -77,12 +112,16 @@ impl Command {
                 min_cu,
                 max_cu,
                 cu,
+                no_autoscale,
+                agent,
             } => Request::Create(CreateVm {
                 name,
                 image: ImageRef::parse(&image),
                 min_cu,
                 max_cu: max_cu.unwrap_or(min_cu),
                 cu,
+                autoscale: !no_autoscale,
+                agent: agent.into_iter().collect(),
             }),
             Command::List => Request::List,
             Command::Show { name } => Request::Show { name },
@@ -90,7 +129,18 @@ impl Command {
             Command::Stop { name } => Request::Stop { name },
             Command::Start { name } => Request::Start { name },
             Command::Delete { name } => Request::Delete { name },
+            Command::Bounds {
+                name,
+                min_cu,
+                max_cu,
+            } => Request::Bounds {
+                name,
+                min_cu,
+                max_cu,
+            },
             Command::Host => Request::Host,
+            Command::Events { name, follow } => Request::Events { name, follow },
+            Command::Top { .. } => Request::List,
         }
     }
 }
@@ -108,8 +158,19 @@ fn main() {
         Err(help) => help.exit(),
     };
     let json = cli.json;
-    match vmhost_api::call(&cli.socket, cli.command.into_request(), REQUEST_TIMEOUT) {
-        Ok(reply) => print_reply(&reply, json),
+    let result = match cli.command {
+        Command::Events { follow: true, .. } => {
+            vmhost_api::call_stream(&cli.socket, cli.command.into_request(), |reply| {
+                print_reply(&reply, json);
+                true
+            })
+        }
+        Command::Top { count } => top(&cli.socket, count),
+        command => vmhost_api::call(&cli.socket, command.into_request(), REQUEST_TIMEOUT)
+            .map(|reply| print_reply(&reply, json)),
+    };
+    match result {
+        Ok(()) => {}
         Err(error) => {
             eprintln!("vmctl: {error}");
             std::process::exit(match &error {
@@ -127,6 +188,23 @@ fn print_reply(reply: &Reply, json: bool) {
             Reply::Vms(vms) => serde_json::to_value(vms),
             Reply::Host(host) => serde_json::to_value(host),
             Reply::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
+            Reply::Events(events) => {
+                // One JSON object per line, the same as a followed stream.
+                for event in events {
+                    println!(
+                        "{}",
+                        serde_json::to_string(event).expect("events serialize")
+                    );
+                }
+                return;
+            }
+            Reply::Event(event) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(event).expect("events serialize")
+                );
+                return;
+            }
         }
         .expect("replies always serialize");
         println!(
@@ -140,6 +218,58 @@ fn print_reply(reply: &Reply, json: bool) {
         Reply::Vms(vms) => print_table(vms),
         Reply::Host(host) => print_host(host),
         Reply::Deleted { name } => println!("deleted {name}"),
+        Reply::Events(events) => events.iter().for_each(print_event),
+        Reply::Event(event) => print_event(event),
+    }
+}
+
+fn print_event(event: &vmhost_api::Event) {
+    let secs = event.unix_ms / 1000;
+    let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    println!(
+        "{h:02}:{m:02}:{s:02}.{:03}Z  {:<16} {:<18} {}",
+        event.unix_ms % 1000,
+        event.vm,
+        event.kind.to_string(),
+        event.message
+    );
+}
+
+/// A live table of every VM, redrawn every second.
+fn top(socket: &std::path::Path, count: Option<u64>) -> Result<(), ClientError> {
+    let mut round = 0;
+    loop {
+        let Reply::Vms(vms) = vmhost_api::call(socket, Request::List, REQUEST_TIMEOUT)? else {
+            return Ok(());
+        };
+        // Clear the screen and go home, then draw.
+        print!("\x1b[H\x1b[2J");
+        println!(
+            "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
+            "NAME", "STATE", "CU", "GOAL", "VCPUS", "MEMORY", "LOAD1", "LOAD5", "USED", "WORKLOAD"
+        );
+        for vm in &vms {
+            let metrics = vm.guest.as_ref().and_then(|g| g.metrics);
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            println!(
+                "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
+                vm.name,
+                vm.state.to_string(),
+                vm.cu.to_string(),
+                or_dash(vm.goal_cu.map(|g| g.to_string())),
+                vm.vcpus,
+                format_bytes(vm.memory_bytes),
+                or_dash(metrics.map(|m| format!("{:.2}", m.load1))),
+                or_dash(metrics.map(|m| format!("{:.2}", m.load5))),
+                or_dash(metrics.map(|m| format_bytes(m.mem_used_bytes))),
+                or_dash(metrics.map(|m| format_bytes(m.workload_mem_bytes))),
+            );
+        }
+        round += 1;
+        if count.is_some_and(|c| round >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -156,6 +286,15 @@ fn print_vm(vm: &VmInfo) {
         ("accel", vm.accel.clone()),
         ("image", vm.image.clone()),
         ("host", vm.host.clone()),
+        (
+            "autoscale",
+            if vm.autoscale {
+                "on".into()
+            } else {
+                "off".into()
+            },
+        ),
+        ("goal", vm.goal_cu.map_or("-".into(), |g| format!("{g} CU"))),
         ("pid", vm.pid.map_or("-".into(), |p| p.to_string())),
         ("qemu", vm.qemu_status.clone().unwrap_or_else(|| "-".into())),
         ("serial log", vm.serial_log.clone()),

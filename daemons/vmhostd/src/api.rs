@@ -6,8 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use vmhost_api::{ApiError, Envelope, ErrorKind, Response, API_VERSION, MAX_REQUEST_BYTES};
+use vmhost_api::{
+    ApiError, Envelope, ErrorKind, Reply, Request, Response, API_VERSION, MAX_REQUEST_BYTES,
+};
 
 /// A client that sends nothing for this long is dropped.
 const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -76,25 +79,56 @@ async fn handle_connection(stream: UnixStream, host: Arc<Host>) -> std::io::Resu
                 ErrorKind::InvalidArgument,
                 format!("request longer than {MAX_REQUEST_BYTES} bytes"),
             )),
-            Ok(Ok(_)) => respond(&line, &host).await,
+            Ok(Ok(_)) => match parse(&line) {
+                Ok(Request::Events { name, follow: true }) => {
+                    return follow_events(&mut write, &host, name).await
+                }
+                Ok(request) => respond(request, &host).await,
+                Err(error) => Response::Error(error),
+            },
         };
-    let mut out = serde_json::to_vec(&response).expect("a response always serializes");
+    write_response(&mut write, &response).await
+}
+
+async fn write_response(write: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).expect("a response always serializes");
     out.push(b'\n');
     write.write_all(&out).await
 }
 
-async fn respond(line: &str, host: &Arc<Host>) -> Response {
-    let envelope: Envelope = match serde_json::from_str(line) {
-        Ok(envelope) => envelope,
-        Err(error) => {
-            return Response::Error(ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("malformed request: {error}"),
-            ))
+/// Streams the event history, then every new event, until the client goes away.
+async fn follow_events(
+    write: &mut OwnedWriteHalf,
+    host: &Host,
+    name: Option<String>,
+) -> std::io::Result<()> {
+    if let Some(name) = &name {
+        if let Err(error) = host.show_exists(name) {
+            return write_response(write, &Response::Error(error.into())).await;
         }
-    };
+    }
+    let (history, mut live) = host.events.snapshot(name.as_deref());
+    write_response(write, &Response::Ok(Reply::Events(history))).await?;
+    loop {
+        match live.recv().await {
+            Ok(event) if name.as_ref().is_none_or(|n| *n == event.vm) => {
+                write_response(write, &Response::Ok(Reply::Event(event))).await?
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+fn parse(line: &str) -> Result<Request, ApiError> {
+    let envelope: Envelope = serde_json::from_str(line).map_err(|error| {
+        ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!("malformed request: {error}"),
+        )
+    })?;
     if envelope.version != API_VERSION {
-        return Response::Error(ApiError::new(
+        return Err(ApiError::new(
             ErrorKind::InvalidArgument,
             format!(
                 "API version {} is not supported; this vmhostd speaks version {API_VERSION}",
@@ -103,10 +137,14 @@ async fn respond(line: &str, host: &Arc<Host>) -> Response {
         ));
     }
     tracing::debug!(request = ?envelope.request, "API request");
+    Ok(envelope.request)
+}
+
+async fn respond(request: Request, host: &Arc<Host>) -> Response {
     // Run the operation in its own task: a client that hangs up must not cancel a resize
     // halfway through.
     let host = host.clone();
-    match tokio::spawn(async move { host.handle(envelope.request).await }).await {
+    match tokio::spawn(async move { host.handle(request).await }).await {
         Ok(Ok(reply)) => Response::Ok(reply),
         Ok(Err(error)) => Response::Error(error.into()),
         Err(join_error) => Response::Error(ApiError::new(

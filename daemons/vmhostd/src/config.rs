@@ -34,6 +34,11 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub guest: GuestConfig,
+    /// The autoscaling agent's thresholds and intervals; VMs may override any of them.
+    #[serde(default)]
+    pub agent: vmhost_agent::AgentConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default)]
     pub images: BTreeMap<String, ImageConfig>,
 }
@@ -41,8 +46,6 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuestConfig {
-    /// Grant a monitor's upscale request (current + 1 CU, within the VM's bounds) at once.
-    pub grant_upscale_requests: bool,
     /// How long the monitor has to answer a downscale request.
     pub downscale_answer_secs: u64,
 }
@@ -50,8 +53,24 @@ pub struct GuestConfig {
 impl Default for GuestConfig {
     fn default() -> Self {
         GuestConfig {
-            grant_upscale_requests: true,
             downscale_answer_secs: 10,
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: ([127, 0, 0, 1], 9464).into(),
         }
     }
 }
@@ -198,6 +217,7 @@ impl Config {
                 self.compute_unit.memory_mib
             ));
         }
+        self.agent.validate().map_err(|e| format!("[agent]: {e}"))?;
         if self.timeouts.qmp_secs == 0 || self.timeouts.hotplug_secs == 0 {
             return Err("timeouts must be positive".into());
         }

@@ -178,6 +178,12 @@ impl GuestLink {
         }
     }
 
+    /// The latest metrics and how old they are.
+    pub fn latest_metrics(&self) -> Option<(Metrics, Duration)> {
+        let status = self.shared.status.lock().unwrap();
+        status.metrics.map(|(m, at)| (m, at.elapsed()))
+    }
+
     fn send(&self, message: HostMessage) -> bool {
         let outbox = self.shared.outbox.lock().unwrap().clone();
         outbox.is_some_and(|tx| tx.try_send(message).is_ok())

@@ -4,16 +4,20 @@
 //! acknowledgements never block other VMs) and a record behind a short-held mutex that
 //! listings read.
 
+use crate::agent_task::{self, AgentHandle, AgentView};
 use crate::config::{Config, NetworkConfig};
+use crate::events::EventLog;
 use crate::guest_link::{DownscaleError, GuestLink, UpscaleRequest};
 use crate::ledger::{Ledger, LedgerError};
 use crate::net;
+use crate::prometheus::{ScalingStats, VmGauges};
 use crate::store::{BootSource, Store, StoreError, VmPaths, VmSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use vmhost_agent::{Action, Outcome};
 use vmhost_api::{
-    ApiError, ComputeUnits, CreateVm, ErrorKind, HostInfo, ImageRef, Reply, Request, Resources,
-    VmInfo, VmState,
+    ApiError, ComputeUnits, CreateVm, ErrorKind, EventKind, HostInfo, ImageRef, Reply, Request,
+    Resources, VmInfo, VmState,
 };
 use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
 
@@ -108,6 +112,10 @@ struct VmRecord {
     vcpu_plug_budget: Option<u32>,
     /// The link to the guest's monitor, while QEMU runs.
     guest: Option<Arc<GuestLink>>,
+    /// The autoscaling agent, while QEMU runs and the VM autoscales.
+    agent: Option<AgentHandle>,
+    /// The agent's latest goal.
+    goal: Option<ComputeUnits>,
 }
 
 struct VmSlot {
@@ -122,6 +130,8 @@ impl VmSlot {
 }
 
 pub struct Host {
+    pub events: EventLog,
+    pub stats: ScalingStats,
     config: Config,
     host_name: String,
     accel: AccelDecision,
@@ -165,6 +175,8 @@ impl Host {
             tracing::error!(error = %error_chain(&error), "skipping a VM folder");
         }
         let host = Arc::new(Host {
+            events: EventLog::default(),
+            stats: ScalingStats::default(),
             host_name: config.host_name(),
             ledger: Mutex::new(Ledger::new(config.capacity())),
             config,
@@ -186,6 +198,8 @@ impl Host {
             applied: spec.cu_shape.resources(spec.cu),
             vcpu_plug_budget: self.load_plug_budget(&spec.name),
             guest: None,
+            agent: None,
+            goal: None,
             spec,
         };
         if record.spec.run {
@@ -244,6 +258,11 @@ impl Host {
             .ok_or_else(|| HostError::NotFound(name.into()))
     }
 
+    /// Whether a VM of that name exists.
+    pub fn show_exists(&self, name: &str) -> Result<(), HostError> {
+        self.slot(name).map(|_| ())
+    }
+
     pub async fn handle(self: &Arc<Self>, request: Request) -> Result<Reply, HostError> {
         match request {
             Request::Create(create) => self.create(create).await.map(|vm| Reply::Vm(Box::new(vm))),
@@ -257,6 +276,20 @@ impl Host {
             Request::Start { name } => self.start(&name).await.map(|vm| Reply::Vm(Box::new(vm))),
             Request::Delete { name } => self.delete(&name).await.map(|()| Reply::Deleted { name }),
             Request::Host => Ok(Reply::Host(self.host_info())),
+            Request::Bounds {
+                name,
+                min_cu,
+                max_cu,
+            } => self
+                .bounds(&name, min_cu, max_cu)
+                .await
+                .map(|vm| Reply::Vm(Box::new(vm))),
+            Request::Events { name, .. } => {
+                if let Some(name) = &name {
+                    self.slot(name)?;
+                }
+                Ok(Reply::Events(self.events.snapshot(name.as_deref()).0))
+            }
         }
     }
 
@@ -274,6 +307,8 @@ impl Host {
             accel: self.accel.accel.to_string(),
             image: spec.image.to_string(),
             host: self.host_name.clone(),
+            autoscale: spec.autoscale,
+            goal_cu: record.goal.filter(|_| record.agent.is_some()),
             pid: record.machine.as_ref().map(|m| m.pid()),
             serial_log: self.paths(&spec.name).serial_log.display().to_string(),
             qemu_status: None,
@@ -293,6 +328,20 @@ impl Host {
             });
         }
         Ok(info)
+    }
+
+    /// Prometheus gauges of every VM, read now.
+    pub fn gauges(&self) -> Vec<VmGauges> {
+        self.list()
+            .into_iter()
+            .map(|vm| VmGauges {
+                cu: vm.cu.as_f64(),
+                goal_cu: vm.goal_cu.map(|g| g.as_f64()),
+                guest_connected: vm.guest.as_ref().is_some_and(|g| g.connected),
+                guest_healthy: vm.guest.as_ref().is_some_and(|g| g.healthy),
+                vm: vm.name,
+            })
+            .collect()
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
@@ -374,8 +423,13 @@ impl Host {
             max_cu: request.max_cu,
             cu: request.cu.unwrap_or(request.min_cu),
             run: true,
+            autoscale: request.autoscale,
+            launched_bounds: Some((request.min_cu, request.max_cu)),
+            agent: request.agent,
         };
         check_bounds(&spec, spec.cu)?;
+        agent_task::effective_config(&self.config.agent, &spec.agent)
+            .map_err(HostError::Invalid)?;
         let max_vcpus = shape.resources(spec.max_cu).vcpus;
         if max_vcpus > MAX_VCPUS {
             return Err(HostError::Invalid(format!(
@@ -393,6 +447,8 @@ impl Host {
                 machine: None,
                 vcpu_plug_budget: None,
                 guest: None,
+                agent: None,
+                goal: None,
             }),
         });
         {
@@ -573,8 +629,37 @@ impl Host {
         let name = record.spec.name.clone();
         record.state = VmState::Running;
         record.machine = Some(machine.clone());
+        record.agent = self.start_agent(&record.spec);
         record.guest = self.open_guest_link(&name);
         self.watch_exit(&name, machine);
+    }
+
+    fn start_agent(self: &Arc<Self>, spec: &VmSpec) -> Option<AgentHandle> {
+        if !spec.autoscale {
+            return None;
+        }
+        let config = match agent_task::effective_config(&self.config.agent, &spec.agent) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(vm = %spec.name, %error, "VM not autoscaled: bad agent settings");
+                return None;
+            }
+        };
+        let view = AgentView {
+            cu: spec.cu,
+            min: spec.min_cu,
+            max: spec.max_cu,
+            metrics: None,
+        };
+        let poll = std::time::Duration::from_secs(config.metrics_pull_secs);
+        Some(AgentHandle::start(
+            Arc::downgrade(self),
+            spec.name.clone(),
+            config,
+            spec.cu_shape,
+            view,
+            poll,
+        ))
     }
 
     /// Records that QEMU is gone: closes the guest link, stops the vsock backend and frees
@@ -582,6 +667,8 @@ impl Host {
     fn set_down(&self, record: &mut VmRecord, state: VmState) {
         record.machine = None;
         record.guest = None;
+        record.agent = None;
+        record.goal = None;
         record.state = state;
         self.paths(&record.spec.name).vsock.stop();
         self.ledger().release(&record.spec.name);
@@ -595,9 +682,14 @@ impl Host {
         let host = Arc::downgrade(self);
         let vm = name.to_string();
         let on_upscale = Arc::new(move |request: UpscaleRequest| {
-            if let Some(host) = host.upgrade() {
-                let vm = vm.clone();
-                tokio::spawn(async move { host.grant_guest_upscale(&vm, request).await });
+            let Some(host) = host.upgrade() else { return };
+            let Ok(slot) = host.slot(&vm) else { return };
+            let record = slot.record();
+            match &record.agent {
+                Some(agent) => agent.upscale_request(request),
+                None => {
+                    tracing::debug!(vm = %vm, "monitor asked for memory; the VM does not autoscale")
+                }
             }
         });
         match GuestLink::listen(name, &socket, on_upscale) {
@@ -605,48 +697,6 @@ impl Host {
             Err(error) => {
                 tracing::error!(vm = %name, socket = %socket.display(), %error, "cannot listen for the guest");
                 None
-            }
-        }
-    }
-
-    /// A monitor asked for memory: grow by one CU within the VM's bounds, then tell it.
-    async fn grant_guest_upscale(self: Arc<Self>, name: &str, request: UpscaleRequest) {
-        if !self.config.guest.grant_upscale_requests {
-            return;
-        }
-        let Ok(slot) = self.slot(name) else { return };
-        let (current, max, guest) = {
-            let record = slot.record();
-            (record.spec.cu, record.spec.max_cu, record.guest.clone())
-        };
-        let target = ComputeUnits::from_quarters((current.quarters() + 4).min(max.quarters()));
-        if target == current {
-            tracing::debug!(vm = %name, "guest asked for memory but the VM is at its maximum");
-            return;
-        }
-        match self.scale(name, target, true).await {
-            Ok(info) => {
-                tracing::info!(
-                    vm = %name,
-                    request = request.id,
-                    from = %current,
-                    to = %target,
-                    latency_ms = request.received.elapsed().as_millis() as u64,
-                    pressure_age_us = request.pressure_age.as_micros() as u64,
-                    "granted the guest's upscale request"
-                );
-                if let Some(guest) = guest {
-                    guest.notify_upscale(
-                        request.id,
-                        vmhost_guest_protocol::Size {
-                            vcpus: info.vcpus,
-                            memory_bytes: info.memory_bytes,
-                        },
-                    );
-                }
-            }
-            Err(error) => {
-                tracing::warn!(vm = %name, error = %error_chain(&error), "cannot grant the guest's upscale request")
             }
         }
     }
@@ -659,7 +709,37 @@ impl Host {
         }
     }
 
+    /// An operator's resize: exactly `cu`, with the monitor's approval unless forced.
     async fn scale(&self, name: &str, cu: ComputeUnits, force: bool) -> Result<VmInfo, HostError> {
+        let info = self
+            .resize(
+                name,
+                cu,
+                Resize {
+                    partial: false,
+                    ask_guest: !force,
+                    request_id: None,
+                },
+            )
+            .await?;
+        self.events.record(
+            name,
+            EventKind::Operator,
+            format!("operator resized to {cu} CU"),
+        );
+        self.wake_agent(name);
+        Ok(info)
+    }
+
+    /// Resizes a running VM to `want`: books the ledger (all of it, or with `partial` the
+    /// largest quarter step that fits), asks the monitor before shrinking, applies it through
+    /// vmm, settles the ledger on what QEMU holds, and tells the monitor about growth.
+    async fn resize(
+        &self,
+        name: &str,
+        want: ComputeUnits,
+        how: Resize,
+    ) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
         let (mut spec, machine, before, budget, guest) = {
@@ -675,19 +755,15 @@ impl Host {
                 _ => return Err(Self::wrong_state(&record, "scale")),
             }
         };
-        check_bounds(&spec, cu)?;
-        let target = spec.cu_shape.resources(cu);
-        let shrinks = target.memory_bytes < before.memory_bytes || target.vcpus < before.vcpus;
-        if shrinks && !force {
+        check_bounds(&spec, want)?;
+        let wanted = spec.cu_shape.resources(want);
+        let shrinks = wanted.memory_bytes < before.memory_bytes || wanted.vcpus < before.vcpus;
+        if shrinks && how.ask_guest {
             let answer = match &guest {
                 Some(guest) => {
                     let timeout =
                         std::time::Duration::from_secs(self.config.guest.downscale_answer_secs);
-                    let size = vmhost_guest_protocol::Size {
-                        vcpus: target.vcpus,
-                        memory_bytes: target.memory_bytes,
-                    };
-                    guest.ask_downscale(size, timeout).await
+                    guest.ask_downscale(guest_size(wanted), timeout).await
                 }
                 None => Err(DownscaleError::NotConnected),
             };
@@ -696,9 +772,42 @@ impl Host {
                 source,
             })?;
         }
+        // Book the larger of the old and new size until the guest has actually let go,
+        // so memory being unplugged cannot be handed to another VM early.
+        let booking = |cu: ComputeUnits| {
+            let target = spec.cu_shape.resources(cu);
+            Resources {
+                vcpus: before.vcpus.max(target.vcpus),
+                memory_bytes: before.memory_bytes.max(target.memory_bytes),
+            }
+        };
+        let lowest = if how.partial && want > spec.cu {
+            spec.cu.quarters() + 1
+        } else {
+            want.quarters()
+        };
+        let mut refusal = None;
+        let mut granted = None;
+        for quarters in (lowest..=want.quarters()).rev() {
+            let candidate = ComputeUnits::from_quarters(quarters);
+            match self.ledger().set(name, booking(candidate)) {
+                Ok(()) => {
+                    granted = Some(candidate);
+                    break;
+                }
+                Err(e) => refusal = refusal.or(Some(e)),
+            }
+        }
+        let cu = match (granted, refusal) {
+            (Some(cu), _) => cu,
+            (None, Some(refusal)) => return Err(refusal.into()),
+            (None, None) => want,
+        };
+        let target = spec.cu_shape.resources(cu);
         let plugs = target.vcpus.saturating_sub(before.vcpus);
         if let Some(left) = budget {
             if plugs > left {
+                let _ = self.ledger().set(name, before);
                 return Err(HostError::Invalid(format!(
                     "VM '{name}' can take only {left} more vCPU plugs in this QEMU process (under TCG every \
                      plug uses up one vCPU slot for good); stop and start the VM to reset"
@@ -709,13 +818,6 @@ impl Host {
             self.save_plug_budget(name, Some(left))?;
             slot.record().vcpu_plug_budget = Some(left);
         }
-        // Book the larger of the old and new size until the guest has actually let go,
-        // so memory being unplugged cannot be handed to another VM early.
-        let booked = Resources {
-            vcpus: before.vcpus.max(target.vcpus),
-            memory_bytes: before.memory_bytes.max(target.memory_bytes),
-        };
-        self.ledger().set(name, booked)?;
         let started = std::time::Instant::now();
         let boot_memory = spec.cu_shape.resources(spec.min_cu).memory_bytes;
         let timeout = self.config.timeouts.hotplug();
@@ -729,7 +831,7 @@ impl Host {
             Ok::<(), VmmError>(())
         }
         .await;
-        let measured = self.measure(&spec, &machine).await.unwrap_or(booked);
+        let measured = self.measure(&spec, &machine).await.unwrap_or(booking(cu));
         // Shrinking the booking to what QEMU holds always fits.
         let _ = self.ledger().set(name, measured);
         slot.record().applied = measured;
@@ -738,13 +840,187 @@ impl Host {
             action: "resize",
             source,
         })?;
+        let grew = cu > spec.cu;
         spec.cu = cu;
         self.store.save(&spec)?;
         slot.record().spec = spec;
+        if let (true, Some(guest)) = (grew, &guest) {
+            guest.notify_upscale(how.request_id.unwrap_or(0), guest_size(measured));
+        }
         tracing::info!(vm = %name, %cu, size = %measured, elapsed_ms = started.elapsed().as_millis() as u64, "scaled VM");
         Ok(self.info(&slot))
     }
 
+    /// The agent's view of a running VM, or None once it no longer runs.
+    pub fn agent_view(&self, name: &str) -> Option<AgentView> {
+        let slot = self.slot(name).ok()?;
+        let record = slot.record();
+        if record.state != VmState::Running {
+            return None;
+        }
+        let metrics = record
+            .guest
+            .as_ref()
+            .and_then(|g| g.latest_metrics())
+            .map(|(m, age)| {
+                (
+                    vmhost_agent::Metrics {
+                        load1: f64::from(m.load1),
+                        mem_used_bytes: m.mem_used_bytes,
+                    },
+                    age,
+                )
+            });
+        Some(AgentView {
+            cu: record.spec.cu,
+            min: record.spec.min_cu,
+            max: record.spec.max_cu,
+            metrics,
+        })
+    }
+
+    pub fn set_goal(&self, name: &str, goal: ComputeUnits) {
+        if let Ok(slot) = self.slot(name) {
+            slot.record().goal = Some(goal);
+        }
+    }
+
+    fn wake_agent(&self, name: &str) {
+        if let Ok(slot) = self.slot(name) {
+            if let Some(agent) = &slot.record().agent {
+                agent.wake();
+            }
+        }
+    }
+
+    /// Carries out one of the agent's actions.
+    pub async fn execute(
+        &self,
+        name: &str,
+        action: Action,
+        request: Option<UpscaleRequest>,
+    ) -> Outcome {
+        let (want, how) = match action {
+            Action::Upscale { target } => (
+                target,
+                Resize {
+                    partial: true,
+                    ask_guest: false,
+                    request_id: request.map(|r| r.id),
+                },
+            ),
+            Action::Downscale { target } => (
+                target,
+                Resize {
+                    partial: false,
+                    ask_guest: true,
+                    request_id: None,
+                },
+            ),
+        };
+        match (action, self.resize(name, want, how).await) {
+            (Action::Upscale { .. }, Ok(info)) => {
+                if let Some(request) = request {
+                    tracing::info!(
+                        vm = %name,
+                        request = request.id,
+                        to = %info.cu,
+                        latency_ms = request.received.elapsed().as_millis() as u64,
+                        pressure_age_us = request.pressure_age.as_micros() as u64,
+                        "granted the guest's upscale request"
+                    );
+                }
+                Outcome::Upscaled { to: info.cu }
+            }
+            (Action::Downscale { .. }, Ok(info)) => Outcome::Downscaled { to: info.cu },
+            (_, Err(HostError::Capacity(_))) => Outcome::UpscaleRefused,
+            (
+                Action::Downscale { target },
+                Err(HostError::Downscale {
+                    source: DownscaleError::Refused(reason),
+                    ..
+                }),
+            ) => {
+                tracing::info!(vm = %name, %reason, "monitor denied a downscale");
+                Outcome::DownscaleDenied { target }
+            }
+            (_, Err(error)) => {
+                tracing::warn!(vm = %name, error = %error_chain(&error), "scaling action failed");
+                Outcome::Failed
+            }
+        }
+    }
+
+    pub fn record_outcome(
+        &self,
+        name: &str,
+        action: Action,
+        outcome: Outcome,
+        elapsed: std::time::Duration,
+    ) {
+        let (kind, message, direction, result) =
+            agent_task::describe_outcome(action, outcome, elapsed);
+        self.stats
+            .operation(name, direction, result, elapsed.as_secs_f64());
+        self.events.record(name, kind, message);
+    }
+
+    async fn bounds(
+        &self,
+        name: &str,
+        min: ComputeUnits,
+        max: ComputeUnits,
+    ) -> Result<VmInfo, HostError> {
+        if min > max {
+            return Err(HostError::Invalid(format!(
+                "min_cu ({min}) is greater than max_cu ({max})"
+            )));
+        }
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let mut spec = slot.record().spec.clone();
+        if let Some((launched_min, launched_max)) = spec
+            .launched_bounds
+            .filter(|_| slot.record().machine.is_some())
+        {
+            if min < launched_min || max > launched_max {
+                return Err(HostError::Invalid(format!(
+                    "VM '{name}' runs with room for [{launched_min}, {launched_max}] CU; bounds outside that need a stop and start"
+                )));
+            }
+        }
+        spec.min_cu = min;
+        spec.max_cu = max;
+        self.store.save(&spec)?;
+        slot.record().spec = spec;
+        self.events.record(
+            name,
+            EventKind::Operator,
+            format!("operator set bounds to [{min}, {max}] CU"),
+        );
+        self.wake_agent(name);
+        Ok(self.info(&slot))
+    }
+}
+
+/// How `Host::resize` books and asks.
+struct Resize {
+    /// Take the largest quarter step the ledger can grant, down to current + 0.25.
+    partial: bool,
+    /// Ask the guest's monitor before shrinking.
+    ask_guest: bool,
+    /// The monitor request this answers, for its notification.
+    request_id: Option<u64>,
+}
+
+fn guest_size(r: Resources) -> vmhost_guest_protocol::Size {
+    vmhost_guest_protocol::Size {
+        vcpus: r.vcpus,
+        memory_bytes: r.memory_bytes,
+    }
+}
+
+impl Host {
     async fn stop(&self, name: &str) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
@@ -788,6 +1064,7 @@ impl Host {
         let size = spec.cu_shape.resources(spec.cu);
         self.ledger().set(name, size)?;
         spec.run = true;
+        spec.launched_bounds = Some((spec.min_cu, spec.max_cu));
         let started = async {
             self.store.save(&spec)?;
             self.launch(&spec).await
@@ -829,6 +1106,7 @@ impl Host {
         self.set_down(&mut slot.record(), VmState::Stopped);
         self.store.remove_vm(name)?;
         net::remove_tap(name);
+        self.stats.forget(name);
         self.vms().remove(name);
         tracing::info!(vm = %name, "deleted VM");
         Ok(())

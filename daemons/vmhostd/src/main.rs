@@ -1,11 +1,14 @@
 //! vmhostd: runs the VMs of one host. See the README for its config and operation.
 
+mod agent_task;
 mod api;
 mod config;
+mod events;
 mod guest_link;
 mod host;
 mod ledger;
 mod net;
+mod prometheus;
 mod store;
 
 use anyhow::Context;
@@ -61,8 +64,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let accel = vmm::accel::decide(config.accel, &vmm::HostFacts::probe())?;
     tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let api_socket = config.api_socket.clone();
+    let metrics = config.metrics.clone();
     let host = host::Host::recover(config, accel).await?;
     let listener = api::bind(&api_socket)?;
+    if metrics.enabled {
+        let tcp = tokio::net::TcpListener::bind(metrics.listen)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {}", metrics.listen))?;
+        tracing::info!(addr = %tcp.local_addr()?, "metrics endpoint listening");
+        let scraped = host.clone();
+        tokio::spawn(prometheus::serve(
+            tcp,
+            std::sync::Arc::new(move || prometheus::render(&scraped.stats, &scraped.gauges())),
+        ));
+    }
     tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog();

@@ -24,6 +24,19 @@ pub struct VmSpec {
     pub cu: ComputeUnits,
     /// Whether the operator wants it running.
     pub run: bool,
+    /// Whether the agent sizes it.
+    #[serde(default = "yes")]
+    pub autoscale: bool,
+    /// Overrides of the host's `[agent]` settings.
+    #[serde(default)]
+    pub agent: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The bounds its running QEMU was started with: live bounds changes stay within them.
+    #[serde(default)]
+    pub launched_bounds: Option<(ComputeUnits, ComputeUnits)>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Resolved at creation, so a later change of the config's images does not change a VM.
@@ -201,6 +214,9 @@ mod tests {
             max_cu: ComputeUnits::whole(2),
             cu: ComputeUnits::whole(1),
             run: true,
+            autoscale: true,
+            agent: Default::default(),
+            launched_bounds: None,
         }
     }
 
