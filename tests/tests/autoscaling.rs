@@ -1,0 +1,211 @@
+//! The autoscaling agent with real guests: CPU load, memory pressure, and a host too small
+//! for everyone.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmhost_tests::{bin, wait_until, Limits, TestHost, MEMHOG_MIB};
+
+/// Short agent intervals, so a test sees several decisions in a minute or two.
+const FAST_AGENT: [&str; 6] = [
+    "--agent",
+    "downscale_cooldown_secs=10",
+    "--agent",
+    "metrics_pull_secs=1",
+    "--agent",
+    "denied_retry_secs=10",
+];
+
+fn cu(host: &TestHost, vm: &str) -> f64 {
+    host.show(vm)["cu"].as_f64().unwrap()
+}
+
+fn events(host: &TestHost, vm: &str) -> String {
+    host.vmctl_ok(&["events", vm])
+}
+
+/// Samples `sample` every 200 ms until `done` holds; fails after `timeout`.
+fn watch(timeout: Duration, what: &str, mut sample: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !sample() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
+    let host = TestHost::start(Limits {
+        vcpus: 4,
+        memory_mib: 8192,
+    });
+    let mut args = vec![
+        "create", "burn", "--image", "cpuburn", "--min-cu", "1", "--max-cu", "2",
+    ];
+    args.extend(FAST_AGENT);
+    host.vmctl_ok(&args);
+    watch(
+        Duration::from_secs(150),
+        "the agent to reach max_cu under load",
+        || {
+            let shown = host.show("burn");
+            shown["cu"].as_f64() == Some(2.0) && shown["vcpus"] == 2
+        },
+    );
+    // The guest itself runs the vCPUs the agent gave it.
+    watch(
+        Duration::from_secs(30),
+        "the guest to report 2 CPUs",
+        || host.show("burn")["guest"]["online_cpus"] == 2,
+    );
+    // The load ends; load1 decays, and the agent steps back down to min.
+    let serial = host.serial_log("burn");
+    wait_until(Duration::from_secs(120), "the burn to end", || {
+        std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .contains("cpuburn: done")
+    });
+    watch(
+        Duration::from_secs(240),
+        "the agent to return to min_cu",
+        || cu(&host, "burn") == 1.0,
+    );
+    assert_eq!(host.show("burn")["vcpus"], 1);
+    let log = events(&host, "burn");
+    assert!(log.contains("load1") && log.contains("upscale to"), "{log}");
+    assert!(log.contains("downscale to"), "{log}");
+    // Prometheus sees the same.
+    let metrics = host.scrape_metrics();
+    assert!(metrics.contains("vmhost_vm_cu{vm=\"burn\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "vmhost_scaling_operations_total{vm=\"burn\",direction=\"up\",result=\"applied\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vmhost_guest_link_healthy{vm=\"burn\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn memory_pressure_gets_memory_before_oom_and_shrinks_only_as_the_monitor_allows() {
+    let host = TestHost::start(Limits {
+        vcpus: 4,
+        memory_mib: 8192,
+    });
+    let mut args = vec![
+        "create", "hog", "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
+    ];
+    args.extend(FAST_AGENT);
+    host.vmctl_ok(&args);
+    let serial = host.serial_log("hog");
+    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // Follow the events while it runs, as an operator would.
+    let mut follower = Command::new(bin("vmctl"))
+        .arg("--socket")
+        .arg(&host.socket)
+        .args(["events", "--follow", "hog"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = BufReader::new(follower.stdout.take().unwrap());
+
+    wait_until(
+        Duration::from_secs(150),
+        "memhog to hold its memory",
+        || serial_text().contains(&format!("memhog: holding {MEMHOG_MIB} MiB")),
+    );
+    assert!(
+        cu(&host, "hog") >= 2.0,
+        "900 MiB was granted without growing the VM?"
+    );
+    // While the workload holds its memory, the VM keeps room for it plus the margin.
+    let mut smallest_while_held = f64::MAX;
+    while !serial_text().contains("memhog: freed") {
+        let shown = host.show("hog");
+        let memory = shown["memory_bytes"].as_u64().unwrap();
+        assert!(
+            memory >= (MEMHOG_MIB + 128) << 20,
+            "shrunk below the workload: {shown}"
+        );
+        smallest_while_held = smallest_while_held.min(shown["cu"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        smallest_while_held >= 1.25,
+        "the VM went to {smallest_while_held} CU under a 900 MiB workload"
+    );
+    let text = serial_text();
+    assert!(
+        !text.contains("Out of memory") && !text.contains("oom-kill"),
+        "OOM killer acted:\n{text}"
+    );
+    // Freed: the agent brings it back to min.
+    watch(
+        Duration::from_secs(180),
+        "the VM to return to min_cu",
+        || cu(&host, "hog") == 1.0,
+    );
+
+    let _ = follower.kill();
+    let lines: Vec<String> = followed.lines().map_while(Result::ok).collect();
+    let _ = follower.wait();
+    let joined = lines.join("\n");
+    assert!(joined.contains("upscale_requested"), "{joined}");
+    assert!(
+        joined.contains("scaled") && joined.contains("downscaled to 1 CU"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn a_small_host_never_overcommits_and_shows_the_refusal() {
+    // Room for 3 CU; two VMs that each want to grow from 1 to at least 2.
+    let host = TestHost::start(Limits {
+        vcpus: 3,
+        memory_mib: 3072,
+    });
+    for vm in ["a", "b"] {
+        let mut args = vec![
+            "create", vm, "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
+        ];
+        args.extend(FAST_AGENT);
+        host.vmctl_ok(&args);
+    }
+    let started = Instant::now();
+    let mut refused = false;
+    while started.elapsed() < Duration::from_secs(120) && !refused {
+        let info: serde_json::Value =
+            serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap();
+        let (allocated, capacity) = (&info["allocated"], &info["capacity"]);
+        assert!(
+            allocated["vcpus"].as_u64() <= capacity["vcpus"].as_u64(),
+            "{info}"
+        );
+        assert!(
+            allocated["memory_bytes"].as_u64() <= capacity["memory_bytes"].as_u64(),
+            "{info}"
+        );
+        refused = host.vmctl_ok(&["events"]).contains("capacity_refused");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = host.vmctl_ok(&["events"]);
+    assert!(refused, "no refusal in the events:\n{log}");
+    let total = cu(&host, "a") + cu(&host, "b");
+    assert!(total <= 3.0, "{total} CU allocated on a 3 CU host");
+    let json = host.vmctl_ok(&["--json", "events"]);
+    let refusal: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["kind"] == "capacity_refused")
+        .unwrap();
+    assert!(
+        refusal["message"].as_str().unwrap().contains("room")
+            || refusal["message"]
+                .as_str()
+                .unwrap()
+                .contains("granted only")
+    );
+}
