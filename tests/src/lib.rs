@@ -4,9 +4,12 @@
 //! These tests need root-free access to QEMU and the image builder's inputs (a guest kernel
 //! and busybox-static). When something is missing they fail with a message saying what.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use vmhost_guest_protocol::{self as protocol, FrameDecoder, GuestMessage, HostMessage};
 
 /// Directory of the workspace's built binaries (`target/debug` or `target/release`).
 pub fn bin_dir() -> PathBuf {
@@ -216,6 +219,10 @@ cmdline = "{cmdline} vmhost.monitor=off"
         );
     }
 
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.id())
+    }
+
     pub fn kill_daemon(&mut self) {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
@@ -372,6 +379,71 @@ pub fn process_alive(pid: i32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D']))
         })
         .unwrap_or(false)
+}
+
+/// A fake guest on the socket where the vsock backend delivers guest connections.
+pub struct FakeGuest {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+impl FakeGuest {
+    pub fn connect(host: &TestHost, vm: &str) -> FakeGuest {
+        let path = host
+            .state_dir()
+            .join("vms")
+            .join(vm)
+            .join(format!("vsock.sock_{}", protocol::GUEST_PORT));
+        let stream = UnixStream::connect(&path).expect("connect to the guest link socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        FakeGuest {
+            stream,
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    pub fn hello(host: &TestHost, vm: &str) -> FakeGuest {
+        let mut guest = FakeGuest::connect(host, vm);
+        guest.send(&GuestMessage::Hello {
+            min_version: 1,
+            max_version: 1,
+        });
+        assert_eq!(guest.receive(), Some(HostMessage::Welcome { version: 1 }));
+        guest
+    }
+
+    pub fn send(&mut self, message: &GuestMessage) {
+        let _ = self.stream.write_all(&protocol::encode(message).unwrap());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// The next message, or None once the host has closed the connection.
+    pub fn receive(&mut self) -> Option<HostMessage> {
+        loop {
+            if let Some(body) = self.decoder.next_frame().unwrap() {
+                return Some(protocol::decode(&body).unwrap());
+            }
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return None,
+                Err(e) => {
+                    eprintln!("fake guest read: {e}");
+                    return None;
+                }
+                Ok(n) => self.decoder.push(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads until the host closes; returns what it said on the way.
+    pub fn drain(&mut self) -> Vec<HostMessage> {
+        std::iter::from_fn(|| self.receive()).collect()
+    }
 }
 
 /// Polls `condition` every 50 ms; panics with `what` after `timeout`.

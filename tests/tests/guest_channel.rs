@@ -1,11 +1,9 @@
 //! The host-guest channel over vsock: the real vm-monitor in a real guest, a real
 //! vhost-user-vsock backend, and vmhostd's guest link.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-use vmhost_guest_protocol::{self as protocol, FrameDecoder, GuestMessage, HostMessage};
-use vmhost_tests::{wait_until, Limits, TestHost, MEMHOG_MIB};
+use vmhost_guest_protocol::{self as protocol, GuestMessage, HostMessage};
+use vmhost_tests::{wait_until, FakeGuest, Limits, TestHost, MEMHOG_MIB};
 
 const GIB: u64 = 1 << 30;
 
@@ -146,71 +144,6 @@ fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
     );
     host.vmctl_ok(&["scale", "hog", "--cu", "1"]);
     assert_eq!(host.show("hog")["vcpus"], 1);
-}
-
-/// A fake guest on the socket where the vsock backend delivers guest connections.
-struct FakeGuest {
-    stream: UnixStream,
-    decoder: FrameDecoder,
-}
-
-impl FakeGuest {
-    fn connect(host: &TestHost, vm: &str) -> FakeGuest {
-        let path = host
-            .state_dir()
-            .join("vms")
-            .join(vm)
-            .join(format!("vsock.sock_{}", protocol::GUEST_PORT));
-        let stream = UnixStream::connect(&path).expect("connect to the guest link socket");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        FakeGuest {
-            stream,
-            decoder: FrameDecoder::new(),
-        }
-    }
-
-    fn hello(host: &TestHost, vm: &str) -> FakeGuest {
-        let mut guest = FakeGuest::connect(host, vm);
-        guest.send(&GuestMessage::Hello {
-            min_version: 1,
-            max_version: 1,
-        });
-        assert_eq!(guest.receive(), Some(HostMessage::Welcome { version: 1 }));
-        guest
-    }
-
-    fn send(&mut self, message: &GuestMessage) {
-        let _ = self.stream.write_all(&protocol::encode(message).unwrap());
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes);
-    }
-
-    /// The next message, or None once the host has closed the connection.
-    fn receive(&mut self) -> Option<HostMessage> {
-        loop {
-            if let Some(body) = self.decoder.next_frame().unwrap() {
-                return Some(protocol::decode(&body).unwrap());
-            }
-            let mut buf = [0u8; 4096];
-            match self.stream.read(&mut buf) {
-                Ok(0) => return None,
-                Err(e) => {
-                    eprintln!("fake guest read: {e}");
-                    return None;
-                }
-                Ok(n) => self.decoder.push(&buf[..n]),
-            }
-        }
-    }
-
-    /// Reads until the host closes; returns what it said on the way.
-    fn drain(&mut self) -> Vec<HostMessage> {
-        std::iter::from_fn(|| self.receive()).collect()
-    }
 }
 
 fn is_invalid(message: &HostMessage) -> bool {

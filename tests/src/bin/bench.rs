@@ -1,14 +1,15 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- [RUNS]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu [RUNS]
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use vmhost_tests::{repo_root, test_image, wait_until, Limits, TestHost};
-use vmm::{AccelChoice, HostFacts, MachineSpec, Nic};
+use vmhost_guest_protocol::{GuestMessage, HostMessage};
+use vmhost_tests::{repo_root, test_image, wait_until, FakeGuest, Limits, TestHost};
+use vmm::{Accel, AccelChoice, HostFacts, Machine, MachineSpec, Nic};
 
 const GIB: u64 = 1 << 30;
 
@@ -25,96 +26,243 @@ fn wait_ready(serial_log: &Path) {
     });
 }
 
-/// `vmctl create` until the guest has booted.
-fn ours(host: &TestHost) -> Duration {
-    let started = Instant::now();
-    host.vmctl_ok(&["create", "bench", "--min-cu", "1"]);
-    wait_ready(&host.serial_log("bench"));
-    let elapsed = started.elapsed();
-    host.vmctl_ok(&["delete", "bench"]);
-    elapsed
-}
-
-/// The same machine started by hand: the same QEMU arguments, no vmhostd, no vmctl.
-fn raw_qemu(image: &Path, accel: vmm::Accel) -> Duration {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = MachineSpec {
-        name: "bench".into(),
-        accel,
-        boot_vcpus: 1,
-        initial_vcpus: 1,
-        max_vcpus: 1,
-        vcpu_slots: vmm::cmdline::vcpu_slots(accel, 1),
-        boot_memory_bytes: GIB,
-        hotplug_memory_bytes: 0,
-        initial_hotplug_memory_bytes: 0,
-        kernel: image.join("vmlinuz"),
-        initrd: Some(image.join("initrd.img")),
-        kernel_cmdline: vmm::cmdline::DEFAULT_KERNEL_CMDLINE.into(),
-        nic: Nic::None,
-        spare_root_ports: 4,
-        // Raw QEMU has no guest channel; ours includes starting its backend.
-        vhost_user_vsock: None,
-        qmp_socket: dir.path().join("qmp.sock"),
-        serial_log: dir.path().join("serial.log"),
-        pidfile: dir.path().join("qemu.pid"),
-    };
-    let started = Instant::now();
-    let status = Command::new("qemu-system-x86_64")
-        .args(spec.to_args())
-        .status()
-        .unwrap();
-    assert!(status.success(), "raw QEMU failed to start");
-    wait_ready(&spec.serial_log);
-    let elapsed = started.elapsed();
-    let pid: i32 = std::fs::read_to_string(&spec.pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    elapsed
-}
-
-fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .map_or(5, |n| n.parse().expect("RUNS must be a number"));
-    let accel = vmm::accel::decide(AccelChoice::Auto, &HostFacts::probe())
-        .unwrap()
-        .accel;
-    let image = test_image();
-    let host = TestHost::start(Limits {
-        vcpus: 4,
-        memory_mib: 8192,
-    });
-    let (mut ours_s, mut raw_s) = (Vec::new(), Vec::new());
-    for run in 0..runs {
-        ours_s.push(ours(&host));
-        raw_s.push(raw_qemu(&image, accel));
-        eprintln!("run {run}: ours {:?}, raw {:?}", ours_s[run], raw_s[run]);
-    }
-    let (ours_m, raw_m) = (median(&mut ours_s), median(&mut raw_s));
-    let date = String::from_utf8(
-        Command::new("date")
-            .arg("+%Y-%m-%d")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let line = format!(
-        "- {} create to running ({accel}, 1 vCPU, 1 GiB, median of {runs}): ours {ours_m:.2} s, raw qemu {raw_m:.2} s, ratio {:.2}\n",
-        date.trim(),
-        ours_m / raw_m
-    );
+fn append(line: &str) {
     print!("{line}");
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(repo_root().join("BENCHMARKS.md"))
         .expect("BENCHMARKS.md must exist at the repository root");
     file.write_all(line.as_bytes()).unwrap();
+}
+
+fn today() -> String {
+    let out = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .unwrap()
+        .stdout;
+    String::from_utf8(out).unwrap().trim().to_string()
+}
+
+/// A QEMU started by hand with vmm's command line, no vmhostd: 1 vCPU + 1 GiB at boot,
+/// room for `max_vcpus` and `hotplug` more memory.
+struct RawQemu {
+    _dir: tempfile::TempDir,
+    spec: MachineSpec,
+}
+
+impl RawQemu {
+    fn spec(dir: &Path, image: &Path, accel: Accel, max_vcpus: u32, hotplug: u64) -> MachineSpec {
+        MachineSpec {
+            name: "bench".into(),
+            accel,
+            boot_vcpus: 1,
+            initial_vcpus: 1,
+            max_vcpus,
+            vcpu_slots: vmm::cmdline::vcpu_slots(accel, max_vcpus),
+            boot_memory_bytes: GIB,
+            hotplug_memory_bytes: hotplug,
+            initial_hotplug_memory_bytes: 0,
+            kernel: image.join("vmlinuz"),
+            initrd: Some(image.join("initrd.img")),
+            kernel_cmdline: vmm::cmdline::DEFAULT_KERNEL_CMDLINE.into(),
+            nic: Nic::None,
+            spare_root_ports: 4,
+            // Raw QEMU has no guest channel; ours includes starting its backend.
+            vhost_user_vsock: None,
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: dir.join("serial.log"),
+            pidfile: dir.join("qemu.pid"),
+        }
+    }
+
+    fn start(image: &Path, accel: Accel, max_vcpus: u32, hotplug: u64) -> (RawQemu, Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Self::spec(dir.path(), image, accel, max_vcpus, hotplug);
+        let started = Instant::now();
+        let status = Command::new("qemu-system-x86_64")
+            .args(spec.to_args())
+            .status()
+            .unwrap();
+        assert!(status.success(), "raw QEMU failed to start");
+        wait_ready(&spec.serial_log);
+        (RawQemu { _dir: dir, spec }, started.elapsed())
+    }
+}
+
+impl Drop for RawQemu {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.spec.pidfile) {
+            if let Ok(pid) = pid.trim().parse() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn roomy() -> TestHost {
+    TestHost::start(Limits {
+        vcpus: 40,
+        memory_mib: 16384,
+    })
+}
+
+/// `vmctl create` until the guest has booted, against raw QEMU until the same report.
+fn create(runs: usize, image: &Path, accel: Accel) {
+    let host = roomy();
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let started = Instant::now();
+        host.vmctl_ok(&["create", "bench", "--min-cu", "1", "--no-autoscale"]);
+        wait_ready(&host.serial_log("bench"));
+        ours.push(started.elapsed());
+        host.vmctl_ok(&["delete", "bench"]);
+        raw.push(RawQemu::start(image, accel, 1, 0).1);
+        eprintln!("run {run}: ours {:?}, raw {:?}", ours[run], raw[run]);
+    }
+    let (o, r) = (median(&mut ours), median(&mut raw));
+    append(&format!(
+        "- {} create to running ({accel}, 1 vCPU, 1 GiB, median of {runs}): ours {o:.2} s, raw qemu {r:.2} s, ratio {:.2}\n",
+        today(),
+        o / r
+    ));
+}
+
+/// A monitor's upscale request until its notification (agent + ledger + vmm + link), against
+/// the same step (+1 vCPU, +1 GiB) done directly through vmm on a raw QEMU.
+async fn upscale(runs: usize, image: &Path, accel: Accel) {
+    let host = roomy();
+    // No monitor in this guest: the benchmark plays it, so the request time is exact.
+    host.vmctl_ok(&[
+        "create",
+        "bench",
+        "--image",
+        "nomonitor",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "2",
+        "--agent",
+        "upscale_request_hold_secs=1",
+    ]);
+    host.wait_guest_ready("bench");
+    let (raw_qemu, _) = RawQemu::start(image, accel, 2, GIB);
+    let machine = Machine::attach(
+        &raw_qemu.spec.qmp_socket,
+        &raw_qemu.spec.pidfile,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let timeout = Duration::from_secs(60);
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let mut guest = FakeGuest::hello(&host, "bench");
+        let started = Instant::now();
+        guest.send(&GuestMessage::UpscaleRequest {
+            id: run as u64 + 1,
+            pressure_age_us: 0,
+        });
+        loop {
+            match guest.receive() {
+                Some(HostMessage::UpscaleNotification { id, .. }) if id == run as u64 + 1 => break,
+                Some(_) => continue,
+                None => panic!("the link closed before the upscale notification"),
+            }
+        }
+        ours.push(started.elapsed());
+        assert_eq!(host.show("bench")["cu"], 2.0);
+        drop(guest);
+        // Let the request's floor lapse, then put it back.
+        std::thread::sleep(Duration::from_millis(1500));
+        host.vmctl_ok(&["scale", "bench", "--cu", "1", "--force"]);
+
+        let started = Instant::now();
+        machine.set_vcpus(2, timeout).await.unwrap();
+        machine.set_hotplug_memory(GIB, timeout).await.unwrap();
+        raw.push(started.elapsed());
+        machine.set_hotplug_memory(0, timeout).await.unwrap();
+        machine.set_vcpus(1, timeout).await.unwrap();
+        eprintln!("run {run}: ours {:?}, raw {:?}", ours[run], raw[run]);
+    }
+    let (o, r) = (median(&mut ours), median(&mut raw));
+    append(&format!(
+        "- {} upscale request to applied, +1 vCPU +1 GiB ({accel}, median of {runs}): ours {:.0} ms, bare vmm {:.0} ms, ratio {:.2}\n",
+        today(),
+        o * 1000.0,
+        r * 1000.0,
+        o / r
+    ));
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the command name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    ticks / hz
+}
+
+/// vmhostd's CPU time with `vms` idle VMs, each with a live monitor and agent.
+fn agent_cpu(vms: usize, window: Duration) {
+    let host = roomy();
+    for i in 0..vms {
+        host.vmctl_ok(&[
+            "create",
+            &format!("idle{i}"),
+            "--min-cu",
+            "0.25",
+            "--max-cu",
+            "1",
+        ]);
+    }
+    wait_until(Duration::from_secs(600), "every monitor to connect", || {
+        let list: serde_json::Value =
+            serde_json::from_str(&host.vmctl_ok(&["--json", "list"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|vm| vm["guest"]["connected"] == true)
+    });
+    let pid = host.daemon_pid().unwrap();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(window);
+    let used = cpu_seconds(pid) - before;
+    let per_vm_hour = used / vms as f64 * (3600.0 / window.as_secs_f64());
+    append(&format!(
+        "- {} vmhostd CPU per idle VM per hour ({vms} VMs with monitors and agents, {} s window): ours {per_vm_hour:.2} s, share of one core {:.5}\n",
+        today(),
+        window.as_secs(),
+        per_vm_hour / 3600.0
+    ));
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let which = args.next().unwrap_or_else(|| "create".into());
+    let runs: usize = args
+        .next()
+        .map_or(5, |n| n.parse().expect("RUNS must be a number"));
+    let accel = vmm::accel::decide(AccelChoice::Auto, &HostFacts::probe())
+        .unwrap()
+        .accel;
+    let image = test_image();
+    match which.as_str() {
+        "create" => create(runs, &image, accel),
+        "upscale" => upscale(runs, &image, accel).await,
+        "agent-cpu" => agent_cpu(20, Duration::from_secs(60)),
+        other => panic!("unknown benchmark '{other}': create, upscale or agent-cpu"),
+    }
 }
