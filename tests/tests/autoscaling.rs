@@ -209,3 +209,44 @@ fn a_small_host_never_overcommits_and_shows_the_refusal() {
                 .contains("granted only")
     );
 }
+
+#[test]
+fn bounds_change_moves_a_running_vm_and_top_shows_it() {
+    let host = TestHost::start(Limits {
+        vcpus: 4,
+        memory_mib: 8192,
+    });
+    let mut args = vec!["create", "db1", "--min-cu", "1", "--max-cu", "2"];
+    args.extend(FAST_AGENT);
+    host.vmctl_ok(&args);
+    host.wait_guest_ready("db1");
+    host.vmctl_ok(&["bounds", "db1", "--min-cu", "2", "--max-cu", "2"]);
+    watch(
+        Duration::from_secs(60),
+        "the agent to move the VM into its new bounds",
+        || cu(&host, "db1") == 2.0,
+    );
+    let shown = host.show("db1");
+    assert_eq!(
+        (shown["min_cu"].as_f64(), shown["goal_cu"].as_f64()),
+        (Some(2.0), Some(2.0)),
+        "{shown}"
+    );
+    let (code, stderr) = host.vmctl_err(&["bounds", "db1", "--min-cu", "1", "--max-cu", "3"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("need a stop and start"), "{stderr}");
+    assert!(events(&host, "db1").contains("operator set bounds to [2, 2] CU"));
+
+    watch(Duration::from_secs(30), "metrics in top", || {
+        let top = host.vmctl_ok(&["top", "--count", "1"]);
+        let row = top
+            .lines()
+            .find(|l| l.starts_with("db1"))
+            .unwrap_or_default()
+            .to_string();
+        // NAME STATE CU GOAL VCPUS MEMORY(2 words) LOAD1 ...: a number in the load column.
+        row.split_whitespace()
+            .nth(7)
+            .is_some_and(|load| load.parse::<f64>().is_ok())
+    });
+}
