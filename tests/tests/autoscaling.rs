@@ -24,11 +24,19 @@ fn events(host: &TestHost, vm: &str) -> String {
     host.vmctl_ok(&["events", vm])
 }
 
-/// Samples `sample` every 200 ms until `done` holds; fails after `timeout`.
-fn watch(timeout: Duration, what: &str, mut sample: impl FnMut() -> bool) {
+/// Samples `sample` every 200 ms until it holds; fails after `timeout` with the VM's
+/// recent events, which say what the agent saw and decided.
+fn watch(host: &TestHost, timeout: Duration, what: &str, mut sample: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !sample() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let log = host.vmctl_ok(&["events"]);
+            let recent: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; recent events:\n{}",
+                recent.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -45,6 +53,7 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
     args.extend(FAST_AGENT);
     host.vmctl_ok(&args);
     watch(
+        &host,
         Duration::from_secs(150),
         "the agent to reach max_cu under load",
         || {
@@ -54,6 +63,7 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
     );
     // The guest itself runs the vCPUs the agent gave it.
     watch(
+        &host,
         Duration::from_secs(30),
         "the guest to report 2 CPUs",
         || host.show("burn")["guest"]["online_cpus"] == 2,
@@ -66,6 +76,7 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
             .contains("cpuburn: done")
     });
     watch(
+        &host,
         Duration::from_secs(240),
         "the agent to return to min_cu",
         || cu(&host, "burn") == 1.0,
@@ -144,6 +155,7 @@ fn memory_pressure_gets_memory_before_oom_and_shrinks_only_as_the_monitor_allows
     );
     // Freed: the agent brings it back to min.
     watch(
+        &host,
         Duration::from_secs(180),
         "the VM to return to min_cu",
         || cu(&host, "hog") == 1.0,
@@ -222,6 +234,7 @@ fn bounds_change_moves_a_running_vm_and_top_shows_it() {
     host.wait_guest_ready("db1");
     host.vmctl_ok(&["bounds", "db1", "--min-cu", "2", "--max-cu", "2"]);
     watch(
+        &host,
         Duration::from_secs(60),
         "the agent to move the VM into its new bounds",
         || cu(&host, "db1") == 2.0,
@@ -237,7 +250,7 @@ fn bounds_change_moves_a_running_vm_and_top_shows_it() {
     assert!(stderr.contains("need a stop and start"), "{stderr}");
     assert!(events(&host, "db1").contains("operator set bounds to [2, 2] CU"));
 
-    watch(Duration::from_secs(30), "metrics in top", || {
+    watch(&host, Duration::from_secs(30), "metrics in top", || {
         let top = host.vmctl_ok(&["top", "--count", "1"]);
         let row = top
             .lines()
