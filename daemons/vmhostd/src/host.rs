@@ -8,7 +8,6 @@ use crate::agent_task::{self, AgentHandle, AgentView};
 use crate::config::{Config, NetworkConfig};
 use crate::events::EventLog;
 use crate::guest_link::{DownscaleError, GuestLink, UpscaleRequest};
-use crate::ledger::{Ledger, LedgerError};
 use crate::net;
 use crate::prometheus::{ScalingStats, VmGauges};
 use crate::store::{BootSource, Store, StoreError, VmPaths, VmSpec};
@@ -19,6 +18,7 @@ use vmhost_api::{
     ApiError, ComputeUnits, CreateVm, ErrorKind, EventKind, HostInfo, ImageRef, Reply, Request,
     Resources, VmInfo, VmState,
 };
+use vmhost_gossip::ledger::{Ledger, LedgerError};
 use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
 
 /// Spare PCIe root ports for devices plugged at run time.

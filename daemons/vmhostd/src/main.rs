@@ -6,7 +6,6 @@ mod config;
 mod events;
 mod guest_link;
 mod host;
-mod ledger;
 mod net;
 mod prometheus;
 mod store;
