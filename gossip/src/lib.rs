@@ -1,7 +1,12 @@
-//! The fleet layer of vmhost. This part is pure: the host ledger, which books local
-//! allocations and leases granted to other hosts against one capacity, and the lease
-//! protocol that grants, renews, commits and releases those leases. It knows nothing of
-//! QEMU, and it takes the time as an argument so it can be simulated.
+//! The fleet layer of vmhost. It knows nothing of QEMU.
+//!
+//! - `ledger` and `lease` are pure: the host ledger, which books local allocations and
+//!   leases granted to other hosts against one capacity, and the lease protocol. They take
+//!   the time as an argument so they can be simulated.
+//! - `pki` makes the fleet CA and host certificates; `quic` is the mutually authenticated
+//!   QUIC endpoint that carries the fleet's requests.
 
 pub mod lease;
 pub mod ledger;
+pub mod pki;
+pub mod quic;

@@ -1,0 +1,130 @@
+//! The fleet's certificates, made with rcgen: one fleet CA, and per host a certificate for
+//! its name and address, signed by the CA, used both to serve and to dial (mutual TLS).
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::IpAddr;
+use std::path::Path;
+
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+pub const HOST_CERT: &str = "host.pem";
+pub const HOST_KEY: &str = "host.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{0} already exists; refusing to overwrite a fleet key")]
+    Exists(String),
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("cannot read {path}: {message}")]
+    Pem { path: String, message: String },
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        action: "write",
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => PkiError::Exists(path.display().to_string()),
+            _ => io(e),
+        })?;
+    file.write_all(contents.as_bytes()).map_err(io)
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        action: "read",
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn create_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        action: "create",
+        path: dir.display().to_string(),
+        source,
+    })
+}
+
+/// Creates the fleet CA in `dir` (its key readable by root only).
+pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
+    create_dir(dir)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "vmhost fleet CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write(&dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
+    write(&dir.join(CA_CERT), &cert.pem(), 0o644)
+}
+
+/// Issues a host certificate for `host` at `addr`, signed by the CA in `ca_dir`, into
+/// `out_dir` (with a copy of the CA certificate, which is all a host needs to verify peers).
+pub fn issue_cert(ca_dir: &Path, host: &str, addr: IpAddr, out_dir: &Path) -> Result<(), PkiError> {
+    let ca_key = KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?)?;
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let mut params = CertificateParams::new(vec![host.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, host);
+    params.subject_alt_names.push(SanType::IpAddress(addr));
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    create_dir(out_dir)?;
+    write(&out_dir.join(HOST_KEY), &key.serialize_pem(), 0o600)?;
+    write(&out_dir.join(HOST_CERT), &cert.pem(), 0o644)?;
+    write(&out_dir.join(CA_CERT), &ca_pem, 0o644)
+}
+
+/// A host's credentials, loaded from an `issue_cert` directory.
+#[derive(Debug)]
+pub struct Identity {
+    pub ca: CertificateDer<'static>,
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    pub fn load(dir: &Path) -> Result<Identity, PkiError> {
+        let pem_error = |file: &str, e: rustls_pki_types::pem::Error| PkiError::Pem {
+            path: dir.join(file).display().to_string(),
+            message: e.to_string(),
+        };
+        Ok(Identity {
+            ca: CertificateDer::from_pem_file(dir.join(CA_CERT))
+                .map_err(|e| pem_error(CA_CERT, e))?,
+            cert: CertificateDer::from_pem_file(dir.join(HOST_CERT))
+                .map_err(|e| pem_error(HOST_CERT, e))?,
+            key: PrivateKeyDer::from_pem_file(dir.join(HOST_KEY))
+                .map_err(|e| pem_error(HOST_KEY, e))?,
+        })
+    }
+}

@@ -1,0 +1,226 @@
+//! The fleet's QUIC endpoint (quinn), one per host, with mutual TLS: both sides present a
+//! certificate from the fleet CA, and anything else is refused in the handshake. On it sits
+//! a typed request/response layer, one bidirectional stream per request, each message a
+//! big-endian u32 length and a postcard body. Other features open their own streams.
+
+use crate::lease::{LeaseRequest, LeaseResponse};
+use crate::pki::Identity;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const ALPN: &[u8] = b"vmhost/1";
+/// The largest request or response body.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FleetRequest {
+    Ping,
+    Lease(LeaseRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FleetResponse {
+    Pong,
+    Lease(LeaseResponse),
+    Error { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach {peer}: {message}")]
+    Connect { peer: String, message: String },
+    #[error("request to {peer} failed: {message}")]
+    Request { peer: String, message: String },
+}
+
+/// rustls needs its provider chosen when more than one could be built; ring it is.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn roots(identity: &Identity) -> Result<Arc<rustls::RootCertStore>, QuicError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(identity.ca.clone())
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    Ok(Arc::new(roots))
+}
+
+fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
+    let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity)?)
+        .build()
+        .map_err(|e| tls(&e))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(|e| tls(&e))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> {
+    let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots(identity)?)
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(|e| tls(&e))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| tls(&e))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+pub type Handler = Arc<dyn Fn(FleetRequest) -> FleetResponse + Send + Sync>;
+
+pub struct FleetEndpoint {
+    endpoint: quinn::Endpoint,
+}
+
+impl FleetEndpoint {
+    pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<FleetEndpoint, QuicError> {
+        install_crypto_provider();
+        let mut endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
+            .map_err(|source| QuicError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client_config(identity)?);
+        Ok(FleetEndpoint { endpoint })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// Serves requests with `handler` until the endpoint closes.
+    pub fn serve(&self, handler: Handler) -> tokio::task::JoinHandle<()> {
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(connection) => serve_connection(connection, handler).await,
+                        Err(error) => tracing::warn!(%error, "fleet peer refused in the handshake"),
+                    }
+                });
+            }
+        })
+    }
+
+    /// One request to the host `name` at `addr`.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        request: &FleetRequest,
+    ) -> Result<FleetResponse, QuicError> {
+        let body = postcard::to_stdvec(request).expect("requests always encode");
+        let reply = self.call_bytes(addr, name, &body).await?;
+        postcard::from_bytes(&reply).map_err(|e| QuicError::Request {
+            peer: name.to_string(),
+            message: format!("undecodable response: {e}"),
+        })
+    }
+
+    /// One request as raw bytes (tests send malformed ones through this).
+    pub async fn call_bytes(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, QuicError> {
+        let connect = |message: String| QuicError::Connect {
+            peer: name.to_string(),
+            message,
+        };
+        let request = |message: String| QuicError::Request {
+            peer: name.to_string(),
+            message,
+        };
+        let connection = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.endpoint
+                .connect(addr, name)
+                .map_err(|e| connect(e.to_string()))?,
+        )
+        .await
+        .map_err(|_| connect("handshake timed out".into()))?
+        .map_err(|e| connect(e.to_string()))?;
+        let exchange = async {
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| request(e.to_string()))?;
+            write_frame(&mut send, body).await.map_err(request)?;
+            send.finish().map_err(|e| request(e.to_string()))?;
+            read_frame(&mut recv).await.map_err(request)
+        };
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| request("timed out".into()))?;
+        connection.close(0u32.into(), b"done");
+        reply
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+async fn serve_connection(connection: quinn::Connection, handler: Handler) {
+    while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let response = match read_frame(&mut recv).await {
+                Ok(body) => match postcard::from_bytes::<FleetRequest>(&body) {
+                    Ok(request) => handler(request),
+                    Err(e) => FleetResponse::Error {
+                        reason: format!("malformed request: {e}"),
+                    },
+                },
+                Err(reason) => FleetResponse::Error { reason },
+            };
+            let body = postcard::to_stdvec(&response).expect("responses always encode");
+            if write_frame(&mut send, &body).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), String> {
+    send.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(body).await.map_err(|e| e.to_string())
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    let mut length = [0u8; 4];
+    recv.read_exact(&mut length)
+        .await
+        .map_err(|e| e.to_string())?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"
+        ));
+    }
+    let mut body = vec![0u8; length];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(body)
+}
