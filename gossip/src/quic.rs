@@ -86,6 +86,10 @@ pub type Handler = Arc<dyn Fn(FleetRequest) -> FleetResponse + Send + Sync>;
 
 pub struct FleetEndpoint {
     endpoint: quinn::Endpoint,
+    /// Open connections to peers, reused across requests (a handshake per request would
+    /// dominate every round trip).
+    connections:
+        tokio::sync::Mutex<std::collections::HashMap<(SocketAddr, String), quinn::Connection>>,
 }
 
 impl FleetEndpoint {
@@ -94,7 +98,10 @@ impl FleetEndpoint {
         let mut endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
             .map_err(|source| QuicError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config(identity)?);
-        Ok(FleetEndpoint { endpoint })
+        Ok(FleetEndpoint {
+            endpoint,
+            connections: Default::default(),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -149,15 +156,7 @@ impl FleetEndpoint {
             peer: name.to_string(),
             message,
         };
-        let connection = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.endpoint
-                .connect(addr, name)
-                .map_err(|e| connect(e.to_string()))?,
-        )
-        .await
-        .map_err(|_| connect("handshake timed out".into()))?
-        .map_err(|e| connect(e.to_string()))?;
+        let connection = self.connection(addr, name).await.map_err(connect)?;
         let exchange = async {
             let (mut send, mut recv) = connection
                 .open_bi()
@@ -170,8 +169,32 @@ impl FleetEndpoint {
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| request("timed out".into()))?;
-        connection.close(0u32.into(), b"done");
+        if reply.is_err() {
+            // The next request dials afresh.
+            self.connections
+                .lock()
+                .await
+                .remove(&(addr, name.to_string()));
+        }
         reply
+    }
+
+    async fn connection(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection, String> {
+        let key = (addr, name.to_string());
+        let mut connections = self.connections.lock().await;
+        if let Some(connection) = connections.get(&key).filter(|c| c.close_reason().is_none()) {
+            return Ok(connection.clone());
+        }
+        let connecting = self
+            .endpoint
+            .connect(addr, name)
+            .map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        connections.insert(key, connection.clone());
+        Ok(connection)
     }
 
     pub fn close(&self) {

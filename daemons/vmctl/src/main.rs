@@ -88,12 +88,55 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Fleet credentials: the CA and host certificates for mutual TLS between hosts.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Each VM's size, goal, load and memory, refreshed every second.
     Top {
         /// Stop after this many refreshes.
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Create the fleet CA in DIR (keep its key off the hosts).
+    InitCa { dir: PathBuf },
+    /// Issue a host certificate signed by the CA, into OUT.
+    IssueCert {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        addr: std::net::IpAddr,
+        out: PathBuf,
+    },
+}
+
+impl FleetCommand {
+    fn run(self) -> Result<(), vmhost_gossip::pki::PkiError> {
+        match self {
+            FleetCommand::InitCa { dir } => {
+                vmhost_gossip::pki::init_ca(&dir)?;
+                println!("fleet CA created in {}", dir.display());
+            }
+            FleetCommand::IssueCert {
+                ca,
+                host,
+                addr,
+                out,
+            } => {
+                vmhost_gossip::pki::issue_cert(&ca, &host, addr, &out)?;
+                println!(
+                    "certificate for {host} ({addr}) written to {}",
+                    out.display()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
@@ -141,6 +184,7 @@ impl Command {
             Command::Host => Request::Host,
             Command::Events { name, follow } => Request::Events { name, follow },
             Command::Top { .. } => Request::List,
+            Command::Fleet(_) => unreachable!("fleet commands run locally"),
         }
     }
 }
@@ -158,6 +202,13 @@ fn main() {
         Err(help) => help.exit(),
     };
     let json = cli.json;
+    if let Command::Fleet(fleet) = cli.command {
+        if let Err(error) = fleet.run() {
+            eprintln!("vmctl: {error}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = match cli.command {
         Command::Events { follow: true, .. } => {
             vmhost_api::call_stream(&cli.socket, cli.command.into_request(), |reply| {

@@ -1,7 +1,7 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu [RUNS]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt [RUNS]
 
 use std::io::Write;
 use std::path::Path;
@@ -243,6 +243,79 @@ fn agent_cpu(vms: usize, window: Duration) {
     ));
 }
 
+/// Lease reserve→grant round trips between two hosts on loopback (QUIC, mutual TLS),
+/// against a bare request/response (`Ping`) on the same connection, alternating batches.
+async fn lease_rtt(round_trips: usize) {
+    use std::sync::{Arc, Mutex};
+    use vmhost_gossip::lease::{self, LeaseRequest};
+    use vmhost_gossip::ledger::Ledger;
+    use vmhost_gossip::pki::{self, Identity};
+    use vmhost_gossip::quic::{FleetEndpoint, FleetRequest, FleetResponse};
+    let dir = tempfile::tempdir().unwrap();
+    let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    pki::init_ca(&dir.path().join("ca")).unwrap();
+    let mut ids = Vec::new();
+    for host in ["host-a", "host-b"] {
+        pki::issue_cert(
+            &dir.path().join("ca"),
+            host,
+            localhost,
+            &dir.path().join(host),
+        )
+        .unwrap();
+        ids.push(Identity::load(&dir.path().join(host)).unwrap());
+    }
+    let any = std::net::SocketAddr::new(localhost, 0);
+    let b = FleetEndpoint::bind(any, &ids[1]).unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::new(vmhost_api::Resources {
+        vcpus: u32::MAX,
+        memory_bytes: u64::MAX,
+    })));
+    b.serve(Arc::new(move |request| match request {
+        FleetRequest::Ping => FleetResponse::Pong,
+        FleetRequest::Lease(request) => {
+            FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
+        }
+    }));
+    let a = FleetEndpoint::bind(any, &ids[0]).unwrap();
+    let to = b.local_addr();
+    a.call(to, "host-b", &FleetRequest::Ping).await.unwrap();
+    let reserve = FleetRequest::Lease(LeaseRequest::Reserve {
+        vm: "bench".into(),
+        holder: "host-a".into(),
+        resources: vmhost_api::Resources {
+            vcpus: 1,
+            memory_bytes: 1 << 30,
+        },
+        ttl_ms: 60_000,
+    });
+    let (mut ours, mut bare) = (Duration::ZERO, Duration::ZERO);
+    const BATCH: usize = 100;
+    for _ in 0..round_trips / BATCH {
+        let started = Instant::now();
+        for _ in 0..BATCH {
+            let granted = a.call(to, "host-b", &reserve).await.unwrap();
+            assert!(matches!(
+                granted,
+                FleetResponse::Lease(vmhost_gossip::lease::LeaseResponse::Granted(_))
+            ));
+        }
+        ours += started.elapsed();
+        let started = Instant::now();
+        for _ in 0..BATCH {
+            a.call(to, "host-b", &FleetRequest::Ping).await.unwrap();
+        }
+        bare += started.elapsed();
+    }
+    let n = (round_trips / BATCH * BATCH) as f64;
+    let (ours_rate, bare_rate) = (n / ours.as_secs_f64(), n / bare.as_secs_f64());
+    append(&format!(
+        "- {} lease reserve→grant round trips between two hosts on loopback (QUIC, mutual TLS, {n} each): ours {ours_rate:.0}/s, bare QUIC request/response {bare_rate:.0}/s, ratio {:.2}\n",
+        today(),
+        ours.as_secs_f64() / bare.as_secs_f64()
+    ));
+}
+
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -258,6 +331,7 @@ async fn main() {
         "create" => create(runs, &image, accel),
         "upscale" => upscale(runs, &image, accel).await,
         "agent-cpu" => agent_cpu(20, Duration::from_secs(60)),
-        other => panic!("unknown benchmark '{other}': create, upscale or agent-cpu"),
+        "lease-rtt" => lease_rtt(runs).await,
+        other => panic!("unknown benchmark '{other}': create, upscale, agent-cpu or lease-rtt"),
     }
 }
