@@ -48,6 +48,13 @@ fn metrics(load1: f64, mem_used_mib: u64) -> Metrics {
     }
 }
 
+/// Time passes, the guest reports `load1` (and 100 MiB used), the agent decides.
+fn after(a: &mut Agent, clock: &mut FakeClock, secs: u64, load1: f64) -> Option<Action> {
+    clock.advance(secs);
+    a.on_metrics(metrics(load1, 100), clock.now);
+    a.next_action(clock.now).action
+}
+
 fn finish(agent: &mut Agent, clock: &FakeClock) {
     match agent.next_action(clock.now).action {
         Some(Action::Upscale { target }) => {
@@ -96,21 +103,15 @@ fn basic_downscale_after_cooldown_one_cu_at_a_time() {
     let decision = a.next_action(clock.now);
     assert_eq!(decision.action, None, "{}", decision.reason);
     assert!(decision.reason.contains("cooldown"));
-    clock.advance(60);
-    a.on_metrics(metrics(0.0, 100), clock.now);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 60, 0.0),
         Some(Action::Downscale { target: c("3") })
     );
     a.on_outcome(Outcome::Downscaled { to: c("3") }, clock.now);
     // The next step waits for a new cooldown.
-    clock.advance(1);
-    a.on_metrics(metrics(0.0, 100), clock.now);
-    assert_eq!(a.next_action(clock.now).action, None);
-    clock.advance(60);
-    a.on_metrics(metrics(0.0, 100), clock.now);
+    assert_eq!(after(&mut a, &mut clock, 1, 0.0), None);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 60, 0.0),
         Some(Action::Downscale { target: c("2") })
     );
 }
@@ -141,10 +142,8 @@ fn partial_ledger_approval_is_used_and_retried_later() {
     assert_eq!(a.current(), c("2.5"));
     // Short of its goal, it backs off before asking the ledger again.
     assert_eq!(a.next_action(clock.now).action, None);
-    clock.advance(2);
-    a.on_metrics(metrics(3.5, 100), clock.now);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 2, 3.5),
         Some(Action::Upscale { target: c("4") })
     );
 }
@@ -157,9 +156,7 @@ fn ledger_refusal_at_full_capacity_backs_off_exponentially() {
     assert!(a.next_action(clock.now).action.is_some());
     a.on_outcome(Outcome::UpscaleRefused, clock.now);
     assert_eq!(a.next_action(clock.now).action, None);
-    clock.advance(2);
-    a.on_metrics(metrics(1.8, 100), clock.now);
-    assert!(a.next_action(clock.now).action.is_some());
+    assert!(after(&mut a, &mut clock, 2, 1.8).is_some());
     a.on_outcome(Outcome::UpscaleRefused, clock.now);
     clock.advance(2);
     assert_eq!(
@@ -167,9 +164,7 @@ fn ledger_refusal_at_full_capacity_backs_off_exponentially() {
         None,
         "second refusal waits 4 s"
     );
-    clock.advance(2);
-    a.on_metrics(metrics(1.8, 100), clock.now);
-    assert!(a.next_action(clock.now).action.is_some());
+    assert!(after(&mut a, &mut clock, 2, 1.8).is_some());
     assert_eq!(a.current(), c("1"));
 }
 
@@ -179,10 +174,8 @@ fn denied_downscale_sets_a_floor_until_the_retry_interval() {
     let mut a = agent(&clock);
     a.on_metrics(metrics(3.5, 100), clock.now);
     finish(&mut a, &clock);
-    clock.advance(61);
-    a.on_metrics(metrics(0.0, 100), clock.now);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 61, 0.0),
         Some(Action::Downscale { target: c("3") })
     );
     a.on_outcome(Outcome::DownscaleDenied { target: c("3") }, clock.now);
@@ -192,10 +185,8 @@ fn denied_downscale_sets_a_floor_until_the_retry_interval() {
     let decision = a.next_action(clock.now);
     assert_eq!(decision.action, None);
     assert!(decision.reason.contains("denied"), "{}", decision.reason);
-    clock.advance(31);
-    a.on_metrics(metrics(0.0, 100), clock.now);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 31, 0.0),
         Some(Action::Downscale { target: c("3") })
     );
 }
@@ -212,9 +203,7 @@ fn monitor_request_means_current_plus_one_cu_at_once_and_for_a_while() {
     );
     a.on_outcome(Outcome::Upscaled { to: c("2") }, clock.now);
     // The floor was current + 1 at request time: it holds 2, even past the cooldown.
-    clock.advance(29);
-    a.on_metrics(metrics(0.0, 100), clock.now);
-    assert_eq!(a.next_action(clock.now).action, None);
+    assert_eq!(after(&mut a, &mut clock, 29, 0.0), None);
     // A request overrides a backoff.
     a.on_upscale_request(clock.now);
     assert_eq!(
@@ -277,9 +266,7 @@ fn one_action_at_a_time_and_failures_back_off() {
     );
     a.on_outcome(Outcome::Failed, clock.now);
     assert_eq!(a.next_action(clock.now).action, None);
-    clock.advance(2);
-    a.on_metrics(metrics(1.8, 100), clock.now);
-    assert!(a.next_action(clock.now).action.is_some());
+    assert!(after(&mut a, &mut clock, 2, 1.8).is_some());
 }
 
 #[test]
@@ -294,10 +281,8 @@ fn an_operators_resize_counts_as_a_change() {
         None,
         "cooldown starts at the operator's resize"
     );
-    clock.advance(60);
-    a.on_metrics(metrics(0.0, 100), clock.now);
     assert_eq!(
-        a.next_action(clock.now).action,
+        after(&mut a, &mut clock, 60, 0.0),
         Some(Action::Downscale { target: c("2") })
     );
 }
