@@ -1,31 +1,47 @@
 //! The fleet's QUIC endpoint (quinn), one per host, with mutual TLS: both sides present a
 //! certificate from the fleet CA, and anything else is refused in the handshake. On it sits
 //! a typed request/response layer, one bidirectional stream per request, each message a
-//! big-endian u32 length and a postcard body. Other features open their own streams.
+//! big-endian u32 length and a postcard body. Gossip travels one way, one unidirectional
+//! stream per message, into an inbox that `membership` reads. Other features open their own
+//! streams.
 
 use crate::lease::{LeaseRequest, LeaseResponse};
 use crate::pki::Identity;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 const ALPN: &[u8] = b"vmhost/1";
 /// The largest request or response body.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that does not finish the handshake in this time is treated as unreachable.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Gossip messages waiting for chitchat; more are dropped (gossip tolerates loss).
+const GOSSIP_INBOX: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetRequest {
     Ping,
     Lease(LeaseRequest),
+    /// A local-API request (JSON, as `vmhost_api::Envelope`) to run on the receiving host.
+    Api(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetResponse {
     Pong,
     Lease(LeaseResponse),
-    Error { reason: String },
+    /// The JSON `vmhost_api::Response` to an `Api` request.
+    Api(String),
+    Error {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,14 +98,27 @@ fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> 
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
-pub type Handler = Arc<dyn Fn(FleetRequest) -> FleetResponse + Send + Sync>;
+pub type Reply = Pin<Box<dyn Future<Output = FleetResponse> + Send>>;
+pub type Handler = Arc<dyn Fn(FleetRequest) -> Reply + Send + Sync>;
+
+/// A reply that is ready at once.
+pub fn answer(response: FleetResponse) -> Reply {
+    Box::pin(std::future::ready(response))
+}
+
+/// A gossip message as received: the sender's address and the bytes.
+pub type GossipDatagram = (SocketAddr, Vec<u8>);
+
+type PeerConnection = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 pub struct FleetEndpoint {
     endpoint: quinn::Endpoint,
     /// Open connections to peers, reused across requests (a handshake per request would
-    /// dominate every round trip).
-    connections:
-        tokio::sync::Mutex<std::collections::HashMap<(SocketAddr, String), quinn::Connection>>,
+    /// dominate every round trip). Each peer has its own lock, so dialling a dead peer
+    /// delays nobody else.
+    connections: Mutex<HashMap<(SocketAddr, String), PeerConnection>>,
+    gossip_in: mpsc::Sender<GossipDatagram>,
+    gossip_inbox: Mutex<Option<mpsc::Receiver<GossipDatagram>>>,
 }
 
 impl FleetEndpoint {
@@ -98,10 +127,18 @@ impl FleetEndpoint {
         let mut endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
             .map_err(|source| QuicError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config(identity)?);
+        let (gossip_in, gossip_inbox) = mpsc::channel(GOSSIP_INBOX);
         Ok(FleetEndpoint {
             endpoint,
             connections: Default::default(),
+            gossip_in,
+            gossip_inbox: Mutex::new(Some(gossip_inbox)),
         })
+    }
+
+    /// The gossip received from peers; there is one reader.
+    pub fn take_gossip_inbox(&self) -> Option<mpsc::Receiver<GossipDatagram>> {
+        self.gossip_inbox.lock().expect("inbox lock").take()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -110,20 +147,58 @@ impl FleetEndpoint {
             .expect("a bound endpoint has an address")
     }
 
-    /// Serves requests with `handler` until the endpoint closes.
+    /// Serves requests with `handler`, and queues gossip, until the endpoint closes.
     pub fn serve(&self, handler: Handler) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
+        let gossip_in = self.gossip_in.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
+                let gossip_in = gossip_in.clone();
                 tokio::spawn(async move {
                     match incoming.await {
-                        Ok(connection) => serve_connection(connection, handler).await,
+                        Ok(connection) => {
+                            tokio::spawn(receive_gossip(connection.clone(), gossip_in));
+                            serve_connection(connection, handler).await
+                        }
                         Err(error) => tracing::warn!(%error, "fleet peer refused in the handshake"),
                     }
                 });
             }
         })
+    }
+
+    /// Sends one gossip message to the host at `addr` (its certificate must name that IP).
+    /// Gossip is lossy by design: while a dial to `addr` is under way, the message is dropped
+    /// rather than queued behind it.
+    pub async fn send_gossip(&self, addr: SocketAddr, body: &[u8]) -> Result<(), QuicError> {
+        let name = addr.ip().to_string();
+        let error = |message: String| QuicError::Request {
+            peer: name.clone(),
+            message,
+        };
+        let peer = self.peer(addr, &name);
+        let Ok(mut slot) = peer.try_lock() else {
+            return Err(error("a dial is under way".into()));
+        };
+        let connection = self
+            .connected(&mut slot, addr, &name)
+            .await
+            .map_err(error)?;
+        drop(slot);
+        let sent = async {
+            let mut send = connection.open_uni().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, body).await?;
+            send.finish().map_err(|e| e.to_string())
+        };
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, sent)
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r);
+        if result.is_err() {
+            self.forget(addr, &name).await;
+        }
+        result.map_err(error)
     }
 
     /// One request to the host `name` at `addr`.
@@ -171,29 +246,50 @@ impl FleetEndpoint {
             .map_err(|_| request("timed out".into()))?;
         if reply.is_err() {
             // The next request dials afresh.
-            self.connections
-                .lock()
-                .await
-                .remove(&(addr, name.to_string()));
+            self.forget(addr, name).await;
         }
         reply
     }
 
+    fn peer(&self, addr: SocketAddr, name: &str) -> PeerConnection {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .entry((addr, name.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    async fn forget(&self, addr: SocketAddr, name: &str) {
+        let peer = self.peer(addr, name);
+        *peer.lock().await = None;
+    }
+
     async fn connection(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection, String> {
-        let key = (addr, name.to_string());
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&key).filter(|c| c.close_reason().is_none()) {
+        let peer = self.peer(addr, name);
+        let mut slot = peer.lock().await;
+        self.connected(&mut slot, addr, name).await
+    }
+
+    /// The open connection in `slot`, or a new one.
+    async fn connected(
+        &self,
+        slot: &mut Option<quinn::Connection>,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<quinn::Connection, String> {
+        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(connection.clone());
         }
         let connecting = self
             .endpoint
             .connect(addr, name)
             .map_err(|e| e.to_string())?;
-        let connection = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+        let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
             .map_err(|_| "handshake timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        connections.insert(key, connection.clone());
+        *slot = Some(connection.clone());
         Ok(connection)
     }
 
@@ -208,7 +304,7 @@ async fn serve_connection(connection: quinn::Connection, handler: Handler) {
         tokio::spawn(async move {
             let response = match read_frame(&mut recv).await {
                 Ok(body) => match postcard::from_bytes::<FleetRequest>(&body) {
-                    Ok(request) => handler(request),
+                    Ok(request) => handler(request).await,
                     Err(e) => FleetResponse::Error {
                         reason: format!("malformed request: {e}"),
                     },
@@ -218,6 +314,24 @@ async fn serve_connection(connection: quinn::Connection, handler: Handler) {
             let body = postcard::to_stdvec(&response).expect("responses always encode");
             if write_frame(&mut send, &body).await.is_ok() {
                 let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// Queues each gossip message a peer sends; the sender's address is the connection's, which
+/// the peer's certificate vouches for.
+async fn receive_gossip(connection: quinn::Connection, inbox: mpsc::Sender<GossipDatagram>) {
+    let from = connection.remote_address();
+    while let Ok(mut recv) = connection.accept_uni().await {
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv)).await {
+                Ok(Ok(body)) => {
+                    let _ = inbox.try_send((from, body));
+                }
+                Ok(Err(error)) => tracing::debug!(%from, %error, "unreadable gossip"),
+                Err(_) => tracing::debug!(%from, "gossip stream stalled"),
             }
         });
     }

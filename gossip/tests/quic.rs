@@ -8,7 +8,7 @@ use vmhost_api::Resources;
 use vmhost_gossip::lease::{self, LeaseRequest, LeaseResponse};
 use vmhost_gossip::ledger::Ledger;
 use vmhost_gossip::pki::{self, Identity};
-use vmhost_gossip::quic::{FleetEndpoint, FleetRequest, FleetResponse};
+use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -36,11 +36,13 @@ fn granter(identity: &Identity) -> (FleetEndpoint, Arc<Mutex<Ledger>>) {
         memory_bytes: 4 << 30,
     })));
     let served = ledger.clone();
-    endpoint.serve(Arc::new(move |request| match request {
-        FleetRequest::Ping => FleetResponse::Pong,
-        FleetRequest::Lease(request) => {
-            FleetResponse::Lease(lease::serve(&mut served.lock().unwrap(), request, 0))
-        }
+    endpoint.serve(Arc::new(move |request| {
+        answer(match request {
+            FleetRequest::Lease(request) => {
+                FleetResponse::Lease(lease::serve(&mut served.lock().unwrap(), request, 0))
+            }
+            _ => FleetResponse::Pong,
+        })
     }));
     (endpoint, ledger)
 }

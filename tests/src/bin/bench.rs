@@ -250,7 +250,7 @@ async fn lease_rtt(round_trips: usize) {
     use vmhost_gossip::lease::{self, LeaseRequest};
     use vmhost_gossip::ledger::Ledger;
     use vmhost_gossip::pki::{self, Identity};
-    use vmhost_gossip::quic::{FleetEndpoint, FleetRequest, FleetResponse};
+    use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
     let dir = tempfile::tempdir().unwrap();
     let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     pki::init_ca(&dir.path().join("ca")).unwrap();
@@ -271,11 +271,13 @@ async fn lease_rtt(round_trips: usize) {
         vcpus: u32::MAX,
         memory_bytes: u64::MAX,
     })));
-    b.serve(Arc::new(move |request| match request {
-        FleetRequest::Ping => FleetResponse::Pong,
-        FleetRequest::Lease(request) => {
-            FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
-        }
+    b.serve(Arc::new(move |request| {
+        answer(match request {
+            FleetRequest::Lease(request) => {
+                FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
+            }
+            _ => FleetResponse::Pong,
+        })
     }));
     let a = FleetEndpoint::bind(any, &ids[0]).unwrap();
     let to = b.local_addr();
