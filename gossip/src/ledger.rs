@@ -66,6 +66,18 @@ impl Ledger {
         }
     }
 
+    /// A ledger for `capacity` that keeps `saved`'s leases and lease numbering. Allocations
+    /// are not taken over: the caller books them again from what actually runs.
+    pub fn with_leases_from(capacity: Resources, saved: Ledger) -> Self {
+        Ledger {
+            capacity,
+            allocations: BTreeMap::new(),
+            leases: saved.leases,
+            next_lease: saved.next_lease.max(1),
+            recent_commits: saved.recent_commits,
+        }
+    }
+
     /// The sum of all leases.
     pub fn leased(&self) -> Resources {
         sum(self.leases.values().map(|l| l.resources))

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use vmhost_api::Resources;
+use vmhost_api::{CuShape, Resources};
 
 /// The chitchat key under which each host publishes its `HostView`.
 const HOST_KEY: &str = "host";
@@ -30,6 +30,8 @@ pub struct HostView {
     pub name: String,
     /// The host's fleet (QUIC) address.
     pub addr: SocketAddr,
+    /// What one compute unit is on this host.
+    pub cu_shape: CuShape,
     pub capacity: Resources,
     pub allocated: Resources,
     pub leased: Resources,
@@ -386,6 +388,7 @@ mod tests {
         HostView {
             name: "b".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
+            cu_shape: CuShape::default(),
             capacity: Resources {
                 vcpus: 8,
                 memory_bytes: memory_gib << 30,

@@ -208,8 +208,20 @@ impl FleetEndpoint {
         name: &str,
         request: &FleetRequest,
     ) -> Result<FleetResponse, QuicError> {
+        self.call_with_timeout(addr, name, request, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// One request that may take up to `timeout` to answer.
+    pub async fn call_with_timeout(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        request: &FleetRequest,
+        timeout: Duration,
+    ) -> Result<FleetResponse, QuicError> {
         let body = postcard::to_stdvec(request).expect("requests always encode");
-        let reply = self.call_bytes(addr, name, &body).await?;
+        let reply = self.exchange(addr, name, &body, timeout).await?;
         postcard::from_bytes(&reply).map_err(|e| QuicError::Request {
             peer: name.to_string(),
             message: format!("undecodable response: {e}"),
@@ -222,6 +234,16 @@ impl FleetEndpoint {
         addr: SocketAddr,
         name: &str,
         body: &[u8],
+    ) -> Result<Vec<u8>, QuicError> {
+        self.exchange(addr, name, body, REQUEST_TIMEOUT).await
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        body: &[u8],
+        timeout: Duration,
     ) -> Result<Vec<u8>, QuicError> {
         let connect = |message: String| QuicError::Connect {
             peer: name.to_string(),
@@ -241,7 +263,7 @@ impl FleetEndpoint {
             send.finish().map_err(|e| request(e.to_string()))?;
             read_frame(&mut recv).await.map_err(request)
         };
-        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let reply = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| request("timed out".into()))?;
         if reply.is_err() {

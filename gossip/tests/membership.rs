@@ -36,6 +36,7 @@ async fn start(name: &str, identity: &Identity, seeds: Vec<SocketAddr>) -> TestH
     let view = HostView {
         name: name.into(),
         addr: endpoint.local_addr(),
+        cu_shape: Default::default(),
         capacity: Resources {
             vcpus: 4,
             memory_bytes: 4 << 30,

@@ -4,6 +4,8 @@
 //! These tests need root-free access to QEMU and the image builder's inputs (a guest kernel
 //! and busybox-static). When something is missing they fail with a message saying what.
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -94,12 +96,39 @@ pub struct TestHost {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
+    netns: Option<String>,
     daemon: Option<Child>,
+}
+
+/// How a test host differs from the default one.
+pub struct HostOptions {
+    pub name: String,
+    pub limits: Limits,
+    /// The network namespace vmhostd (and so its QEMUs) runs in.
+    pub netns: Option<String>,
+    /// TOML appended to the config, e.g. a `[fleet]` table.
+    pub extra_config: String,
+}
+
+impl HostOptions {
+    pub fn new(limits: Limits) -> HostOptions {
+        HostOptions {
+            name: "test-host".into(),
+            limits,
+            netns: None,
+            extra_config: String::new(),
+        }
+    }
 }
 
 impl TestHost {
     /// Writes a config (1 CU = 1 vCPU + 1 GiB) and starts vmhostd.
     pub fn start(limits: Limits) -> TestHost {
+        TestHost::start_with(HostOptions::new(limits))
+    }
+
+    pub fn start_with(options: HostOptions) -> TestHost {
+        let limits = options.limits;
         let image = test_image();
         let dir = tempfile::Builder::new()
             .prefix("vmhost-test-")
@@ -110,7 +139,7 @@ impl TestHost {
         std::fs::write(
             &config,
             format!(
-                r#"host_name = "test-host"
+                r#"host_name = "{name}"
 state_dir = "{state}"
 api_socket = "{socket}"
 accel = "auto"
@@ -144,7 +173,10 @@ cmdline = "{cmdline} vmhost.workload=vmhost-cpuburn,{CPUBURN_THREADS},{CPUBURN_S
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 cmdline = "{cmdline} vmhost.monitor=off"
+{extra}
 "#,
+                name = options.name,
+                extra = options.extra_config,
                 cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
                 state = dir.path().join("state").display(),
                 socket = socket.display(),
@@ -158,6 +190,7 @@ cmdline = "{cmdline} vmhost.monitor=off"
             dir,
             config,
             socket,
+            netns: options.netns,
             daemon: None,
         };
         host.start_daemon();
@@ -204,7 +237,15 @@ cmdline = "{cmdline} vmhost.monitor=off"
             .append(true)
             .open(self.daemon_log())
             .unwrap();
-        let child = Command::new(bin("vmhostd"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(bin("vmhostd"));
+                command
+            }
+            None => Command::new(bin("vmhostd")),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())

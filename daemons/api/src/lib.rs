@@ -59,6 +59,10 @@ pub struct CreateVm {
     /// Per-VM overrides of the host's `[agent]` settings, by key.
     #[serde(default)]
     pub agent: std::collections::BTreeMap<String, serde_json::Value>,
+    /// A lease this host granted for the VM (placement from another host): creating the VM
+    /// commits it instead of booking anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -101,6 +105,15 @@ pub enum Request {
         name: Option<String>,
         #[serde(default)]
         follow: bool,
+    },
+    /// The VMs of every reachable host of the fleet.
+    FleetList,
+    /// The fleet's hosts as gossip shows them.
+    Hosts,
+    /// Runs `request` on the fleet host `host`, through this daemon.
+    OnHost {
+        host: String,
+        request: Box<Request>,
     },
 }
 
@@ -183,7 +196,25 @@ pub struct HostInfo {
     pub cu_shape: CuShape,
     pub capacity: Resources,
     pub allocated: Resources,
+    /// Held by leases granted to other hosts.
+    #[serde(default)]
+    pub leased: Resources,
     pub vms: usize,
+}
+
+/// A fleet host as the gossip view shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetHost {
+    pub name: String,
+    pub addr: String,
+    /// False once the failure detector gives up on it.
+    pub live: bool,
+    pub cu_shape: CuShape,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    pub leased: Resources,
+    pub vms: u32,
+    pub version: String,
 }
 
 /// One scaling event: a decision of the agent, its outcome, or an operator's change.
@@ -225,7 +256,13 @@ impl std::fmt::Display for EventKind {
 pub enum Reply {
     Vm(Box<VmInfo>),
     Vms(Vec<VmInfo>),
+    /// The fleet's VMs, and the hosts that could not be asked.
+    FleetVms {
+        vms: Vec<VmInfo>,
+        unreachable: Vec<String>,
+    },
     Host(HostInfo),
+    Hosts(Vec<FleetHost>),
     Deleted {
         name: String,
     },

@@ -4,7 +4,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmhost_api::units::format_bytes;
-use vmhost_api::{ClientError, ComputeUnits, CreateVm, HostInfo, ImageRef, Reply, Request, VmInfo};
+use vmhost_api::{
+    ClientError, ComputeUnits, CreateVm, FleetHost, HostInfo, ImageRef, Reply, Request, VmInfo,
+};
 
 /// Creating or resizing a guest under emulation can take a while; give up after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -23,6 +25,9 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Run the command on this fleet host, through the local vmhostd.
+    #[arg(long, global = true, value_name = "NAME")]
+    host: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,8 +57,11 @@ enum Command {
         #[arg(long = "agent", value_name = "KEY=VALUE", value_parser = parse_setting)]
         agent: Vec<(String, serde_json::Value)>,
     },
-    /// List the VMs.
-    List,
+    /// List the VMs of the whole fleet (with --local, of this host only).
+    List {
+        #[arg(long)]
+        local: bool,
+    },
     /// Show one VM.
     Show { name: String },
     /// Resize a running VM.
@@ -81,6 +89,8 @@ enum Command {
     },
     /// Show this host: accelerator, capacity and allocation.
     Host,
+    /// The fleet's hosts: liveness, capacity, allocated and leased.
+    Hosts,
     /// Scaling decisions and their outcomes, of one VM or all.
     Events {
         name: Option<String>,
@@ -165,8 +175,11 @@ impl Command {
                 cu,
                 autoscale: !no_autoscale,
                 agent: agent.into_iter().collect(),
+                lease: None,
             }),
-            Command::List => Request::List,
+            Command::List { local: true } => Request::List,
+            Command::List { local: false } => Request::FleetList,
+            Command::Hosts => Request::Hosts,
             Command::Show { name } => Request::Show { name },
             Command::Scale { name, cu, force } => Request::Scale { name, cu, force },
             Command::Stop { name } => Request::Stop { name },
@@ -209,16 +222,31 @@ fn main() {
         }
         return;
     }
+    let on_host = |request: Request| match &cli.host {
+        // Another host lists its own VMs.
+        Some(host) => Request::OnHost {
+            host: host.clone(),
+            request: Box::new(match request {
+                Request::FleetList => Request::List,
+                other => other,
+            }),
+        },
+        None => request,
+    };
     let result = match cli.command {
         Command::Events { follow: true, .. } => {
-            vmhost_api::call_stream(&cli.socket, cli.command.into_request(), |reply| {
+            vmhost_api::call_stream(&cli.socket, on_host(cli.command.into_request()), |reply| {
                 print_reply(&reply, json);
                 true
             })
         }
         Command::Top { count } => top(&cli.socket, count),
-        command => vmhost_api::call(&cli.socket, command.into_request(), REQUEST_TIMEOUT)
-            .map(|reply| print_reply(&reply, json)),
+        command => vmhost_api::call(
+            &cli.socket,
+            on_host(command.into_request()),
+            REQUEST_TIMEOUT,
+        )
+        .map(|reply| print_reply(&reply, json)),
     };
     match result {
         Ok(()) => {}
@@ -237,7 +265,12 @@ fn print_reply(reply: &Reply, json: bool) {
         let value = match reply {
             Reply::Vm(vm) => serde_json::to_value(vm),
             Reply::Vms(vms) => serde_json::to_value(vms),
+            Reply::FleetVms { vms, unreachable } => {
+                warn_unreachable(unreachable);
+                serde_json::to_value(vms)
+            }
             Reply::Host(host) => serde_json::to_value(host),
+            Reply::Hosts(hosts) => serde_json::to_value(hosts),
             Reply::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
             Reply::Events(events) => {
                 // One JSON object per line, the same as a followed stream.
@@ -267,7 +300,12 @@ fn print_reply(reply: &Reply, json: bool) {
     match reply {
         Reply::Vm(vm) => print_vm(vm),
         Reply::Vms(vms) => print_table(vms),
+        Reply::FleetVms { vms, unreachable } => {
+            print_table(vms);
+            warn_unreachable(unreachable);
+        }
         Reply::Host(host) => print_host(host),
+        Reply::Hosts(hosts) => print_hosts(hosts),
         Reply::Deleted { name } => println!("deleted {name}"),
         Reply::Events(events) => events.iter().for_each(print_event),
         Reply::Event(event) => print_event(event),
@@ -402,6 +440,35 @@ fn print_table(vms: &[VmInfo]) {
     }
 }
 
+fn warn_unreachable(hosts: &[String]) {
+    if !hosts.is_empty() {
+        eprintln!(
+            "vmctl: VMs of these hosts are missing: {}",
+            hosts.join(", ")
+        );
+    }
+}
+
+fn print_hosts(hosts: &[FleetHost]) {
+    println!(
+        "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
+        "HOST", "ADDRESS", "LIVE", "CAPACITY", "ALLOCATED", "LEASED", "VMS"
+    );
+    let short = |r: vmhost_api::Resources| format!("{}/{}", r.vcpus, format_bytes(r.memory_bytes));
+    for host in hosts {
+        println!(
+            "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
+            host.name,
+            host.addr,
+            if host.live { "yes" } else { "DEAD" },
+            short(host.capacity),
+            short(host.allocated),
+            short(host.leased),
+            host.vms
+        );
+    }
+}
+
 fn print_host(host: &HostInfo) {
     println!("host       {}", host.name);
     println!("accel      {} ({})", host.accel, host.accel_reason);
@@ -412,6 +479,7 @@ fn print_host(host: &HostInfo) {
     );
     println!("capacity   {}", host.capacity);
     println!("allocated  {}", host.allocated);
+    println!("leased     {}", host.leased);
     println!("vms        {}", host.vms);
 }
 

@@ -1,6 +1,7 @@
 //! The local API: a unix socket (mode 0660) speaking one JSON request and one JSON response
 //! per line (`vmhost_api`).
 
+use crate::fleet::{self, Fleet};
 use crate::host::Host;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -45,13 +46,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, host: Arc<Host>) {
+pub async fn serve(listener: UnixListener, host: Arc<Host>, fleet: Option<Arc<Fleet>>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let host = host.clone();
+                let fleet = fleet.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = handle_connection(stream, host).await {
+                    if let Err(error) = handle_connection(stream, host, fleet).await {
                         tracing::debug!(%error, "API connection ended with an error");
                     }
                 });
@@ -64,7 +66,11 @@ pub async fn serve(listener: UnixListener, host: Arc<Host>) {
     }
 }
 
-async fn handle_connection(stream: UnixStream, host: Arc<Host>) -> std::io::Result<()> {
+async fn handle_connection(
+    stream: UnixStream,
+    host: Arc<Host>,
+    fleet: Option<Arc<Fleet>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
@@ -83,7 +89,7 @@ async fn handle_connection(stream: UnixStream, host: Arc<Host>) -> std::io::Resu
                 Ok(Request::Events { name, follow: true }) => {
                     return follow_events(&mut write, &host, name).await
                 }
-                Ok(request) => respond(request, &host).await,
+                Ok(request) => respond(request, host, fleet).await,
                 Err(error) => Response::Error(error),
             },
         };
@@ -140,13 +146,12 @@ fn parse(line: &str) -> Result<Request, ApiError> {
     Ok(envelope.request)
 }
 
-async fn respond(request: Request, host: &Arc<Host>) -> Response {
+async fn respond(request: Request, host: Arc<Host>, fleet: Option<Arc<Fleet>>) -> Response {
     // Run the operation in its own task: a client that hangs up must not cancel a resize
     // halfway through.
-    let host = host.clone();
-    match tokio::spawn(async move { host.handle(request).await }).await {
+    match tokio::spawn(async move { fleet::dispatch(&host, fleet.as_ref(), request).await }).await {
         Ok(Ok(reply)) => Response::Ok(reply),
-        Ok(Err(error)) => Response::Error(error.into()),
+        Ok(Err(error)) => Response::Error(error),
         Err(join_error) => Response::Error(ApiError::new(
             ErrorKind::Internal,
             format!("request handler failed: {join_error}"),

@@ -41,6 +41,80 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub images: BTreeMap<String, ImageConfig>,
+    /// Membership in a fleet of hosts; without it the host stands alone.
+    pub fleet: Option<FleetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Hosts gossip only with hosts of the same cluster.
+    pub cluster: String,
+    /// The UDP address of this host's QUIC endpoint.
+    pub listen: std::net::SocketAddr,
+    /// The address peers dial, when it differs from `listen` (a wildcard `listen`).
+    pub advertise: Option<std::net::SocketAddr>,
+    /// Fleet addresses of a few hosts to join through.
+    #[serde(default)]
+    pub seeds: Vec<std::net::SocketAddr>,
+    /// The folder `vmctl fleet issue-cert` wrote for this host (its name must be the
+    /// certificate's host name, and `advertise` the certificate's address).
+    pub credentials: PathBuf,
+    #[serde(default = "default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+    /// A host the failure detector gave up on is forgotten after this long.
+    #[serde(default = "default_dead_host_grace_secs")]
+    pub dead_host_grace_secs: u64,
+    /// The lease this host asks for when it places a VM on another host.
+    #[serde(default = "default_lease_ttl_secs")]
+    pub lease_ttl_secs: u64,
+    /// The share of memory capacity beyond which this host takes no placements.
+    #[serde(default = "default_watermark")]
+    pub watermark: f64,
+}
+
+fn default_gossip_interval_ms() -> u64 {
+    500
+}
+fn default_dead_host_grace_secs() -> u64 {
+    600
+}
+fn default_lease_ttl_secs() -> u64 {
+    30
+}
+fn default_watermark() -> f64 {
+    1.0
+}
+
+impl FleetConfig {
+    pub fn advertise(&self) -> std::net::SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.cluster.is_empty() {
+            return Err("fleet.cluster must not be empty".into());
+        }
+        if self.advertise().ip().is_unspecified() || self.advertise().port() == 0 {
+            return Err(format!(
+                "fleet.advertise must be a concrete address peers can dial (listen is {})",
+                self.listen
+            ));
+        }
+        if !(50..=60_000).contains(&self.gossip_interval_ms) {
+            return Err("fleet.gossip_interval_ms must be between 50 and 60000".into());
+        }
+        if !(1..=120).contains(&self.lease_ttl_secs) {
+            return Err("fleet.lease_ttl_secs must be between 1 and 120".into());
+        }
+        if !(self.watermark > 0.0 && self.watermark <= 1.0) {
+            return Err("fleet.watermark must be in (0, 1]".into());
+        }
+        if !self.credentials.is_absolute() {
+            return Err("fleet.credentials must be an absolute path".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -236,6 +310,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate()?;
+        }
         if let NetworkConfig::Tap { bridge } = &self.network {
             if bridge.is_empty() || bridge.len() > 15 {
                 return Err(format!(
@@ -357,6 +434,14 @@ mod tests {
             (MINIMAL.replace("/var/lib/vmhost", "relative"), "absolute"),
             ("state_dir = ".to_string(), "invalid config"),
             (format!("accel = \"xen\"\n{MINIMAL}"), "unknown variant"),
+            (
+                format!("{MINIMAL}\n[fleet]\ncluster = \"c\"\nlisten = \"0.0.0.0:7100\"\ncredentials = \"/etc/vmhost/fleet\""),
+                "concrete address",
+            ),
+            (
+                format!("{MINIMAL}\n[fleet]\ncluster = \"c\"\nlisten = \"10.0.0.1:7100\"\ncredentials = \"/f\"\nwatermark = 1.5"),
+                "watermark",
+            ),
         ];
         for (text, expected) in cases {
             let message = load(&text).unwrap_err().to_string();

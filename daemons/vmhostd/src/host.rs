@@ -18,7 +18,8 @@ use vmhost_api::{
     ApiError, ComputeUnits, CreateVm, ErrorKind, EventKind, HostInfo, ImageRef, Reply, Request,
     Resources, VmInfo, VmState,
 };
-use vmhost_gossip::ledger::{Ledger, LedgerError};
+use vmhost_gossip::lease::{self, LeaseRequest, LeaseResponse};
+use vmhost_gossip::ledger::{LeaseId, Ledger, LedgerError};
 use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
 
 /// Spare PCIe root ports for devices plugged at run time.
@@ -85,6 +86,14 @@ impl From<HostError> for ApiError {
     fn from(error: HostError) -> ApiError {
         ApiError::new(error.kind(), error_chain(&error))
     }
+}
+
+/// Wall-clock milliseconds: lease expiries are persisted, so they must survive a restart.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 /// "outer: cause: root cause", on one line.
@@ -174,11 +183,22 @@ impl Host {
         for error in broken {
             tracing::error!(error = %error_chain(&error), "skipping a VM folder");
         }
+        let ledger = match store.load_leases()? {
+            Some(saved) => {
+                let ledger = Ledger::with_leases_from(config.capacity(), saved);
+                tracing::info!(
+                    leases = ledger.leases().count(),
+                    "restored the leases granted before the restart"
+                );
+                ledger
+            }
+            None => Ledger::new(config.capacity()),
+        };
         let host = Arc::new(Host {
             events: EventLog::default(),
             stats: ScalingStats::default(),
             host_name: config.host_name(),
-            ledger: Mutex::new(Ledger::new(config.capacity())),
+            ledger: Mutex::new(ledger),
             config,
             accel,
             store,
@@ -290,7 +310,82 @@ impl Host {
                 }
                 Ok(Reply::Events(self.events.snapshot(name.as_deref()).0))
             }
+            Request::FleetList | Request::Hosts | Request::OnHost { .. } => {
+                Err(HostError::Invalid(
+                    "this host is not part of a fleet ([fleet] is not in its config)".into(),
+                ))
+            }
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.host_name
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Answers another host's lease request against the ledger local scaling uses, and
+    /// persists the leases before the answer leaves.
+    pub fn serve_lease(&self, request: LeaseRequest) -> LeaseResponse {
+        let mut ledger = self.ledger();
+        let response = lease::serve(&mut ledger, request, now_ms());
+        match &response {
+            LeaseResponse::Granted(l) => {
+                tracing::info!(lease = l.id, vm = %l.vm, holder = %l.holder, size = %l.resources, "lease granted")
+            }
+            LeaseResponse::Refused { reason, .. } => tracing::info!(%reason, "lease refused"),
+            _ => {}
+        }
+        self.persist_leases(&ledger);
+        response
+    }
+
+    /// Drops leases whose holder stopped renewing them.
+    pub fn expire_leases(&self) {
+        let mut ledger = self.ledger();
+        let expired = ledger.expire(now_ms());
+        for lease in &expired {
+            tracing::warn!(lease = lease.id, vm = %lease.vm, holder = %lease.holder, size = %lease.resources, "lease expired: its holder neither committed nor released it");
+        }
+        if !expired.is_empty() {
+            self.persist_leases(&ledger);
+        }
+    }
+
+    fn persist_leases(&self, ledger: &Ledger) {
+        if let Err(error) = self.store.save_leases(ledger) {
+            tracing::error!(error = %error_chain(&error), "cannot persist leases; a restart would forget them");
+        }
+    }
+
+    /// Books a new VM: from the lease granted for it when it was placed from another host,
+    /// or fresh from the ledger.
+    fn book_new_vm(
+        &self,
+        name: &str,
+        size: Resources,
+        lease: Option<LeaseId>,
+    ) -> Result<(), HostError> {
+        let Some(id) = lease else {
+            return Ok(self.ledger().set(name, size)?);
+        };
+        let mut ledger = self.ledger();
+        let held = ledger
+            .leases()
+            .find(|l| l.id == id)
+            .cloned()
+            .ok_or(LedgerError::UnknownLease(id))?;
+        if held.vm != name || held.resources != size {
+            return Err(HostError::Invalid(format!(
+                "lease {id} is for VM '{}' of {}, not '{name}' of {size}",
+                held.vm, held.resources
+            )));
+        }
+        ledger.commit(id, now_ms())?;
+        self.persist_leases(&ledger);
+        Ok(())
     }
 
     fn info(&self, slot: &VmSlot) -> VmInfo {
@@ -358,6 +453,7 @@ impl Host {
             cu_shape: self.config.cu_shape(),
             capacity: ledger.capacity(),
             allocated: ledger.allocated(),
+            leased: ledger.leased(),
             vms: self.vms().len(),
         }
     }
@@ -460,7 +556,7 @@ impl Host {
         }
         let _operation = slot.operation.lock().await;
         let created = async {
-            self.ledger().set(&name, shape.resources(spec.cu))?;
+            self.book_new_vm(&name, shape.resources(spec.cu), request.lease)?;
             if let Err(error) = self.store.create_vm(&spec) {
                 self.ledger().release(&name);
                 return Err(error.into());

@@ -4,6 +4,7 @@ mod agent_task;
 mod api;
 mod config;
 mod events;
+mod fleet;
 mod guest_link;
 mod host;
 mod net;
@@ -77,6 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             std::sync::Arc::new(move || prometheus::render(&scraped.stats, &scraped.gauges())),
         ));
     }
+    let fleet = fleet::Fleet::start(host.clone()).await?;
     tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog();
@@ -84,9 +86,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tokio::select! {
-        () = api::serve(listener, host) => {}
+        () = api::serve(listener, host, fleet.clone()) => {}
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(fleet) = &fleet {
+        fleet.close();
     }
     // VMs keep running: a restarted vmhostd reattaches to them.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

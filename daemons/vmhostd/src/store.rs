@@ -6,8 +6,20 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use vmhost_api::{ComputeUnits, CuShape, ImageRef};
+use vmhost_gossip::ledger::Ledger;
 
 const SPEC_FILE: &str = "spec.json";
+const LEASES_FILE: &str = "leases.json";
+
+/// Write, fsync, rename: a crash leaves the old file or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io_error("cannot write", &tmp))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("cannot write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_error("cannot replace", path))
+}
 
 /// What must survive a restart of vmhostd, for one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,17 +158,33 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the spec atomically (write, fsync, rename).
+    /// Writes the spec atomically.
     pub fn save(&self, spec: &VmSpec) -> Result<(), StoreError> {
-        let dir = self.vm_dir(&spec.name);
-        let tmp = dir.join(format!("{SPEC_FILE}.tmp"));
-        let path = dir.join(SPEC_FILE);
         let json = serde_json::to_vec_pretty(spec).expect("a spec always serializes");
-        let mut file = File::create(&tmp).map_err(io_error("cannot write", &tmp))?;
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_error("cannot replace", &path))
+        write_atomically(&self.vm_dir(&spec.name).join(SPEC_FILE), &json)
+    }
+
+    /// Persists the leases this host granted, so they outlive a restart and expire on time.
+    pub fn save_leases(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(ledger).expect("a ledger always serializes");
+        write_atomically(&self.root.join(LEASES_FILE), &json)
+    }
+
+    /// The ledger saved by `save_leases`, if any.
+    pub fn load_leases(&self) -> Result<Option<Ledger>, StoreError> {
+        let path = self.root.join(LEASES_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("cannot read", &path)(e)),
+        }
     }
 
     /// Every VM spec on disk, with the folders whose spec cannot be read reported apart.

@@ -1,0 +1,378 @@
+//! This host in its fleet. On the QUIC endpoint it answers peers (leases against the host
+//! ledger, gossip, API requests); it publishes its capacity through gossip; it places a VM on
+//! another host when it has no room itself; and it answers the fleet-wide requests.
+
+use crate::config::FleetConfig;
+use crate::host::{Host, HostError};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use vmhost_api::{
+    ApiError, CreateVm, Envelope, ErrorKind, FleetHost, Reply, Request, Resources, Response,
+    API_VERSION,
+};
+use vmhost_gossip::lease::{LeaseRequest, LeaseResponse};
+use vmhost_gossip::ledger::Lease;
+use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
+use vmhost_gossip::pki::Identity;
+use vmhost_gossip::quic::{self, FleetEndpoint, FleetRequest, FleetResponse};
+
+/// How often this host re-publishes its view and expires stale leases.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// A request run on another host may boot a guest under emulation.
+const PEER_API_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct Fleet {
+    host: Arc<Host>,
+    endpoint: Arc<FleetEndpoint>,
+    membership: Membership,
+    config: FleetConfig,
+}
+
+impl Fleet {
+    /// Joins the fleet named in the config, if any.
+    pub async fn start(host: Arc<Host>) -> anyhow::Result<Option<Arc<Fleet>>> {
+        let Some(config) = host.config().fleet.clone() else {
+            return Ok(None);
+        };
+        let identity = Identity::load(&config.credentials)
+            .context("cannot load this host's fleet credentials")?;
+        let endpoint = Arc::new(
+            FleetEndpoint::bind(config.listen, &identity)
+                .context("cannot open the fleet endpoint")?,
+        );
+        let served = host.clone();
+        endpoint.serve(Arc::new(move |request| serve_peer(served.clone(), request)));
+        let membership = Membership::start(
+            endpoint.clone(),
+            MembershipConfig {
+                cluster: config.cluster.clone(),
+                name: host.name().to_string(),
+                advertise: config.advertise(),
+                seeds: config.seeds.clone(),
+                gossip_interval: Duration::from_millis(config.gossip_interval_ms),
+                dead_host_grace: Duration::from_secs(config.dead_host_grace_secs),
+            },
+            &own_view(&host, &config),
+        )
+        .await?;
+        tracing::info!(addr = %config.advertise(), cluster = %config.cluster, seeds = ?config.seeds, "joined the fleet");
+        let fleet = Arc::new(Fleet {
+            host,
+            endpoint,
+            membership,
+            config,
+        });
+        let publisher = Arc::downgrade(&fleet);
+        tokio::spawn(async move {
+            while let Some(fleet) = publisher.upgrade() {
+                fleet.host.expire_leases();
+                fleet
+                    .membership
+                    .publish(&own_view(&fleet.host, &fleet.config))
+                    .await;
+                drop(fleet);
+                tokio::time::sleep(PUBLISH_INTERVAL).await;
+            }
+        });
+        Ok(Some(fleet))
+    }
+
+    /// The requests that involve other hosts.
+    pub async fn handle(&self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            Request::Create(create) => self.create(create).await,
+            Request::FleetList => Ok(self.list().await),
+            Request::Hosts => Ok(Reply::Hosts(
+                self.membership
+                    .members()
+                    .await
+                    .into_iter()
+                    .map(fleet_host)
+                    .collect(),
+            )),
+            Request::OnHost { host, request } => self.on_host(&host, *request).await,
+            request => self.host.handle(request).await.map_err(Into::into),
+        }
+    }
+
+    /// Here if it fits; otherwise on the live host with the most free memory that grants a
+    /// lease, trying the next when one refuses.
+    async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
+        let local_refusal = match self.host.handle(Request::Create(create.clone())).await {
+            Err(HostError::Capacity(refusal)) => refusal,
+            other => return other.map_err(Into::into),
+        };
+        let cu = create.cu.unwrap_or(create.min_cu);
+        let mut candidates: Vec<HostView> = self
+            .membership
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.live && m.view.name != self.host.name())
+            .map(|m| m.view)
+            .filter(|v| v.has_room_for(v.cu_shape.resources(cu)))
+            .collect();
+        candidates.sort_by_key(|v| std::cmp::Reverse(v.free().memory_bytes));
+        let mut refusals = vec![format!("{}: {local_refusal}", self.host.name())];
+        for target in candidates {
+            let size = target.cu_shape.resources(cu);
+            let lease = match self.reserve(&target, &create.name, size).await {
+                Ok(lease) => lease,
+                Err(refusal) => {
+                    refusals.push(format!("{}: {refusal}", target.name));
+                    continue;
+                }
+            };
+            tracing::info!(vm = %create.name, host = %target.name, lease = lease.id, "placing VM on another host");
+            let placed = CreateVm {
+                lease: Some(lease.id),
+                ..create.clone()
+            };
+            return match self.call_api(&target, Request::Create(placed)).await {
+                Ok(reply) => Ok(reply),
+                Err(error) => {
+                    // A committed lease is no longer a lease; releasing it changes nothing.
+                    self.release(&target, lease.id).await;
+                    Err(error)
+                }
+            };
+        }
+        Err(ApiError::new(
+            ErrorKind::CapacityExceeded,
+            format!(
+                "no host of the fleet has room for VM '{}' at {cu} CU ({})",
+                create.name,
+                refusals.join("; ")
+            ),
+        ))
+    }
+
+    async fn reserve(&self, target: &HostView, vm: &str, size: Resources) -> Result<Lease, String> {
+        let request = FleetRequest::Lease(LeaseRequest::Reserve {
+            vm: vm.to_string(),
+            holder: self.host.name().to_string(),
+            resources: size,
+            ttl_ms: self.config.lease_ttl_secs * 1000,
+        });
+        match self
+            .endpoint
+            .call(target.addr, &target.name, &request)
+            .await
+        {
+            Ok(FleetResponse::Lease(LeaseResponse::Granted(lease))) => Ok(lease),
+            Ok(FleetResponse::Lease(LeaseResponse::Refused { reason, .. })) => Err(reason),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    async fn release(&self, target: &HostView, id: u64) {
+        let request = FleetRequest::Lease(LeaseRequest::Release { id });
+        if let Err(error) = self
+            .endpoint
+            .call(target.addr, &target.name, &request)
+            .await
+        {
+            tracing::warn!(host = %target.name, lease = id, %error, "cannot release a lease; it will expire");
+        }
+    }
+
+    /// This host's VMs and those of every live peer.
+    async fn list(&self) -> Reply {
+        let mut vms = self.host.list();
+        let mut unreachable = Vec::new();
+        let peers: Vec<Member> = self
+            .membership
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.view.name != self.host.name())
+            .collect();
+        let answers = futures::future::join_all(
+            peers
+                .iter()
+                .filter(|m| m.live)
+                .map(|m| async { (&m.view.name, self.call_api(&m.view, Request::List).await) }),
+        )
+        .await;
+        for (name, answer) in answers {
+            match answer {
+                Ok(Reply::Vms(theirs)) => vms.extend(theirs),
+                Ok(_) => unreachable.push(format!("{name} (unexpected reply)")),
+                Err(error) => unreachable.push(format!("{name} ({error})")),
+            }
+        }
+        unreachable.extend(
+            peers
+                .iter()
+                .filter(|m| !m.live)
+                .map(|m| format!("{} (dead)", m.view.name)),
+        );
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Reply::FleetVms { vms, unreachable }
+    }
+
+    async fn on_host(&self, name: &str, request: Request) -> Result<Reply, ApiError> {
+        if let Err(reason) = peer_may_run(&request) {
+            return Err(ApiError::new(ErrorKind::InvalidArgument, reason));
+        }
+        if name == self.host.name() {
+            return self.host.handle(request).await.map_err(Into::into);
+        }
+        let members = self.membership.members().await;
+        let Some(target) = members.iter().find(|m| m.view.name == name) else {
+            let known: Vec<_> = members.iter().map(|m| m.view.name.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no host named '{name}' in the fleet (known: {})",
+                    known.join(", ")
+                ),
+            ));
+        };
+        self.call_api(&target.view, request).await
+    }
+
+    /// Runs a local-API request on another host.
+    async fn call_api(&self, target: &HostView, request: Request) -> Result<Reply, ApiError> {
+        let envelope = Envelope {
+            version: API_VERSION,
+            request,
+        };
+        let json = serde_json::to_string(&envelope).expect("requests always serialize");
+        let unreachable = |message: String| {
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("host '{}': {message}", target.name),
+            )
+        };
+        let answer = self
+            .endpoint
+            .call_with_timeout(
+                target.addr,
+                &target.name,
+                &FleetRequest::Api(json),
+                PEER_API_TIMEOUT,
+            )
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let FleetResponse::Api(json) = answer else {
+            return Err(unreachable(format!("unexpected answer {answer:?}")));
+        };
+        match serde_json::from_str(&json) {
+            Ok(Response::Ok(reply)) => Ok(reply),
+            Ok(Response::Error(error)) => Err(ApiError::new(
+                error.kind,
+                format!("on host '{}': {}", target.name, error.message),
+            )),
+            Err(e) => Err(unreachable(format!("unreadable answer: {e}"))),
+        }
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close();
+    }
+}
+
+/// What another host may ask this one to run: its own VMs, nothing that fans out again.
+fn peer_may_run(request: &Request) -> Result<(), String> {
+    match request {
+        Request::OnHost { .. } | Request::FleetList | Request::Hosts => {
+            Err("fleet-wide requests cannot be run on another host".into())
+        }
+        Request::Events { follow: true, .. } => {
+            Err("events cannot be followed on another host; run vmctl there".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A peer's request. The peer is a fleet host (the endpoint checked its certificate), but
+/// its bytes are still checked like anyone's.
+fn serve_peer(host: Arc<Host>, request: FleetRequest) -> quic::Reply {
+    match request {
+        FleetRequest::Ping => quic::answer(FleetResponse::Pong),
+        FleetRequest::Lease(request) => {
+            quic::answer(FleetResponse::Lease(host.serve_lease(request)))
+        }
+        FleetRequest::Api(json) => Box::pin(async move {
+            let response = match serde_json::from_str::<Envelope>(&json) {
+                Err(e) => Response::Error(ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("malformed request: {e}"),
+                )),
+                Ok(envelope) if envelope.version != API_VERSION => Response::Error(ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("API version {} is not supported", envelope.version),
+                )),
+                Ok(envelope) => match peer_may_run(&envelope.request) {
+                    Err(reason) => {
+                        Response::Error(ApiError::new(ErrorKind::InvalidArgument, reason))
+                    }
+                    // Its own task: a peer that hangs up must not cancel a create halfway.
+                    Ok(()) => {
+                        match tokio::spawn(async move { host.handle(envelope.request).await }).await
+                        {
+                            Ok(Ok(reply)) => Response::Ok(reply),
+                            Ok(Err(error)) => Response::Error(error.into()),
+                            Err(e) => Response::Error(ApiError::new(
+                                ErrorKind::Internal,
+                                format!("request handler failed: {e}"),
+                            )),
+                        }
+                    }
+                },
+            };
+            FleetResponse::Api(
+                serde_json::to_string(&response).expect("responses always serialize"),
+            )
+        }),
+    }
+}
+
+fn own_view(host: &Host, config: &FleetConfig) -> HostView {
+    let info = host.host_info();
+    HostView {
+        name: info.name,
+        addr: config.advertise(),
+        cu_shape: info.cu_shape,
+        capacity: info.capacity,
+        allocated: info.allocated,
+        leased: info.leased,
+        watermark_memory_bytes: (info.capacity.memory_bytes as f64 * config.watermark) as u64,
+        vms: info.vms as u32,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn fleet_host(member: Member) -> FleetHost {
+    let view = member.view;
+    FleetHost {
+        name: view.name,
+        addr: view.addr.to_string(),
+        live: member.live,
+        cu_shape: view.cu_shape,
+        capacity: view.capacity,
+        allocated: view.allocated,
+        leased: view.leased,
+        vms: view.vms,
+        version: view.version,
+    }
+}
+
+/// Routes a local-API request: to the fleet when it involves other hosts, else to this host.
+pub async fn dispatch(
+    host: &Arc<Host>,
+    fleet: Option<&Arc<Fleet>>,
+    request: Request,
+) -> Result<Reply, ApiError> {
+    match (fleet, request) {
+        (Some(fleet), request) => fleet.handle(request).await,
+        (None, Request::FleetList) => Ok(Reply::FleetVms {
+            vms: host.list(),
+            unreachable: Vec::new(),
+        }),
+        (None, request) => host.handle(request).await.map_err(Into::into),
+    }
+}
