@@ -1,7 +1,9 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt [RUNS]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim [N]
+
+mod gossip;
 
 use std::io::Write;
 use std::path::Path;
@@ -243,29 +245,31 @@ fn agent_cpu(vms: usize, window: Duration) {
     ));
 }
 
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// A fleet CA in `dir/ca` and loopback hosts it certified.
+fn fleet_identities(dir: &Path, hosts: &[&str]) -> Vec<vmhost_gossip::pki::Identity> {
+    use vmhost_gossip::pki;
+    pki::init_ca(&dir.join("ca")).unwrap();
+    hosts
+        .iter()
+        .map(|host| {
+            pki::issue_cert(&dir.join("ca"), host, LOCALHOST, &dir.join(host)).unwrap();
+            pki::Identity::load(&dir.join(host)).unwrap()
+        })
+        .collect()
+}
+
 /// Lease reserve→grant round trips between two hosts on loopback (QUIC, mutual TLS),
 /// against a bare request/response (`Ping`) on the same connection, alternating batches.
 async fn lease_rtt(round_trips: usize) {
     use std::sync::{Arc, Mutex};
     use vmhost_gossip::lease::{self, LeaseRequest};
     use vmhost_gossip::ledger::Ledger;
-    use vmhost_gossip::pki::{self, Identity};
     use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
     let dir = tempfile::tempdir().unwrap();
-    let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    pki::init_ca(&dir.path().join("ca")).unwrap();
-    let mut ids = Vec::new();
-    for host in ["host-a", "host-b"] {
-        pki::issue_cert(
-            &dir.path().join("ca"),
-            host,
-            localhost,
-            &dir.path().join(host),
-        )
-        .unwrap();
-        ids.push(Identity::load(&dir.path().join(host)).unwrap());
-    }
-    let any = std::net::SocketAddr::new(localhost, 0);
+    let ids = fleet_identities(dir.path(), &["host-a", "host-b"]);
+    let any = std::net::SocketAddr::new(LOCALHOST, 0);
     let b = FleetEndpoint::bind(any, &ids[1]).unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::new(vmhost_api::Resources {
         vcpus: u32::MAX,
@@ -334,6 +338,10 @@ async fn main() {
         "upscale" => upscale(runs, &image, accel).await,
         "agent-cpu" => agent_cpu(20, Duration::from_secs(60)),
         "lease-rtt" => lease_rtt(runs).await,
-        other => panic!("unknown benchmark '{other}': create, upscale, agent-cpu or lease-rtt"),
+        "gossip" => gossip::real(runs).await,
+        "gossip-sim" => gossip::simulated(runs).await,
+        other => panic!(
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip or gossip-sim"
+        ),
     }
 }
