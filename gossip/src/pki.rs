@@ -104,6 +104,23 @@ pub fn issue_cert(ca_dir: &Path, host: &str, addr: IpAddr, out_dir: &Path) -> Re
     write(&out_dir.join(CA_CERT), &ca_pem, 0o644)
 }
 
+/// A CA in `dir/ca` and, for each of `hosts`, credentials it issued in `dir/<host>`, all at
+/// `addr`: a fleet on one machine, for tests and benchmarks.
+pub fn one_machine_fleet(
+    dir: &Path,
+    hosts: &[&str],
+    addr: IpAddr,
+) -> Result<Vec<Identity>, PkiError> {
+    init_ca(&dir.join("ca"))?;
+    hosts
+        .iter()
+        .map(|host| {
+            issue_cert(&dir.join("ca"), host, addr, &dir.join(host))?;
+            Identity::load(&dir.join(host))
+        })
+        .collect()
+}
+
 /// A host's credentials, loaded from an `issue_cert` directory.
 #[derive(Debug)]
 pub struct Identity {

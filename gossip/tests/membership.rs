@@ -20,14 +20,7 @@ struct TestHost {
 }
 
 fn identities(dir: &Path, hosts: &[&str]) -> Vec<Identity> {
-    pki::init_ca(&dir.join("ca")).unwrap();
-    hosts
-        .iter()
-        .map(|host| {
-            pki::issue_cert(&dir.join("ca"), host, LOCALHOST, &dir.join(host)).unwrap();
-            Identity::load(&dir.join(host)).unwrap()
-        })
-        .collect()
+    pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
 }
 
 async fn start(name: &str, identity: &Identity, seeds: Vec<SocketAddr>) -> TestHost {

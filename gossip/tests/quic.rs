@@ -16,16 +16,8 @@ fn any_port() -> SocketAddr {
     SocketAddr::new(LOCALHOST, 0)
 }
 
-/// A CA in `dir/ca` and hosts issued by it in `dir/<host>`.
 fn fleet(dir: &Path, hosts: &[&str]) -> Vec<Identity> {
-    pki::init_ca(&dir.join("ca")).unwrap();
-    hosts
-        .iter()
-        .map(|host| {
-            pki::issue_cert(&dir.join("ca"), host, LOCALHOST, &dir.join(host)).unwrap();
-            Identity::load(&dir.join(host)).unwrap()
-        })
-        .collect()
+    pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
 }
 
 /// A granter serving its ledger over the endpoint.

@@ -249,15 +249,7 @@ const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOC
 
 /// A fleet CA in `dir/ca` and loopback hosts it certified.
 fn fleet_identities(dir: &Path, hosts: &[&str]) -> Vec<vmhost_gossip::pki::Identity> {
-    use vmhost_gossip::pki;
-    pki::init_ca(&dir.join("ca")).unwrap();
-    hosts
-        .iter()
-        .map(|host| {
-            pki::issue_cert(&dir.join("ca"), host, LOCALHOST, &dir.join(host)).unwrap();
-            pki::Identity::load(&dir.join(host)).unwrap()
-        })
-        .collect()
+    vmhost_gossip::pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
 }
 
 /// Lease reserve→grant round trips between two hosts on loopback (QUIC, mutual TLS),
