@@ -324,10 +324,9 @@ async fn main() {
     let accel = vmm::accel::decide(AccelChoice::Auto, &HostFacts::probe())
         .unwrap()
         .accel;
-    let image = test_image();
     match which.as_str() {
-        "create" => create(runs, &image, accel),
-        "upscale" => upscale(runs, &image, accel).await,
+        "create" => create(runs, &test_image(), accel),
+        "upscale" => upscale(runs, &test_image(), accel).await,
         "agent-cpu" => agent_cpu(20, Duration::from_secs(60)),
         "lease-rtt" => lease_rtt(runs).await,
         "gossip" => gossip::real(runs).await,
