@@ -309,6 +309,15 @@ cmdline = "{cmdline} vmhost.monitor=off"
         serde_json::from_str(&self.vmctl_ok(&["--json", "show", name])).unwrap()
     }
 
+    /// Waits until the guest's monitor is connected: downscales need its approval.
+    pub fn wait_monitor(&self, name: &str) {
+        wait_until(
+            Duration::from_secs(120),
+            "the guest's monitor to connect",
+            || self.show(name)["guest"]["connected"] == true,
+        );
+    }
+
     pub fn serial_log(&self, name: &str) -> PathBuf {
         self.state_dir().join("vms").join(name).join("serial.log")
     }

@@ -55,6 +55,7 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
         },
     );
 
+    host.wait_monitor("db1");
     host.vmctl_ok(&["scale", "db1", "--cu", "1"]);
     assert_eq!(host.show("db1")["vcpus"], 1);
     host.wait_guest_view("db1", boot);

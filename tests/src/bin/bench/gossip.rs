@@ -159,6 +159,9 @@ impl Stock {
                 seed_nodes: seed.clone(),
                 failure_detector_config: chitchat::FailureDetectorConfig {
                     initial_interval: interval,
+                    // The default window (1000 heartbeat samples per peer) takes
+                    // gigabytes when a thousand nodes share one process.
+                    sampling_window_size: 16,
                     ..Default::default()
                 },
                 marked_for_deletion_grace_period: Duration::from_secs(3600),
