@@ -16,6 +16,15 @@ const FAST_AGENT: [&str; 6] = [
     "denied_retry_secs=10",
 ];
 
+/// Creates an autoscaled VM of 1 to `max_cu` CU with the fast agent settings.
+fn create_fast(host: &TestHost, name: &str, image: &str, max_cu: &str) {
+    let mut args = vec![
+        "create", name, "--image", image, "--min-cu", "1", "--max-cu", max_cu,
+    ];
+    args.extend(FAST_AGENT);
+    host.vmctl_ok(&args);
+}
+
 fn cu(host: &TestHost, vm: &str) -> f64 {
     host.show(vm)["cu"].as_f64().unwrap()
 }
@@ -47,11 +56,7 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
         vcpus: 4,
         memory_mib: 8192,
     });
-    let mut args = vec![
-        "create", "burn", "--image", "cpuburn", "--min-cu", "1", "--max-cu", "2",
-    ];
-    args.extend(FAST_AGENT);
-    host.vmctl_ok(&args);
+    create_fast(&host, "burn", "cpuburn", "2");
     watch(
         &host,
         Duration::from_secs(150),
@@ -106,11 +111,7 @@ fn memory_pressure_gets_memory_before_oom_and_shrinks_only_as_the_monitor_allows
         vcpus: 4,
         memory_mib: 8192,
     });
-    let mut args = vec![
-        "create", "hog", "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
-    ];
-    args.extend(FAST_AGENT);
-    host.vmctl_ok(&args);
+    create_fast(&host, "hog", "memhog", "3");
     let serial = host.serial_log("hog");
     let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
     // Follow the events while it runs, as an operator would.
@@ -180,11 +181,7 @@ fn a_small_host_never_overcommits_and_shows_the_refusal() {
         memory_mib: 3072,
     });
     for vm in ["a", "b"] {
-        let mut args = vec![
-            "create", vm, "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
-        ];
-        args.extend(FAST_AGENT);
-        host.vmctl_ok(&args);
+        create_fast(&host, vm, "memhog", "3");
     }
     let started = Instant::now();
     let mut refused = false;
@@ -228,9 +225,7 @@ fn bounds_change_moves_a_running_vm_and_top_shows_it() {
         vcpus: 4,
         memory_mib: 8192,
     });
-    let mut args = vec!["create", "db1", "--min-cu", "1", "--max-cu", "2"];
-    args.extend(FAST_AGENT);
-    host.vmctl_ok(&args);
+    create_fast(&host, "db1", "test", "2");
     host.wait_guest_ready("db1");
     host.vmctl_ok(&["bounds", "db1", "--min-cu", "2", "--max-cu", "2"]);
     watch(

@@ -338,7 +338,16 @@ impl Host {
             LeaseResponse::Refused { reason, .. } => tracing::info!(%reason, "lease refused"),
             _ => {}
         }
-        self.persist_leases(&ledger);
+        let changed = matches!(
+            response,
+            LeaseResponse::Granted(_)
+                | LeaseResponse::Renewed(_)
+                | LeaseResponse::Committed(_)
+                | LeaseResponse::Released
+        );
+        if changed {
+            self.persist_leases(&ledger);
+        }
         response
     }
 

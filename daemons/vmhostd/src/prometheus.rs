@@ -63,6 +63,9 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One yes/no fact about a VM's guest link.
+type GuestFlag = fn(&VmGauges) -> bool;
+
 pub fn render(stats: &ScalingStats, vms: &[VmGauges]) -> String {
     let mut out = String::new();
     let gauge = |out: &mut String, name: &str, help: &str| {
@@ -86,31 +89,28 @@ pub fn render(stats: &ScalingStats, vms: &[VmGauges]) -> String {
             let _ = writeln!(out, "vmhost_vm_goal_cu{{vm=\"{}\"}} {goal}", label(&vm.vm));
         }
     }
-    gauge(
-        &mut out,
-        "vmhost_guest_link_connected",
-        "1 when the guest's monitor is connected.",
-    );
-    for vm in vms {
-        let _ = writeln!(
-            out,
-            "vmhost_guest_link_connected{{vm=\"{}\"}} {}",
-            label(&vm.vm),
-            u8::from(vm.guest_connected)
-        );
-    }
-    gauge(
-        &mut out,
-        "vmhost_guest_link_healthy",
-        "1 when the guest's monitor is connected and recently heard from.",
-    );
-    for vm in vms {
-        let _ = writeln!(
-            out,
-            "vmhost_guest_link_healthy{{vm=\"{}\"}} {}",
-            label(&vm.vm),
-            u8::from(vm.guest_healthy)
-        );
+    let links: [(&str, &str, GuestFlag); 2] = [
+        (
+            "vmhost_guest_link_connected",
+            "1 when the guest's monitor is connected.",
+            |vm| vm.guest_connected,
+        ),
+        (
+            "vmhost_guest_link_healthy",
+            "1 when the guest's monitor is connected and recently heard from.",
+            |vm| vm.guest_healthy,
+        ),
+    ];
+    for (name, help, value) in links {
+        gauge(&mut out, name, help);
+        for vm in vms {
+            let _ = writeln!(
+                out,
+                "{name}{{vm=\"{}\"}} {}",
+                label(&vm.vm),
+                u8::from(value(vm))
+            );
+        }
     }
     let c = stats.inner.lock().unwrap();
     let _ = writeln!(
