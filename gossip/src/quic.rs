@@ -24,6 +24,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Gossip messages waiting for chitchat; more are dropped (gossip tolerates loss).
 const GOSSIP_INBOX: usize = 1024;
+/// A silent peer is declared gone after this long; keep-alives keep healthy links busy.
+/// It bounds how long a cut link stalls a tunnel before its ends see an error.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Flow-control windows sized for a migration stream on a fast LAN (quinn's defaults are
+/// tuned for the internet, and cap one stream well below a 10 Gb/s link).
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetRequest {
@@ -31,6 +39,11 @@ pub enum FleetRequest {
     Lease(LeaseRequest),
     /// A local-API request (JSON, as `vmhost_api::Envelope`) to run on the receiving host.
     Api(String),
+    /// Turns this stream into a raw byte tunnel for the receiver's tunnel `id` (a migration
+    /// stream, for one); no response frame follows.
+    Tunnel {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +86,19 @@ fn roots(identity: &Identity) -> Result<Arc<rustls::RootCertStore>, QuicError> {
     Ok(Arc::new(roots))
 }
 
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT.try_into().expect("idle timeout is in range"),
+        ))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(CONNECTION_WINDOW.into());
+    Arc::new(transport)
+}
+
 fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
     let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
     let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity)?)
@@ -84,7 +110,9 @@ fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> 
         .map_err(|e| tls(&e))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(transport());
+    Ok(server)
 }
 
 fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> {
@@ -95,11 +123,16 @@ fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> 
         .map_err(|e| tls(&e))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| tls(&e))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(transport());
+    Ok(client)
 }
 
 pub type Reply = Pin<Box<dyn Future<Output = FleetResponse> + Send>>;
 pub type Handler = Arc<dyn Fn(FleetRequest) -> Reply + Send + Sync>;
+/// Takes over a stream a peer opened with [`FleetRequest::Tunnel`].
+pub type TunnelHandler = Arc<dyn Fn(u64, quinn::SendStream, quinn::RecvStream) + Send + Sync>;
+type TunnelSlot = Arc<Mutex<Option<TunnelHandler>>>;
 
 /// A reply that is ready at once.
 pub fn answer(response: FleetResponse) -> Reply {
@@ -119,6 +152,7 @@ pub struct FleetEndpoint {
     connections: Mutex<HashMap<(SocketAddr, String), PeerConnection>>,
     gossip_in: mpsc::Sender<GossipDatagram>,
     gossip_inbox: Mutex<Option<mpsc::Receiver<GossipDatagram>>>,
+    tunnels: TunnelSlot,
 }
 
 impl FleetEndpoint {
@@ -133,7 +167,40 @@ impl FleetEndpoint {
             connections: Default::default(),
             gossip_in,
             gossip_inbox: Mutex::new(Some(gossip_inbox)),
+            tunnels: Default::default(),
         })
+    }
+
+    /// Who takes the tunnels peers open; without one they are refused.
+    pub fn set_tunnel_handler(&self, handler: TunnelHandler) {
+        *self.tunnels.lock().expect("tunnels lock") = Some(handler);
+    }
+
+    /// Opens a byte tunnel to the peer's tunnel `id`, on the connection requests use.
+    pub async fn open_tunnel(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        id: u64,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), QuicError> {
+        let connection =
+            self.connection(addr, name)
+                .await
+                .map_err(|message| QuicError::Connect {
+                    peer: name.to_string(),
+                    message,
+                })?;
+        let error = |message: String| QuicError::Request {
+            peer: name.to_string(),
+            message,
+        };
+        let (mut send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        let body = postcard::to_stdvec(&FleetRequest::Tunnel { id }).expect("requests encode");
+        write_frame(&mut send, &body).await.map_err(error)?;
+        Ok((send, recv))
     }
 
     /// The gossip received from peers; there is one reader.
@@ -151,15 +218,17 @@ impl FleetEndpoint {
     pub fn serve(&self, handler: Handler) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let gossip_in = self.gossip_in.clone();
+        let tunnels = self.tunnels.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let gossip_in = gossip_in.clone();
+                let tunnels = tunnels.clone();
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(connection) => {
                             tokio::spawn(receive_gossip(connection.clone(), gossip_in));
-                            serve_connection(connection, handler).await
+                            serve_connection(connection, handler, tunnels).await
                         }
                         Err(error) => tracing::warn!(%error, "fleet peer refused in the handshake"),
                     }
@@ -320,12 +389,22 @@ impl FleetEndpoint {
     }
 }
 
-async fn serve_connection(connection: quinn::Connection, handler: Handler) {
+async fn serve_connection(connection: quinn::Connection, handler: Handler, tunnels: TunnelSlot) {
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let handler = handler.clone();
+        let tunnels = tunnels.clone();
         tokio::spawn(async move {
             let response = match read_frame(&mut recv).await {
                 Ok(body) => match postcard::from_bytes::<FleetRequest>(&body) {
+                    Ok(FleetRequest::Tunnel { id }) => {
+                        let taker = tunnels.lock().expect("tunnels lock").clone();
+                        match taker {
+                            Some(take) => return take(id, send, recv),
+                            None => FleetResponse::Error {
+                                reason: "this host takes no tunnels".into(),
+                            },
+                        }
+                    }
                     Ok(request) => handler(request).await,
                     Err(e) => FleetResponse::Error {
                         reason: format!("malformed request: {e}"),
@@ -382,4 +461,43 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok(body)
+}
+
+/// Carries bytes both ways between a local stream and a tunnel until either side ends;
+/// then both are shut, so each end sees the other go. Returns the bytes sent and received.
+pub async fn splice<S>(
+    local: S,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> (u64, u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut local_read, mut local_write) = tokio::io::split(local);
+    let outbound = async {
+        let sent = tokio::io::copy(&mut local_read, &mut send)
+            .await
+            .unwrap_or(0);
+        let _ = send.finish();
+        sent
+    };
+    let inbound = async {
+        let received = tokio::io::copy(&mut recv, &mut local_write)
+            .await
+            .unwrap_or(0);
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut local_write).await;
+        received
+    };
+    tokio::pin!(outbound, inbound);
+    // When one direction fails or ends, the other cannot carry a useful stream any more.
+    tokio::select! {
+        sent = &mut outbound => {
+            let received = tokio::time::timeout(Duration::from_secs(1), &mut inbound).await.unwrap_or(0);
+            (sent, received)
+        }
+        received = &mut inbound => {
+            let sent = tokio::time::timeout(Duration::from_secs(1), &mut outbound).await.unwrap_or(0);
+            (sent, received)
+        }
+    }
 }

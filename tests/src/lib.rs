@@ -51,6 +51,8 @@ pub fn test_image() -> PathBuf {
         .arg(bin("vmhost-memhog"))
         .arg("--with-binary")
         .arg(bin("vmhost-cpuburn"))
+        .arg("--with-binary")
+        .arg(bin("vmhost-dirtier"))
         .stderr(Stdio::inherit())
         .output()
         .expect("cannot run images/build-test-image");
@@ -83,6 +85,8 @@ pub const MEMHOG_HOLD_SECS: u64 = 20;
 
 /// What the `cpuburn` image's workload runs.
 pub const CPUBURN_THREADS: u64 = 6;
+/// What the `dirtier` image's workload keeps rewriting.
+pub const DIRTIER_MIB: u64 = 64;
 pub const CPUBURN_SECS: u64 = 30;
 
 pub struct Limits {
@@ -168,6 +172,11 @@ cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,100,{MEMHOG_H
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 cmdline = "{cmdline} vmhost.workload=vmhost-cpuburn,{CPUBURN_THREADS},{CPUBURN_SECS}"
+# The same image with a workload that rewrites {DIRTIER_MIB} MiB over and over.
+[images.dirtier]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB}"
 # The same image without its monitor, so a test can play the guest.
 [images.nomonitor]
 kernel = "{image}/vmlinuz"

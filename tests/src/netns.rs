@@ -3,8 +3,13 @@
 //! host (and any guest tap later enslaved to a host's `br0`) shares one L2 segment.
 //! Dropping the lab deletes every namespace, and with them their links.
 
+use crate::{bin, HostOptions, Limits, TestHost};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::process::Command;
+
+/// The fleet port every lab host listens on (each has its own address).
+pub const FLEET_PORT: u16 = 7100;
 
 pub struct Lab {
     prefix: String,
@@ -84,6 +89,18 @@ impl Lab {
         format!("{}h{i}", self.prefix)
     }
 
+    /// Connects or cuts host `i` from the segment (packets are dropped, as on a cable cut).
+    pub fn set_uplink(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.ns(i),
+            "link",
+            "set",
+            "uplink",
+            if up { "up" } else { "down" },
+        ]);
+    }
+
     /// Host `i`'s address on the shared segment.
     pub fn addr(&self, i: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 88, 0, i as u8 + 1))
@@ -96,4 +113,58 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
     }
+}
+
+fn vmctl_fleet(args: &[&str]) {
+    let output = Command::new(bin("vmctl"))
+        .arg("fleet")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "vmctl fleet {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Starts one vmhostd per `(name, limits)` in the lab's host namespaces, in that order, as
+/// one fleet seeded by the first, with credentials from the real `vmctl fleet` commands.
+/// `fleet_config` is added to each `[fleet]` table.
+pub fn start_fleet(
+    lab: &Lab,
+    pki: &Path,
+    hosts: Vec<(&str, Limits)>,
+    fleet_config: &str,
+) -> Vec<TestHost> {
+    vmctl_fleet(&["init-ca", pki.join("ca").to_str().unwrap()]);
+    let seed = format!("{}:{FLEET_PORT}", lab.addr(0));
+    hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, limits))| {
+            let credentials = pki.join(name);
+            vmctl_fleet(&[
+                "issue-cert",
+                "--ca",
+                pki.join("ca").to_str().unwrap(),
+                "--host",
+                name,
+                "--addr",
+                &lab.addr(i).to_string(),
+                credentials.to_str().unwrap(),
+            ]);
+            TestHost::start_with(HostOptions {
+                name: name.into(),
+                limits,
+                netns: Some(lab.ns(i)),
+                extra_config: format!(
+                    "[fleet]\ncluster = \"test\"\nlisten = \"{}:{FLEET_PORT}\"\nseeds = [\"{seed}\"]\n\
+                     credentials = \"{}\"\n{fleet_config}",
+                    lab.addr(i),
+                    credentials.display()
+                ),
+            })
+        })
+        .collect()
 }

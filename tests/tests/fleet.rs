@@ -7,57 +7,14 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use vmhost_tests::netns::Lab;
-use vmhost_tests::{bin, wait_until, HostOptions, Limits, TestHost};
+use vmhost_tests::netns::{Lab, FLEET_PORT};
+use vmhost_tests::{bin, wait_until, Limits, TestHost};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
-const FLEET_PORT: u16 = 7100;
-
-fn vmctl_fleet(args: &[&str]) {
-    let output = Command::new(bin("vmctl"))
-        .arg("fleet")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "vmctl fleet {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn start_fleet(lab: &Lab, pki: &Path, limits: [Limits; 3]) -> Vec<TestHost> {
-    vmctl_fleet(&["init-ca", pki.join("ca").to_str().unwrap()]);
-    let seed = format!("{}:{FLEET_PORT}", lab.addr(0));
-    limits
-        .into_iter()
-        .enumerate()
-        .map(|(i, limits)| {
-            let name = NAMES[i];
-            let credentials = pki.join(name);
-            vmctl_fleet(&[
-                "issue-cert",
-                "--ca",
-                pki.join("ca").to_str().unwrap(),
-                "--host",
-                name,
-                "--addr",
-                &lab.addr(i).to_string(),
-                credentials.to_str().unwrap(),
-            ]);
-            TestHost::start_with(HostOptions {
-                name: name.into(),
-                limits,
-                netns: Some(lab.ns(i)),
-                extra_config: format!(
-                    "[fleet]\ncluster = \"test\"\nlisten = \"{}:{FLEET_PORT}\"\nseeds = [\"{seed}\"]\n\
-                     credentials = \"{}\"\ngossip_interval_ms = 200\n",
-                    lab.addr(i),
-                    credentials.display()
-                ),
-            })
-        })
-        .collect()
+    let hosts = NAMES.into_iter().zip(limits).collect();
+    vmhost_tests::netns::start_fleet(lab, pki, hosts, "gossip_interval_ms = 200\n")
 }
 
 fn hosts(host: &TestHost) -> Vec<Value> {

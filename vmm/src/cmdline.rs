@@ -16,6 +16,7 @@ pub const DEFAULT_KERNEL_CMDLINE: &str =
 /// The guest vsock device and the root port it sits on.
 pub const VSOCK_DEVICE_ID: &str = "vsock0";
 pub const VSOCK_ROOT_PORT: &str = "vsockport";
+pub const VSOCK_CHARDEV_ID: &str = "vsock0";
 /// virtio-mem block size: the granularity of a memory resize.
 pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
 
@@ -56,8 +57,10 @@ pub struct MachineSpec {
     pub nic: Nic,
     /// Empty `pcie-root-port`s for devices plugged later (vsock, disks).
     pub spare_root_ports: u32,
-    /// The vhost-user socket of the guest's vsock backend, if it has one.
+    /// The vhost-user socket of the guest's vsock backend, if it has one at start.
     pub vhost_user_vsock: Option<PathBuf>,
+    /// Wait for an incoming migration (`-incoming defer`) instead of booting.
+    pub incoming: bool,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
     pub pidfile: PathBuf,
@@ -160,19 +163,21 @@ impl MachineSpec {
                 &format!("pcie-root-port,id=hotplug{port},chassis={}", port + 1),
             ]);
         }
+        // The vsock device sits on its own root port, so it can be unplugged before a
+        // migration and plugged again after; the port exists even while it is empty, so
+        // both ends of a migration have the same devices.
+        push(&[
+            "-device",
+            &format!("pcie-root-port,id={VSOCK_ROOT_PORT},chassis=100"),
+        ]);
         if let Some(socket) = &self.vhost_user_vsock {
             push(&[
                 "-chardev",
-                &format!("socket,id=vsock0,path={}", socket.display()),
-            ]);
-            // On its own root port, so it can be unplugged before a migration.
-            push(&[
-                "-device",
-                &format!("pcie-root-port,id={VSOCK_ROOT_PORT},chassis=100"),
+                &format!("socket,id={VSOCK_CHARDEV_ID},path={}", socket.display()),
             ]);
             push(&[
                 "-device",
-                &format!("vhost-user-vsock-pci,id={VSOCK_DEVICE_ID},chardev=vsock0,bus={VSOCK_ROOT_PORT}"),
+                &format!("vhost-user-vsock-pci,id={VSOCK_DEVICE_ID},chardev={VSOCK_CHARDEV_ID},bus={VSOCK_ROOT_PORT}"),
             ]);
         }
         if let Nic::Tap { ifname, mac } = &self.nic {
@@ -183,6 +188,9 @@ impl MachineSpec {
             push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
         }
         push(&["-nodefaults", "-no-reboot", "-display", "none"]);
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
         push(&["-kernel"]);
         args.push(self.kernel.clone().into());
         if let Some(initrd) = &self.initrd {
@@ -231,6 +239,7 @@ mod tests {
             nic: Nic::None,
             spare_root_ports: 2,
             vhost_user_vsock: None,
+            incoming: false,
             qmp_socket: "/state/db1/qmp.sock".into(),
             serial_log: "/state/db1/serial.log".into(),
             pidfile: "/state/db1/qemu.pid".into(),
@@ -337,7 +346,19 @@ mod tests {
         assert!(line.contains("-qmp unix:/state/db1/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-daemonize -pidfile /state/db1/qemu.pid"));
         assert!(!joined(&spec()).contains("-netdev"));
-        assert!(!joined(&spec()).contains("vsock"));
+        assert!(!joined(&spec()).contains("vhost-user-vsock"));
+        assert!(!joined(&spec()).contains("-incoming"));
+    }
+
+    #[test]
+    fn an_incoming_vm_waits_and_keeps_an_empty_vsock_port() {
+        let line = joined(&MachineSpec {
+            incoming: true,
+            ..spec()
+        });
+        assert!(line.contains("-incoming defer"));
+        assert!(line.contains("pcie-root-port,id=vsockport,chassis=100"));
+        assert!(!line.contains("vhost-user-vsock"));
     }
 
     #[test]

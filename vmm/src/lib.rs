@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod machine;
+pub mod migration;
 pub mod qmp;
 pub mod vsock;
 

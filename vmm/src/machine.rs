@@ -170,6 +170,15 @@ impl Machine {
         self.pid.as_raw()
     }
 
+    pub(crate) fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    /// Whether QEMU has gone away.
+    pub fn exited_now(&self) -> bool {
+        self.qmp.is_closed()
+    }
+
     /// Resolves when QEMU goes away.
     pub async fn exited(&self) {
         self.qmp.closed().await
@@ -340,7 +349,7 @@ impl Machine {
         Ok(())
     }
 
-    async fn wait_event<T>(
+    pub(crate) async fn wait_event<T>(
         &self,
         events: &mut broadcast::Receiver<Event>,
         action: &str,

@@ -200,6 +200,141 @@ qmp_command!(SystemPowerdown => "system_powerdown", qapi::Empty);
 pub struct Quit {}
 qmp_command!(Quit => "quit", qapi::Empty);
 
+#[derive(Debug, Serialize)]
+pub struct MigrationCapability {
+    pub capability: String,
+    pub state: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MigrateSetCapabilities {
+    pub capabilities: Vec<MigrationCapability>,
+}
+qmp_command!(MigrateSetCapabilities => "migrate-set-capabilities", qapi::Empty);
+
+/// The migration parameters vmhost sets; absent ones keep QEMU's value.
+#[derive(Debug, Default, Serialize)]
+pub struct MigrateSetParameters {
+    /// Longest pause allowed at the switchover, in milliseconds.
+    #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    /// Bytes per second; QEMU's default is a cautious 128 MiB/s.
+    #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    #[serde(
+        rename = "max-postcopy-bandwidth",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_postcopy_bandwidth: Option<u64>,
+}
+qmp_command!(MigrateSetParameters => "migrate-set-parameters", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct Migrate {
+    pub uri: String,
+    /// Continue a paused post-copy migration instead of starting one.
+    pub resume: bool,
+}
+qmp_command!(Migrate => "migrate", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct MigrateIncoming {
+    pub uri: String,
+}
+qmp_command!(MigrateIncoming => "migrate-incoming", qapi::Empty);
+
+/// On the destination of a paused post-copy migration: listen again at `uri`.
+#[derive(Debug, Serialize)]
+pub struct MigrateRecover {
+    pub uri: String,
+}
+qmp_command!(MigrateRecover => "migrate-recover", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct MigrateStartPostcopy {}
+qmp_command!(MigrateStartPostcopy => "migrate-start-postcopy", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct MigrateCancel {}
+qmp_command!(MigrateCancel => "migrate_cancel", qapi::Empty);
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct RamStats {
+    #[serde(default)]
+    pub transferred: u64,
+    #[serde(default)]
+    pub remaining: u64,
+    #[serde(default)]
+    pub total: u64,
+    #[serde(default)]
+    pub mbps: f64,
+    #[serde(rename = "dirty-sync-count", default)]
+    pub dirty_sync_count: u64,
+    #[serde(rename = "postcopy-requests", default)]
+    pub postcopy_requests: u64,
+}
+
+/// `query-migrate`, the fields vmhost reads.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct MigrationInfo {
+    /// "none", "setup", "active", "postcopy-active", "postcopy-paused",
+    /// "postcopy-recover", "completed", "failed", "cancelled", ...
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub ram: Option<RamStats>,
+    /// Milliseconds the guest was paused, once completed.
+    #[serde(default)]
+    pub downtime: Option<u64>,
+    #[serde(rename = "total-time", default)]
+    pub total_time: Option<u64>,
+    #[serde(rename = "error-desc", default)]
+    pub error_desc: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryMigrate {}
+qmp_command!(QueryMigrate => "query-migrate", MigrationInfo);
+
+/// `chardev-add` of a unix socket client.
+#[derive(Debug, Serialize)]
+pub struct ChardevAddUnix {
+    pub id: String,
+    pub backend: serde_json::Value,
+}
+qmp_command!(ChardevAddUnix => "chardev-add", serde_json::Value);
+
+impl ChardevAddUnix {
+    pub fn new(id: &str, path: &Path) -> Self {
+        ChardevAddUnix {
+            id: id.into(),
+            backend: serde_json::json!({
+                "type": "socket",
+                "data": {
+                    "addr": {"type": "unix", "data": {"path": path.display().to_string()}},
+                    "server": false
+                }
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChardevRemove {
+    pub id: String,
+}
+qmp_command!(ChardevRemove => "chardev-remove", qapi::Empty);
+
+/// `device_add` of a device bound to a chardev on a given bus.
+#[derive(Debug, Serialize)]
+pub struct ChardevDeviceAdd {
+    pub driver: String,
+    pub id: String,
+    pub chardev: String,
+    pub bus: String,
+}
+qmp_command!(ChardevDeviceAdd => "device_add", qapi::Empty);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +350,27 @@ mod tests {
         assert_eq!(cpus[0].qom_path, None);
         assert_eq!(cpus[0].props.core_id, 1);
         assert_eq!(cpus[1].driver, "qemu64-x86_64-cpu");
+    }
+
+    #[test]
+    fn parses_query_migrate_and_omits_unset_parameters() {
+        let reply = r#"{"status": "completed", "setup-time": 1, "downtime": 16, "total-time": 808,
+            "ram": {"total": 268967936, "postcopy-requests": 0, "dirty-sync-count": 3,
+            "remaining": 0, "mbps": 1059.17, "transferred": 106844548}}"#;
+        let info: MigrationInfo = serde_json::from_str(reply).unwrap();
+        assert_eq!(info.status.as_deref(), Some("completed"));
+        assert_eq!(info.downtime, Some(16));
+        assert_eq!(info.ram.unwrap().dirty_sync_count, 3);
+        let empty: MigrationInfo = serde_json::from_str(r#"{}"#).unwrap();
+        assert_eq!(empty.status, None);
+        let params = MigrateSetParameters {
+            downtime_limit: Some(300),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&params).unwrap(),
+            serde_json::json!({"downtime-limit": 300})
+        );
     }
 
     #[test]

@@ -94,6 +94,22 @@ impl VsockBackend {
         Ok(())
     }
 
+    /// Stops the backend, waits for it to go, and starts a fresh one: a vhost-user
+    /// backend serves one QEMU connection, and a replugged device needs a new one.
+    pub async fn restart(&self) -> Result<(), VsockError> {
+        let old = read_pid(&self.pidfile)
+            .ok()
+            .filter(|pid| process_serves(*pid, &self.vhost_socket));
+        self.stop();
+        if let Some(pid) = old {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while process_serves(pid, &self.vhost_socket) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.ensure_running().await
+    }
+
     pub fn stop(&self) {
         if let Ok(pid) = read_pid(&self.pidfile) {
             if process_serves(pid, &self.vhost_socket) {

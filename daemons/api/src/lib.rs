@@ -115,6 +115,77 @@ pub enum Request {
         host: String,
         request: Box<Request>,
     },
+    /// Moves a running VM of this host to another host while it runs; progress streams
+    /// back as `MigrationProgress` replies, ending with `Migrated`.
+    Migrate(MigrateVm),
+    /// Between hosts only: get ready to receive a migrating VM.
+    MigrateIn(Box<IncomingMigration>),
+    /// Between hosts only: listen again for a post-copy migration whose link broke.
+    MigrateRecover {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateVm {
+    pub name: String,
+    /// The target host; the live host with the most free memory when absent.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Never switch to post-copy: the guest runs on the source until the switchover.
+    #[serde(default)]
+    pub precopy_only: bool,
+    /// Longest pause at the switchover, in milliseconds (QEMU's `downtime-limit`).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Cap on the migration stream, in MiB/s; unlimited when absent.
+    #[serde(default)]
+    pub bandwidth_mib: Option<u64>,
+}
+
+/// What a target host needs to receive a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    /// The VM as its QEMU was started (bounds included), with the lease the target granted.
+    pub vm: CreateVm,
+    /// Its bounds now, which may be narrower than those its QEMU was started with.
+    pub bounds: (ComputeUnits, ComputeUnits),
+    /// vCPUs the VM runs now (its QEMU must be started with the same devices).
+    pub vcpus: u32,
+    /// Hotplug memory to plug again on arrival (it was unplugged for the move).
+    pub restore_hotplug_memory_bytes: u64,
+    pub postcopy: bool,
+    /// The tunnel the source will open for the migration stream.
+    pub tunnel: u64,
+}
+
+/// One progress report of a running migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub vm: String,
+    pub target: String,
+    /// QEMU's migration status, or vmhost's own step before QEMU starts.
+    pub phase: String,
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    pub total_bytes: u64,
+    pub rate_mbps: f64,
+    pub elapsed_ms: u64,
+}
+
+/// The outcome of a finished migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// How long the guest was paused at the switchover, as QEMU measured it.
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub transferred_bytes: u64,
+    pub postcopy: bool,
+    /// Times a broken link was recovered during post-copy.
+    pub recoveries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +205,8 @@ pub enum VmState {
     Stopped,
     /// QEMU went away without being asked to.
     Crashed,
+    /// Being moved to or from another host.
+    Migrating,
 }
 
 impl std::fmt::Display for VmState {
@@ -143,6 +216,7 @@ impl std::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
+            VmState::Migrating => "migrating",
         })
     }
 }
@@ -269,6 +343,8 @@ pub enum Reply {
     Events(Vec<Event>),
     /// One event of a followed stream.
     Event(Event),
+    MigrationProgress(MigrationProgress),
+    Migrated(MigrationSummary),
 }
 
 /// Error classes; each maps to one `vmctl` exit code.

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use vmhost_api::units::format_bytes;
 use vmhost_api::{
-    ClientError, ComputeUnits, CreateVm, FleetHost, HostInfo, ImageRef, Reply, Request, VmInfo,
+    ClientError, ComputeUnits, CreateVm, FleetHost, HostInfo, ImageRef, MigrateVm, Reply, Request,
+    VmInfo,
 };
 
 /// Creating or resizing a guest under emulation can take a while; give up after this.
@@ -86,6 +87,22 @@ enum Command {
         min_cu: ComputeUnits,
         #[arg(long)]
         max_cu: ComputeUnits,
+    },
+    /// Move a running VM to another host while it runs.
+    Migrate {
+        name: String,
+        /// The target host; the live host with the most free memory when absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// Never switch to post-copy: the guest keeps running here until the switchover.
+        #[arg(long)]
+        precopy_only: bool,
+        /// Longest pause allowed at the switchover, in milliseconds.
+        #[arg(long, value_name = "MS")]
+        max_downtime: Option<u64>,
+        /// Cap on the migration stream, in MiB/s.
+        #[arg(long, value_name = "MIB_PER_S")]
+        bandwidth: Option<u64>,
     },
     /// Show this host: accelerator, capacity and allocation.
     Host,
@@ -194,6 +211,19 @@ impl Command {
                 min_cu,
                 max_cu,
             },
+            Command::Migrate {
+                name,
+                to,
+                precopy_only,
+                max_downtime,
+                bandwidth,
+            } => Request::Migrate(MigrateVm {
+                name,
+                to,
+                precopy_only,
+                max_downtime_ms: max_downtime,
+                bandwidth_mib: bandwidth,
+            }),
             Command::Host => Request::Host,
             Command::Events { name, follow } => Request::Events { name, follow },
             Command::Top { .. } => Request::List,
@@ -239,6 +269,24 @@ fn main() {
                 print_reply(&reply, json);
                 true
             })
+        }
+        Command::Migrate { .. } if cli.host.is_some() => {
+            Err(ClientError::Api(vmhost_api::ApiError::new(
+                vmhost_api::ErrorKind::InvalidArgument,
+                "run migrate on the VM's own host (without --host)",
+            )))
+        }
+        Command::Migrate { .. } => {
+            let result =
+                vmhost_api::call_stream(&cli.socket, cli.command.into_request(), |reply| {
+                    print_reply(&reply, json);
+                    true
+                });
+            if !json {
+                // End the progress line.
+                eprintln!();
+            }
+            result
         }
         Command::Top { count } => top(&cli.socket, count),
         command => vmhost_api::call(
@@ -289,6 +337,21 @@ fn print_reply(reply: &Reply, json: bool) {
                 );
                 return;
             }
+            // One object per line, like events, the summary last.
+            Reply::MigrationProgress(progress) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(progress).expect("progress serializes")
+                );
+                return;
+            }
+            Reply::Migrated(summary) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(summary).expect("summaries serialize")
+                );
+                return;
+            }
         }
         .expect("replies always serialize");
         println!(
@@ -309,7 +372,60 @@ fn print_reply(reply: &Reply, json: bool) {
         Reply::Deleted { name } => println!("deleted {name}"),
         Reply::Events(events) => events.iter().for_each(print_event),
         Reply::Event(event) => print_event(event),
+        Reply::MigrationProgress(progress) => print_progress(progress),
+        Reply::Migrated(summary) => print_summary(summary),
     }
+}
+
+/// One line, redrawn in place: a bar, bytes, rate, phase and ETA.
+fn print_progress(p: &vmhost_api::MigrationProgress) {
+    const WIDTH: usize = 30;
+    let done = if p.total_bytes == 0 {
+        0.0
+    } else {
+        1.0 - p.remaining_bytes as f64 / p.total_bytes as f64
+    };
+    let filled = ((done.clamp(0.0, 1.0)) * WIDTH as f64) as usize;
+    let bytes_per_sec = p.rate_mbps * 1e6 / 8.0;
+    let eta = if bytes_per_sec > 0.0 && p.remaining_bytes > 0 {
+        format!("{:.0} s", p.remaining_bytes as f64 / bytes_per_sec)
+    } else {
+        "-".into()
+    };
+    eprint!(
+        "\r{} -> {} [{}{}] {} MiB sent, {:.0} MiB/s, {}, ETA {}\x1b[K",
+        p.vm,
+        p.target,
+        "#".repeat(filled),
+        " ".repeat(WIDTH - filled),
+        p.transferred_bytes >> 20,
+        bytes_per_sec / (1 << 20) as f64,
+        p.phase,
+        eta
+    );
+}
+
+fn print_summary(s: &vmhost_api::MigrationSummary) {
+    eprintln!();
+    println!(
+        "migrated {} from {} to {}: downtime {} ms, total {:.1} s, {} MiB sent{}{}",
+        s.vm,
+        s.from,
+        s.to,
+        s.downtime_ms,
+        s.total_ms as f64 / 1000.0,
+        s.transferred_bytes >> 20,
+        if s.postcopy {
+            ", post-copy"
+        } else {
+            ", pre-copy"
+        },
+        if s.recoveries > 0 {
+            format!(", {} link recoveries", s.recoveries)
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn print_event(event: &vmhost_api::Event) {

@@ -89,6 +89,15 @@ async fn handle_connection(
                 Ok(Request::Events { name, follow: true }) => {
                     return follow_events(&mut write, &host, name).await
                 }
+                Ok(Request::Migrate(request)) => {
+                    return stream_migration(&mut write, fleet, request).await
+                }
+                Ok(Request::MigrateIn(_) | Request::MigrateRecover { .. }) => {
+                    Response::Error(ApiError::new(
+                        ErrorKind::InvalidArgument,
+                        "this request is sent by one host to another, not by operators",
+                    ))
+                }
                 Ok(request) => respond(request, host, fleet).await,
                 Err(error) => Response::Error(error),
             },
@@ -124,6 +133,41 @@ async fn follow_events(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// Runs a migration, streaming its progress, then its outcome. A client that goes away
+/// does not stop it.
+async fn stream_migration(
+    write: &mut OwnedWriteHalf,
+    fleet: Option<Arc<Fleet>>,
+    request: vmhost_api::MigrateVm,
+) -> std::io::Result<()> {
+    let Some(fleet) = fleet else {
+        let error = ApiError::new(
+            ErrorKind::InvalidArgument,
+            "this host is not part of a fleet ([fleet] is not in its config)",
+        );
+        return write_response(write, &Response::Error(error)).await;
+    };
+    let (progress, mut reports) = tokio::sync::mpsc::channel(16);
+    let migration = tokio::spawn(async move { fleet.migrate(request, progress).await });
+    let mut client_gone = false;
+    while let Some(report) = reports.recv().await {
+        if !client_gone {
+            client_gone = write_response(write, &Response::Ok(Reply::MigrationProgress(report)))
+                .await
+                .is_err();
+        }
+    }
+    let response = match migration.await {
+        Ok(Ok(summary)) => Response::Ok(Reply::Migrated(summary)),
+        Ok(Err(error)) => Response::Error(error),
+        Err(e) => Response::Error(ApiError::new(
+            ErrorKind::Internal,
+            format!("migration task failed: {e}"),
+        )),
+    };
+    write_response(write, &response).await
 }
 
 fn parse(line: &str) -> Result<Request, ApiError> {

@@ -17,6 +17,8 @@ use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
 use vmhost_gossip::pki::Identity;
 use vmhost_gossip::quic::{self, FleetEndpoint, FleetRequest, FleetResponse};
 
+mod migration;
+
 /// How often this host re-publishes its view and expires stale leases.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// A request run on another host may boot a guest under emulation.
@@ -41,6 +43,7 @@ impl Fleet {
             FleetEndpoint::bind(config.listen, &identity)
                 .context("cannot open the fleet endpoint")?,
         );
+        Fleet::take_tunnels(&endpoint, host.clone());
         let served = host.clone();
         endpoint.serve(Arc::new(move |request| serve_peer(served.clone(), request)));
         let membership = Membership::start(
@@ -92,6 +95,10 @@ impl Fleet {
                     .collect(),
             )),
             Request::OnHost { host, request } => self.on_host(&host, *request).await,
+            Request::Migrate(_) => Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "a migration reports its progress as it goes; it needs a streaming connection",
+            )),
             request => self.host.handle(request).await.map_err(Into::into),
         }
     }
@@ -281,6 +288,9 @@ fn peer_may_run(request: &Request) -> Result<(), String> {
         Request::OnHost { .. } | Request::FleetList | Request::Hosts => {
             Err("fleet-wide requests cannot be run on another host".into())
         }
+        Request::Migrate(_) => {
+            Err("a migration is run on the VM's own host: vmctl there, without --host".into())
+        }
         Request::Events { follow: true, .. } => {
             Err("events cannot be followed on another host; run vmctl there".into())
         }
@@ -293,6 +303,10 @@ fn peer_may_run(request: &Request) -> Result<(), String> {
 fn serve_peer(host: Arc<Host>, request: FleetRequest) -> quic::Reply {
     match request {
         FleetRequest::Ping => quic::answer(FleetResponse::Pong),
+        // The endpoint hands tunnels to `take_tunnels`; one never reaches here.
+        FleetRequest::Tunnel { .. } => quic::answer(FleetResponse::Error {
+            reason: "a tunnel is not a request".into(),
+        }),
         FleetRequest::Lease(request) => {
             quic::answer(FleetResponse::Lease(host.serve_lease(request)))
         }

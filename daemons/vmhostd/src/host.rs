@@ -22,6 +22,9 @@ use vmhost_gossip::lease::{self, LeaseRequest, LeaseResponse};
 use vmhost_gossip::ledger::{LeaseId, Ledger, LedgerError};
 use vmm::{AccelDecision, Machine, MachineSpec, Nic, VmmError};
 
+mod migrate;
+pub use migrate::{Outgoing, TunnelTargets};
+
 /// Spare PCIe root ports for devices plugged at run time.
 const SPARE_ROOT_PORTS: u32 = 4;
 /// q35 with x2APIC supports up to 288 vCPUs; stay well below.
@@ -147,6 +150,8 @@ pub struct Host {
     store: Store,
     ledger: Mutex<Ledger>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    /// Where each migration tunnel a peer opens is delivered.
+    pub tunnels: TunnelTargets,
 }
 
 fn validate_name(name: &str) -> Result<(), HostError> {
@@ -203,6 +208,7 @@ impl Host {
             accel,
             store,
             vms: Mutex::new(BTreeMap::new()),
+            tunnels: TunnelTargets::default(),
         });
         for spec in specs {
             host.reattach(spec).await;
@@ -212,6 +218,10 @@ impl Host {
 
     async fn reattach(self: &Arc<Self>, spec: VmSpec) {
         let name = spec.name.clone();
+        if spec.incoming {
+            self.discard_incoming(&name).await;
+            return;
+        }
         let mut record = VmRecord {
             state: VmState::Stopped,
             machine: None,
@@ -310,7 +320,15 @@ impl Host {
                 }
                 Ok(Reply::Events(self.events.snapshot(name.as_deref()).0))
             }
-            Request::FleetList | Request::Hosts | Request::OnHost { .. } => {
+            Request::MigrateIn(incoming) => self
+                .prepare_incoming(*incoming)
+                .await
+                .map(|vm| Reply::Vm(Box::new(vm))),
+            Request::MigrateRecover { name } => self
+                .recover_incoming(&name)
+                .await
+                .map(|vm| Reply::Vm(Box::new(vm))),
+            Request::FleetList | Request::Hosts | Request::OnHost { .. } | Request::Migrate(_) => {
                 Err(HostError::Invalid(
                     "this host is not part of a fleet ([fleet] is not in its config)".into(),
                 ))
@@ -510,7 +528,8 @@ impl Host {
         Ok(boot)
     }
 
-    async fn create(self: &Arc<Self>, request: CreateVm) -> Result<VmInfo, HostError> {
+    /// The VM a create request describes, checked.
+    fn spec_for(&self, request: CreateVm) -> Result<VmSpec, HostError> {
         validate_name(&request.name)?;
         if request.min_cu > request.max_cu {
             return Err(HostError::Invalid(format!(
@@ -531,6 +550,7 @@ impl Host {
             autoscale: request.autoscale,
             launched_bounds: Some((request.min_cu, request.max_cu)),
             agent: request.agent,
+            incoming: false,
         };
         check_bounds(&spec, spec.cu)?;
         agent_task::effective_config(&self.config.agent, &spec.agent)
@@ -542,6 +562,13 @@ impl Host {
                 spec.max_cu
             )));
         }
+        Ok(spec)
+    }
+
+    async fn create(self: &Arc<Self>, request: CreateVm) -> Result<VmInfo, HostError> {
+        let lease = request.lease;
+        let spec = self.spec_for(request)?;
+        let shape = spec.cu_shape;
         let name = spec.name.clone();
         let slot = Arc::new(VmSlot {
             operation: tokio::sync::Mutex::new(()),
@@ -565,12 +592,12 @@ impl Host {
         }
         let _operation = slot.operation.lock().await;
         let created = async {
-            self.book_new_vm(&name, shape.resources(spec.cu), request.lease)?;
+            self.book_new_vm(&name, shape.resources(spec.cu), lease)?;
             if let Err(error) = self.store.create_vm(&spec) {
                 self.ledger().release(&name);
                 return Err(error.into());
             }
-            match self.launch(&spec).await {
+            match self.launch(&spec, StartAs::Boot).await {
                 Ok(machine) => Ok(machine),
                 Err(error) => {
                     self.ledger().release(&name);
@@ -633,12 +660,21 @@ impl Host {
         }
     }
 
-    /// Starts QEMU for `spec` at its current size. Returns it with its vCPU plug budget.
-    async fn launch(&self, spec: &VmSpec) -> Result<(Arc<Machine>, Option<u32>), HostError> {
+    /// Starts QEMU for `spec`: booting at its current size, or as a migration target.
+    /// Returns it with its vCPU plug budget.
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        start: StartAs,
+    ) -> Result<(Arc<Machine>, Option<u32>), HostError> {
         let paths = self.paths(&spec.name);
         let min = spec.cu_shape.resources(spec.min_cu);
         let max = spec.cu_shape.resources(spec.max_cu);
-        let now = spec.cu_shape.resources(spec.cu);
+        let now = match start {
+            StartAs::Boot => spec.cu_shape.resources(spec.cu),
+            StartAs::Incoming(size) => size,
+        };
+        let incoming = matches!(start, StartAs::Incoming(_));
         let nic = match &self.config.network {
             NetworkConfig::None => Nic::None,
             NetworkConfig::Tap { bridge } => Nic::Tap {
@@ -649,7 +685,10 @@ impl Host {
         for stale in [&paths.qmp_socket, &paths.pidfile] {
             let _ = std::fs::remove_file(stale);
         }
-        paths.vsock.ensure_running().await?;
+        // An arriving VM gets its vsock device once it runs here (see `migrate`).
+        if !incoming {
+            paths.vsock.ensure_running().await?;
+        }
         let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
         let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
         self.save_plug_budget(&spec.name, budget)?;
@@ -668,7 +707,8 @@ impl Host {
             kernel_cmdline: spec.boot.cmdline.clone(),
             nic,
             spare_root_ports: SPARE_ROOT_PORTS,
-            vhost_user_vsock: Some(paths.vsock.vhost_socket.clone()),
+            vhost_user_vsock: (!incoming).then(|| paths.vsock.vhost_socket.clone()),
+            incoming,
             qmp_socket: paths.qmp_socket,
             serial_log: paths.serial_log,
             pidfile: paths.pidfile,
@@ -1083,6 +1123,9 @@ impl Host {
         }
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
+        if slot.record().state == VmState::Migrating {
+            return Err(Self::wrong_state(&slot.record(), "change the bounds of"));
+        }
         let mut spec = slot.record().spec.clone();
         if let Some((launched_min, launched_max)) = spec
             .launched_bounds
@@ -1106,6 +1149,14 @@ impl Host {
         self.wake_agent(name);
         Ok(self.info(&slot))
     }
+}
+
+/// How `Host::launch` starts QEMU.
+#[derive(Debug, Clone, Copy)]
+enum StartAs {
+    Boot,
+    /// As the target of a migration of a VM of this size.
+    Incoming(Resources),
 }
 
 /// How `Host::resize` books and asks.
@@ -1172,7 +1223,7 @@ impl Host {
         spec.launched_bounds = Some((spec.min_cu, spec.max_cu));
         let started = async {
             self.store.save(&spec)?;
-            self.launch(&spec).await
+            self.launch(&spec, StartAs::Boot).await
         }
         .await;
         let (machine, budget) = match started {
@@ -1198,6 +1249,9 @@ impl Host {
         let _operation = slot.operation.lock().await;
         let machine = {
             let mut record = slot.record();
+            if record.state == VmState::Migrating {
+                return Err(Self::wrong_state(&record, "delete"));
+            }
             record.spec.run = false;
             record.machine.clone()
         };

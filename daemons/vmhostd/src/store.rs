@@ -45,6 +45,9 @@ pub struct VmSpec {
     /// The bounds its running QEMU was started with: live bounds changes stay within them.
     #[serde(default)]
     pub launched_bounds: Option<(ComputeUnits, ComputeUnits)>,
+    /// Still arriving from another host: its QEMU is a migration target, not yet the VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 fn yes() -> bool {
@@ -245,6 +248,7 @@ mod tests {
             autoscale: true,
             agent: Default::default(),
             launched_bounds: None,
+            incoming: false,
         }
     }
 

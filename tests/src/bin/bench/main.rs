@@ -72,6 +72,7 @@ impl RawQemu {
             spare_root_ports: 4,
             // Raw QEMU has no guest channel; ours includes starting its backend.
             vhost_user_vsock: None,
+            incoming: false,
             qmp_socket: dir.join("qmp.sock"),
             serial_log: dir.join("serial.log"),
             pidfile: dir.join("qemu.pid"),

@@ -1,0 +1,447 @@
+//! Both ends of a migration as far as this host's VMs go: a VM leaving (detach, resume
+//! after a failure, hand over) and a VM arriving (a QEMU waiting for the stream, then the
+//! VM it becomes). The fleet side (target, lease, tunnel, progress) is `crate::migration`.
+
+use super::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use vmhost_api::IncomingMigration;
+
+const INCOMING_SOCKET: &str = "migrate-in.sock";
+const OUTGOING_SOCKET: &str = "migrate-out.sock";
+/// The guest must eject its vsock device (ACPI) within this time.
+const VSOCK_EJECT_TIMEOUT: Duration = Duration::from_secs(30);
+const INCOMING_POLL: Duration = Duration::from_millis(100);
+
+/// Where the tunnel of each arriving migration is delivered: the unix socket its QEMU
+/// listens on.
+#[derive(Default)]
+pub struct TunnelTargets(Mutex<HashMap<u64, PathBuf>>);
+
+impl TunnelTargets {
+    pub fn get(&self, id: u64) -> Option<PathBuf> {
+        self.lock().get(&id).cloned()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, PathBuf>> {
+        self.0.lock().expect("tunnel table lock poisoned")
+    }
+}
+
+/// A VM leaving this host.
+pub struct Outgoing {
+    pub spec: VmSpec,
+    pub machine: Arc<Machine>,
+    /// What it holds now; the target's lease is for this.
+    pub size: Resources,
+    /// Its plugged virtio-mem memory, plugged again on the target.
+    pub hotplug_memory_bytes: u64,
+    /// Where its QEMU sends the migration stream.
+    pub socket: PathBuf,
+}
+
+impl Outgoing {
+    /// What the target needs to receive it.
+    pub fn incoming(&self, lease: u64, tunnel: u64, postcopy: bool) -> IncomingMigration {
+        let spec = &self.spec;
+        let (min_cu, max_cu) = spec.launched_bounds.unwrap_or((spec.min_cu, spec.max_cu));
+        IncomingMigration {
+            vm: CreateVm {
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                min_cu,
+                max_cu,
+                cu: Some(spec.cu),
+                autoscale: spec.autoscale,
+                agent: spec.agent.clone(),
+                lease: Some(lease),
+            },
+            bounds: (spec.min_cu, spec.max_cu),
+            vcpus: self.size.vcpus,
+            restore_hotplug_memory_bytes: self.hotplug_memory_bytes,
+            postcopy,
+            tunnel,
+        }
+    }
+}
+
+fn vmm_error<'a>(name: &'a str, action: &'static str) -> impl FnOnce(VmmError) -> HostError + 'a {
+    move |source| HostError::Vmm {
+        name: name.into(),
+        action,
+        source,
+    }
+}
+
+impl Host {
+    /// Marks a running VM as leaving. From now on scaling, stopping, deleting and a second
+    /// migration are refused, and its agent is stopped.
+    pub async fn begin_outgoing(&self, name: &str) -> Result<Outgoing, HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let mut record = slot.record();
+        let machine = match (&record.machine, record.state) {
+            (Some(machine), VmState::Running) => machine.clone(),
+            _ => return Err(Self::wrong_state(&record, "migrate")),
+        };
+        record.state = VmState::Migrating;
+        record.agent = None;
+        record.goal = None;
+        let boot = record.spec.cu_shape.resources(record.spec.min_cu);
+        Ok(Outgoing {
+            spec: record.spec.clone(),
+            machine,
+            size: record.applied,
+            hotplug_memory_bytes: record
+                .applied
+                .memory_bytes
+                .saturating_sub(boot.memory_bytes),
+            socket: self.store.vm_dir(name).join(OUTGOING_SOCKET),
+        })
+    }
+
+    /// Gets a leaving VM ready for the stream. Under TCG its virtio-mem memory is unplugged
+    /// first, with the monitor's consent: QEMU 9 and later abort while migrating a TCG guest
+    /// whose virtio-mem memory is plugged. Then the vsock device goes, which cannot migrate.
+    pub async fn detach_for_migration(&self, out: &Outgoing) -> Result<(), HostError> {
+        let name = out.spec.name.as_str();
+        let slot = self.slot(name)?;
+        if self.accel.accel == vmm::Accel::Tcg && out.hotplug_memory_bytes > 0 {
+            let guest = slot.record().guest.clone();
+            let boot = Resources {
+                vcpus: out.size.vcpus,
+                memory_bytes: out.size.memory_bytes - out.hotplug_memory_bytes,
+            };
+            let timeout = Duration::from_secs(self.config.guest.downscale_answer_secs);
+            match &guest {
+                Some(guest) => guest.ask_downscale(guest_size(boot), timeout).await,
+                None => Err(DownscaleError::NotConnected),
+            }
+            .map_err(|source| HostError::Downscale {
+                name: name.into(),
+                source,
+            })?;
+            out.machine
+                .set_hotplug_memory(0, self.config.timeouts.hotplug())
+                .await
+                .map_err(vmm_error(name, "unplug its memory for the move"))?;
+        }
+        out.machine
+            .unplug_vsock(VSOCK_EJECT_TIMEOUT)
+            .await
+            .map_err(vmm_error(name, "unplug its vsock device"))?;
+        slot.record().guest = None;
+        self.paths(name).vsock.stop();
+        Ok(())
+    }
+
+    /// The migration failed before the target took over: the VM runs on here, and gets
+    /// its vsock device, its memory and its agent back.
+    pub async fn resume_outgoing(self: &Arc<Self>, out: &Outgoing) {
+        let name = out.spec.name.as_str();
+        let paths = self.paths(name);
+        let replugged = async {
+            paths.vsock.restart().await?;
+            out.machine
+                .plug_vsock(&paths.vsock.vhost_socket)
+                .await
+                .map_err(vmm_error(name, "plug its vsock device back"))
+        }
+        .await;
+        if let Err(error) = replugged {
+            tracing::error!(vm = %name, error = %error_chain(&error), "the guest has no vsock device; it cannot reach this host until it restarts");
+        }
+        let memory = self.measure(&out.spec, &out.machine).await;
+        if memory.is_ok_and(|m| m.memory_bytes < out.size.memory_bytes) {
+            let boot = out.size.memory_bytes - out.hotplug_memory_bytes;
+            if let Err(error) = out
+                .machine
+                .set_hotplug_memory(out.hotplug_memory_bytes, self.config.timeouts.hotplug())
+                .await
+            {
+                tracing::warn!(vm = %name, boot, error = %error_chain(&error), "cannot plug the VM's memory back");
+            }
+        }
+        let applied = self.measure(&out.spec, &out.machine).await;
+        let Ok(slot) = self.slot(name) else { return };
+        let mut record = slot.record();
+        if record.state != VmState::Migrating || record.machine.is_none() {
+            return;
+        }
+        if let Ok(applied) = applied {
+            let _ = self.ledger().set(name, applied);
+            record.applied = applied;
+        }
+        record.state = VmState::Running;
+        record.guest = self.open_guest_link(name);
+        record.agent = self.start_agent(&record.spec);
+        tracing::info!(vm = %name, "VM runs on here after the failed migration");
+    }
+
+    /// The target runs the VM now: this QEMU ends and the VM leaves this host.
+    pub async fn finish_outgoing(&self, out: &Outgoing) {
+        let name = out.spec.name.as_str();
+        let Ok(slot) = self.slot(name) else { return };
+        // Cleared first, so the exit watcher does not take the end for a crash.
+        slot.record().machine = None;
+        if let Err(error) = out.machine.terminate().await {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "the migrated-away QEMU did not end cleanly");
+        }
+        self.set_down(&mut slot.record(), VmState::Stopped);
+        if let Err(error) = self.store.remove_vm(name) {
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot remove the files of a VM that moved away");
+        }
+        net::remove_tap(name);
+        self.stats.forget(name);
+        self.vms().remove(name);
+    }
+
+    /// Starts a QEMU that waits for a migrating VM, under the lease this host granted.
+    pub(super) async fn prepare_incoming(
+        self: &Arc<Self>,
+        incoming: IncomingMigration,
+    ) -> Result<VmInfo, HostError> {
+        let Some(lease) = incoming.vm.lease else {
+            return Err(HostError::Invalid(
+                "an incoming migration needs a lease on this host".into(),
+            ));
+        };
+        let mut spec = self.spec_for(incoming.vm.clone())?;
+        spec.incoming = true;
+        let boot = spec.cu_shape.resources(spec.min_cu);
+        let size = Resources {
+            vcpus: incoming.vcpus,
+            memory_bytes: boot.memory_bytes + incoming.restore_hotplug_memory_bytes,
+        };
+        self.check_lease(lease, &spec.name, size)?;
+        let name = spec.name.clone();
+        let slot = Arc::new(VmSlot {
+            operation: tokio::sync::Mutex::new(()),
+            record: Mutex::new(VmRecord {
+                applied: size,
+                spec: spec.clone(),
+                state: VmState::Migrating,
+                machine: None,
+                vcpu_plug_budget: None,
+                guest: None,
+                agent: None,
+                goal: None,
+            }),
+        });
+        {
+            let mut vms = self.vms();
+            if vms.contains_key(&name) {
+                return Err(HostError::AlreadyExists(name));
+            }
+            vms.insert(name.clone(), slot.clone());
+        }
+        let socket = self.store.vm_dir(&name).join(INCOMING_SOCKET);
+        let started = async {
+            self.store.create_vm(&spec)?;
+            let start = StartAs::Incoming(Resources {
+                vcpus: incoming.vcpus,
+                memory_bytes: boot.memory_bytes,
+            });
+            let (machine, budget) = self.launch(&spec, start).await?;
+            let listening = async {
+                machine
+                    .prepare_migration(incoming.postcopy, Default::default())
+                    .await?;
+                machine.listen_incoming(&socket).await
+            }
+            .await;
+            if let Err(source) = listening {
+                let _ = machine.terminate().await;
+                return Err(HostError::Vmm {
+                    name: name.clone(),
+                    action: "listen for the migration",
+                    source,
+                });
+            }
+            Ok((machine, budget))
+        }
+        .await;
+        let (machine, budget) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                self.forget_incoming(&name);
+                return Err(error);
+            }
+        };
+        {
+            let mut record = slot.record();
+            record.machine = Some(machine.clone());
+            record.vcpu_plug_budget = budget;
+        }
+        self.tunnels.lock().insert(incoming.tunnel, socket);
+        tracing::info!(vm = %name, lease, tunnel = incoming.tunnel, "waiting for an incoming migration");
+        let host = self.clone();
+        tokio::spawn(async move { host.watch_incoming(incoming, lease, size, machine).await });
+        Ok(self.info(&slot))
+    }
+
+    fn check_lease(&self, id: LeaseId, name: &str, size: Resources) -> Result<(), HostError> {
+        let ledger = self.ledger();
+        let held = ledger
+            .leases()
+            .find(|l| l.id == id)
+            .ok_or(LedgerError::UnknownLease(id))?;
+        if held.vm != name || held.resources != size {
+            return Err(HostError::Invalid(format!(
+                "lease {id} is for VM '{}' of {}, not '{name}' of {size}",
+                held.vm, held.resources
+            )));
+        }
+        Ok(())
+    }
+
+    /// Follows an arriving VM until it runs here (then it becomes this host's VM) or the
+    /// migration ends without it (then everything it held goes).
+    async fn watch_incoming(
+        self: Arc<Self>,
+        incoming: IncomingMigration,
+        lease: LeaseId,
+        size: Resources,
+        machine: Arc<Machine>,
+    ) {
+        let name = incoming.vm.name.clone();
+        let outcome = loop {
+            tokio::time::sleep(INCOMING_POLL).await;
+            let status = match machine.migration_info().await {
+                Ok(info) => info.status.unwrap_or_default(),
+                Err(_) if machine.exited_now() => break Err("its QEMU exited".to_string()),
+                Err(error) => {
+                    tracing::debug!(vm = %name, error = %error_chain(&error), "cannot read the incoming migration");
+                    continue;
+                }
+            };
+            let leased = self.ledger().leases().any(|l| l.id == lease);
+            match status.as_str() {
+                "completed" => break Ok(()),
+                "failed" | "cancelled" => break Err(format!("the migration {status}")),
+                // Past the switchover this is the only running copy: it is kept whatever
+                // becomes of the lease.
+                s if s.starts_with("postcopy") => {}
+                _ if !leased => {
+                    break Err("its lease ended: the source stopped renewing it".to_string())
+                }
+                _ => {}
+            }
+        };
+        self.tunnels.lock().remove(&incoming.tunnel);
+        match outcome {
+            Ok(()) => self.finish_incoming(&incoming, lease, size, machine).await,
+            Err(reason) => {
+                tracing::warn!(vm = %name, %reason, "incoming migration abandoned");
+                let _ = machine.terminate().await;
+                let mut ledger = self.ledger();
+                if ledger.release_lease(lease).is_some() {
+                    self.persist_leases(&ledger);
+                }
+                drop(ledger);
+                self.forget_incoming(&name);
+            }
+        }
+    }
+
+    /// The VM runs here now: its lease becomes its allocation, and it gets its vsock
+    /// device, its memory and its agent.
+    async fn finish_incoming(
+        self: &Arc<Self>,
+        incoming: &IncomingMigration,
+        lease: LeaseId,
+        size: Resources,
+        machine: Arc<Machine>,
+    ) {
+        let name = incoming.vm.name.as_str();
+        if let Err(error) = self.book_new_vm(name, size, Some(lease)) {
+            // The guest runs here whatever the lease says; book what it holds.
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot commit the migration's lease; booking the VM anyway");
+            self.ledger().adopt(name, size);
+        }
+        let Ok(slot) = self.slot(name) else { return };
+        let mut spec = slot.record().spec.clone();
+        spec.incoming = false;
+        (spec.min_cu, spec.max_cu) = incoming.bounds;
+        if let Err(error) = self.store.save(&spec) {
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM; a restart would lose track of it");
+        }
+        slot.record().spec = spec.clone();
+        let paths = self.paths(name);
+        let plugged = async {
+            paths.vsock.ensure_running().await?;
+            machine
+                .plug_vsock(&paths.vsock.vhost_socket)
+                .await
+                .map_err(vmm_error(name, "plug its vsock device"))
+        }
+        .await;
+        if let Err(error) = plugged {
+            tracing::error!(vm = %name, error = %error_chain(&error), "the arrived guest has no vsock device; it cannot reach this host until it restarts");
+        }
+        let boot = spec.cu_shape.resources(spec.min_cu).memory_bytes;
+        if machine.hotplug_memory().await.ok() != Some(incoming.restore_hotplug_memory_bytes) {
+            if let Err(error) = machine
+                .set_hotplug_memory(
+                    incoming.restore_hotplug_memory_bytes,
+                    self.config.timeouts.hotplug(),
+                )
+                .await
+            {
+                tracing::warn!(vm = %name, boot, error = %error_chain(&error), "cannot plug the arrived VM's memory back");
+            }
+        }
+        let applied = self.measure(&spec, &machine).await.unwrap_or(size);
+        let _ = self.ledger().set(name, applied);
+        let mut record = slot.record();
+        record.applied = applied;
+        self.set_running(&mut record, machine);
+        tracing::info!(vm = %name, size = %applied, "migrated VM arrived and runs here");
+    }
+
+    /// Drops an arriving VM that never became this host's: its record, files and tap.
+    fn forget_incoming(&self, name: &str) {
+        self.vms().remove(name);
+        if let Err(error) = self.store.remove_vm(name) {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "cannot remove an abandoned incoming VM's files");
+        }
+        net::remove_tap(name);
+    }
+
+    /// After a restart: an arrival that was under way cannot be followed any more, so its
+    /// QEMU ends; the source resumes the VM, and the lease expires.
+    pub(super) async fn discard_incoming(&self, name: &str) {
+        let paths = self.paths(name);
+        if let Ok(machine) = Machine::attach(
+            &paths.qmp_socket,
+            &paths.pidfile,
+            self.config.timeouts.qmp(),
+        )
+        .await
+        {
+            let _ = machine.terminate().await;
+        }
+        tracing::warn!(vm = %name, "dropped a migration that was arriving when this vmhostd stopped");
+        self.forget_incoming(name);
+    }
+
+    /// Listens again for a post-copy migration whose link broke.
+    pub(super) async fn recover_incoming(&self, name: &str) -> Result<VmInfo, HostError> {
+        let slot = self.slot(name)?;
+        let machine = {
+            let record = slot.record();
+            match (&record.machine, record.state, record.spec.incoming) {
+                (Some(machine), VmState::Migrating, true) => machine.clone(),
+                _ => return Err(Self::wrong_state(&record, "recover the migration of")),
+            }
+        };
+        let socket = self.store.vm_dir(name).join(INCOMING_SOCKET);
+        machine
+            .recover_incoming(&socket)
+            .await
+            .map_err(vmm_error(name, "listen again for its migration"))?;
+        tracing::info!(vm = %name, "listening again for the broken post-copy migration");
+        Ok(self.info(&slot))
+    }
+}

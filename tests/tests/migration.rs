@@ -1,0 +1,295 @@
+//! Live migration between two vmhostd in separate network namespaces, over the fleet's
+//! QUIC connection: a guest that keeps rewriting its memory moves and runs on without a
+//! reset or a lost write; a second operation during a migration is refused; a target that
+//! dies before the switchover leaves the source running and its lease expires; a link cut
+//! during post-copy is recovered.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use vmhost_tests::netns::{start_fleet, Lab};
+use vmhost_tests::{bin, wait_until, Limits, TestHost};
+
+const LEASE_TTL_SECS: u64 = 5;
+
+fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
+    let limits = || Limits {
+        vcpus: 4,
+        memory_mib: 4096,
+    };
+    let hosts = start_fleet(
+        lab,
+        pki,
+        vec![("a", limits()), ("b", limits())],
+        &format!("gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\n"),
+    );
+    let live = |host: &TestHost| {
+        let table: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
+        table
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["live"] == true)
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "both hosts to see each other",
+        || hosts.iter().all(|h| live(h) == 2),
+    );
+    hosts
+}
+
+/// One `dirtier:` report line of the guest's workload.
+#[derive(Debug, Clone, PartialEq)]
+struct Tick {
+    pass: u64,
+    boot_id: String,
+    errors: u64,
+}
+
+fn ticks(serial: &Path) -> Vec<Tick> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.split("dirtier: pass=").nth(1)?;
+            let (pass, rest) = rest.split_once(" boot_id=")?;
+            let (boot_id, errors) = rest.split_once(" errors=")?;
+            Some(Tick {
+                pass: pass.parse().ok()?,
+                boot_id: boot_id.into(),
+                errors: errors.trim().parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn wait_ticking(host: &TestHost, vm: &str, after: usize) -> Tick {
+    let serial = host.serial_log(vm);
+    wait_until(
+        Duration::from_secs(180),
+        "the guest's workload to report",
+        || ticks(&serial).len() > after,
+    );
+    ticks(&serial).last().unwrap().clone()
+}
+
+fn create_dirtier(host: &TestHost, vm: &str) {
+    host.vmctl_ok(&[
+        "create",
+        vm,
+        "--image",
+        "dirtier",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "2",
+        "--cu",
+        "2",
+        "--no-autoscale",
+    ]);
+    host.wait_monitor(vm);
+    wait_ticking(host, vm, 0);
+}
+
+fn spawn_migrate(host: &TestHost, args: &[&str]) -> Child {
+    Command::new(bin("vmctl"))
+        .arg("--socket")
+        .arg(&host.socket)
+        .args(["--json", "migrate"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the migration's JSON lines until one satisfies `seen`.
+fn wait_progress(lines: &mut Lines, what: &str, mut seen: impl FnMut(&Value) -> bool) {
+    for line in lines {
+        let value: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if seen(&value) {
+            return;
+        }
+    }
+    panic!("the migration ended before {what}");
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+fn progress_lines(child: &mut Child) -> Lines {
+    BufReader::new(child.stdout.take().unwrap()).lines()
+}
+
+/// Waits for the migration to end: whether it succeeded, the rest of its stdout (the
+/// summary last), and its stderr.
+fn finish(child: Child, rest: Lines) -> (bool, String, String) {
+    let stdout: Vec<String> = rest.map_while(Result::ok).collect();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        stdout.join("\n"),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn host_json(host: &TestHost) -> Value {
+    serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap()
+}
+
+/// The guest ran on: same boot, counter past where it was, no page lost.
+fn assert_continued(before: &Tick, target: &TestHost, vm: &str) {
+    let after = wait_ticking(target, vm, 0);
+    let on_target = ticks(&target.serial_log(vm));
+    assert!(
+        on_target.iter().all(|t| t.boot_id == before.boot_id),
+        "the guest rebooted: {before:?} then {on_target:?}"
+    );
+    assert!(
+        on_target[0].pass > before.pass,
+        "the counter went back: {before:?} then {:?}",
+        on_target[0]
+    );
+    assert!(
+        on_target.iter().all(|t| t.errors == 0),
+        "pages lost their last write: {on_target:?}"
+    );
+    assert!(after.pass > on_target[0].pass || on_target.len() == 1);
+}
+
+#[test]
+fn a_guest_rewriting_its_memory_moves_and_runs_on() {
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let hosts = two_hosts(&lab, pki.path());
+    let (a, b) = (&hosts[0], &hosts[1]);
+    create_dirtier(a, "mover");
+    let before = wait_ticking(a, "mover", 2);
+
+    // Capped, so the migration lasts long enough to try a second operation on the VM.
+    let mut migrate = spawn_migrate(a, &["mover", "--to", "b", "--bandwidth", "32"]);
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "the stream started", |p| {
+        p["phase"] == "active"
+    });
+    let (code, error) = a.vmctl_err(&["scale", "mover", "--cu", "1", "--force"]);
+    assert_eq!(code, 6, "{error}");
+    assert!(error.contains("migrating"), "{error}");
+    let (code, error) = a.vmctl_err(&["migrate", "mover", "--to", "b"]);
+    assert_eq!(code, 6, "{error}");
+    let (ok, out, err) = finish(migrate, stdout);
+    assert!(
+        ok,
+        "migrate failed: {err}\n{out}\n--- a ---\n{}\n--- b ---\n{}",
+        std::fs::read_to_string(a.daemon_log()).unwrap_or_default(),
+        std::fs::read_to_string(b.daemon_log()).unwrap_or_default()
+    );
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    println!("migration summary: {summary}");
+    assert_eq!(summary["to"], "b");
+    assert_eq!(summary["postcopy"], true, "{summary}");
+
+    let list: Value = serde_json::from_str(&a.vmctl_ok(&["--json", "list"])).unwrap();
+    let vm = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mover")
+        .unwrap();
+    assert_eq!(vm["host"], "b");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["vcpus"], 2);
+    assert_eq!(vm["memory_bytes"], 2u64 << 30);
+    assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
+    assert_eq!(host_json(a)["allocated"]["vcpus"], 0);
+    assert_eq!(host_json(b)["allocated"]["vcpus"], 2);
+    assert_eq!(host_json(b)["leased"]["vcpus"], 0);
+
+    assert_continued(&before, b, "mover");
+    // The guest channel moved too: its monitor talks to b now.
+    b.wait_monitor("mover");
+}
+
+#[test]
+fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let mut hosts = two_hosts(&lab, pki.path());
+    create_dirtier(&hosts[0], "stays");
+    let before = wait_ticking(&hosts[0], "stays", 1);
+
+    // Pre-copy at 8 MiB/s never catches up with 64 MiB rewritten every pass.
+    let mut migrate = spawn_migrate(
+        &hosts[0],
+        &["stays", "--to", "b", "--precopy-only", "--bandwidth", "8"],
+    );
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "the stream started", |p| {
+        p["phase"] == "active"
+    });
+    assert!(host_json(&hosts[1])["leased"]["vcpus"].as_u64().unwrap() > 0);
+    hosts[1].kill_daemon();
+    for pid in hosts[1].qemu_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let (ok, _, err) = finish(migrate, stdout);
+    assert!(!ok, "the migration cannot have succeeded");
+    assert!(err.contains("stays"), "{err}");
+
+    let a = &hosts[0];
+    let vm = a.show("stays");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["qemu_status"], "running", "{vm}");
+    let after = wait_ticking(a, "stays", ticks(&a.serial_log("stays")).len());
+    assert_eq!(after.boot_id, before.boot_id);
+    assert_eq!(after.errors, 0);
+    a.wait_monitor("stays");
+
+    // The target comes back: the lease it had granted expires, and no copy of the VM is left.
+    hosts[1].start_daemon();
+    let b = &hosts[1];
+    wait_until(
+        Duration::from_secs(LEASE_TTL_SECS * 4),
+        "the lease to expire",
+        || host_json(b)["leased"]["vcpus"] == 0,
+    );
+    assert_eq!(b.vmctl_ok(&["--json", "list", "--local"]).trim(), "[]");
+    assert!(b.qemu_pids().is_empty());
+}
+
+#[test]
+fn a_link_cut_during_postcopy_is_recovered() {
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let hosts = two_hosts(&lab, pki.path());
+    let (a, b) = (&hosts[0], &hosts[1]);
+    create_dirtier(a, "cut");
+    let before = wait_ticking(a, "cut", 1);
+
+    // Post-copy at 4 MiB/s lasts long enough to cut the link in the middle of it.
+    let mut migrate = spawn_migrate(a, &["cut", "--to", "b", "--bandwidth", "4"]);
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "post-copy", |p| {
+        p["phase"] == "postcopy-active"
+    });
+    lab.set_uplink(1, false);
+    wait_progress(&mut stdout, "the pause", |p| {
+        p["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("paused")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    lab.set_uplink(1, true);
+    let (ok, out, err) = finish(migrate, stdout);
+    assert!(ok, "migrate failed: {err}\n{out}");
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
+    assert_eq!(b.show("cut")["state"], "running");
+    assert_continued(&before, b, "cut");
+}

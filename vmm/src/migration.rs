@@ -1,0 +1,149 @@
+//! Live migration and the vsock device's unplug/replug around it, on one QEMU.
+//!
+//! Both ends speak QEMU's migration stream over a local unix socket; whoever runs this
+//! carries the socket's bytes to the other host.
+
+use crate::cmdline::{VSOCK_CHARDEV_ID, VSOCK_DEVICE_ID, VSOCK_ROOT_PORT};
+use crate::machine::{Machine, VmmError};
+use crate::qmp::{
+    ChardevAddUnix, ChardevDeviceAdd, ChardevRemove, DeviceDel, Migrate, MigrateCancel,
+    MigrateIncoming, MigrateRecover, MigrateSetCapabilities, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationCapability, MigrationInfo, QmpError, QueryMigrate,
+};
+use qapi::qmp::Event;
+use std::path::Path;
+use std::time::Duration;
+
+/// A unix socket as a migration URI.
+pub fn unix_uri(path: &Path) -> String {
+    format!("unix:{}", path.display())
+}
+
+impl Machine {
+    /// Sets the capabilities both ends must agree on, and this end's parameters.
+    pub async fn prepare_migration(
+        &self,
+        postcopy: bool,
+        parameters: MigrateSetParameters,
+    ) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(MigrateSetCapabilities {
+                capabilities: vec![MigrationCapability {
+                    capability: "postcopy-ram".into(),
+                    state: postcopy,
+                }],
+            })
+            .await?;
+        self.qmp().execute(parameters).await?;
+        Ok(())
+    }
+
+    /// On the destination (started with `-incoming defer`): listen at `socket`.
+    pub async fn listen_incoming(&self, socket: &Path) -> Result<(), VmmError> {
+        let _ = std::fs::remove_file(socket);
+        self.qmp()
+            .execute(MigrateIncoming {
+                uri: unix_uri(socket),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// On the destination of a paused post-copy migration: listen again at `socket`.
+    pub async fn recover_incoming(&self, socket: &Path) -> Result<(), VmmError> {
+        let _ = std::fs::remove_file(socket);
+        self.qmp()
+            .execute(MigrateRecover {
+                uri: unix_uri(socket),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// On the source: send the VM to `socket`, or with `resume` continue a paused
+    /// post-copy migration there.
+    pub async fn migrate_to(&self, socket: &Path, resume: bool) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(Migrate {
+                uri: unix_uri(socket),
+                resume,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn start_postcopy(&self) -> Result<(), VmmError> {
+        self.qmp().execute(MigrateStartPostcopy {}).await?;
+        Ok(())
+    }
+
+    pub async fn cancel_migration(&self) -> Result<(), VmmError> {
+        self.qmp().execute(MigrateCancel {}).await?;
+        Ok(())
+    }
+
+    pub async fn migration_info(&self) -> Result<MigrationInfo, VmmError> {
+        Ok(self.qmp().execute(QueryMigrate {}).await?)
+    }
+
+    /// Unplugs the vsock device (the guest must eject it) and drops its chardev. A VM
+    /// without one is left as it is.
+    pub async fn unplug_vsock(&self, timeout: Duration) -> Result<(), VmmError> {
+        let mut events = self.qmp().subscribe();
+        match self
+            .qmp()
+            .execute(DeviceDel {
+                id: VSOCK_DEVICE_ID.into(),
+            })
+            .await
+        {
+            Err(QmpError::Command { message, .. }) if message.contains("not found") => {}
+            Err(error) => return Err(error.into()),
+            Ok(_) => {
+                self.wait_event(&mut events, "eject the vsock device", timeout, |event| {
+                    matches!(event, Event::DEVICE_DELETED { data, .. }
+                        if data.device.as_deref() == Some(VSOCK_DEVICE_ID))
+                    .then_some(())
+                })
+                .await?;
+            }
+        }
+        match self
+            .qmp()
+            .execute(ChardevRemove {
+                id: VSOCK_CHARDEV_ID.into(),
+            })
+            .await
+        {
+            Err(QmpError::Command { message, .. }) if message.contains("not found") => Ok(()),
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Plugs a vhost-user-vsock device served by the backend at `vhost_socket` into the
+    /// VM's empty vsock root port.
+    pub async fn plug_vsock(&self, vhost_socket: &Path) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(ChardevAddUnix::new(VSOCK_CHARDEV_ID, vhost_socket))
+            .await?;
+        let added = self
+            .qmp()
+            .execute(ChardevDeviceAdd {
+                driver: "vhost-user-vsock-pci".into(),
+                id: VSOCK_DEVICE_ID.into(),
+                chardev: VSOCK_CHARDEV_ID.into(),
+                bus: VSOCK_ROOT_PORT.into(),
+            })
+            .await;
+        if let Err(error) = added {
+            let _ = self
+                .qmp()
+                .execute(ChardevRemove {
+                    id: VSOCK_CHARDEV_ID.into(),
+                })
+                .await;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+}
