@@ -262,11 +262,19 @@ cmdline = "{cmdline} vmhost.monitor=off"
             .spawn()
             .expect("cannot start vmhostd");
         self.daemon = Some(child);
-        wait_until(
-            Duration::from_secs(30),
-            "vmhostd to serve its socket",
-            || std::os::unix::net::UnixStream::connect(&self.socket).is_ok(),
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|d| d.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && std::time::Instant::now() < deadline,
+                "vmhostd did not come up ({exited:?}):\n{}",
+                std::fs::read_to_string(self.daemon_log()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {

@@ -23,7 +23,9 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
         lab,
         pki,
         vec![("a", limits()), ("b", limits())],
-        &format!("gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\n"),
+        &format!(
+            "gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\nmigration_recover_secs = 60\n"
+        ),
     );
     let live = |host: &TestHost| {
         let table: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
@@ -133,6 +135,19 @@ fn finish(child: Child, rest: Lines) -> (bool, String, String) {
         stdout.join("\n"),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Both daemons' logs, for a failure message.
+fn logs(hosts: &[TestHost]) -> String {
+    hosts
+        .iter()
+        .map(|h| {
+            let log = std::fs::read_to_string(h.daemon_log()).unwrap_or_default();
+            let useful: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+            format!("--- {} ---\n{}", h.config.display(), useful.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn host_json(host: &TestHost) -> Value {
@@ -287,7 +302,7 @@ fn a_link_cut_during_postcopy_is_recovered() {
     std::thread::sleep(Duration::from_secs(3));
     lab.set_uplink(1, true);
     let (ok, out, err) = finish(migrate, stdout);
-    assert!(ok, "migrate failed: {err}\n{out}");
+    assert!(ok, "migrate failed: {err}\n{out}\n{}", logs(&hosts));
     let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
     assert_eq!(b.show("cut")["state"], "running");

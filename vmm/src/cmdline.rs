@@ -201,15 +201,24 @@ impl MachineSpec {
         args.push(self.kernel_cmdline.clone().into());
         args.push("-serial".into());
         args.push(prefixed("file:", &self.serial_log));
-        args.push("-qmp".into());
-        let mut qmp = prefixed("unix:", &self.qmp_socket);
-        qmp.push(",server=on,wait=off");
-        args.push(qmp);
+        for socket in [self.qmp_socket.clone(), oob_socket(&self.qmp_socket)] {
+            args.push("-qmp".into());
+            let mut qmp = prefixed("unix:", &socket);
+            qmp.push(",server=on,wait=off");
+            args.push(qmp);
+        }
         args.push("-daemonize".into());
         args.push("-pidfile".into());
         args.push(self.pidfile.clone().into());
         args
     }
+}
+
+/// The second monitor, beside `qmp_socket`, for out-of-band commands: they run even while
+/// QEMU's main loop is stuck, as it can be on a page still on the other host during a
+/// post-copy migration.
+pub fn oob_socket(qmp_socket: &std::path::Path) -> PathBuf {
+    qmp_socket.with_extension("oob.sock")
 }
 
 fn prefixed(prefix: &str, path: &std::path::Path) -> OsString {
@@ -344,6 +353,7 @@ mod tests {
         assert!(line.contains("-nodefaults -no-reboot"));
         assert!(line.contains("-serial file:/state/db1/serial.log"));
         assert!(line.contains("-qmp unix:/state/db1/qmp.sock,server=on,wait=off"));
+        assert!(line.contains("-qmp unix:/state/db1/qmp.oob.sock,server=on,wait=off"));
         assert!(line.contains("-daemonize -pidfile /state/db1/qemu.pid"));
         assert!(!joined(&spec()).contains("-netdev"));
         assert!(!joined(&spec()).contains("vhost-user-vsock"));

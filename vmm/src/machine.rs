@@ -5,7 +5,7 @@
 
 use crate::cmdline::{MachineSpec, HOTPLUG_CPU_ID_PREFIX, VIRTIO_MEM_ID};
 use crate::qmp::{
-    CpuDeviceAdd, DeviceDel, HotpluggableCpu, QmpClient, QmpError, QomGet, QomSet,
+    CpuDeviceAdd, DeviceDel, HotpluggableCpu, OobMonitor, QmpClient, QmpError, QomGet, QomSet,
     QueryHotpluggableCpus, QueryStatus, Quit, StatusInfo, SystemPowerdown,
 };
 use nix::sys::signal::{kill, Signal};
@@ -47,6 +47,8 @@ pub enum VmmError {
     UnexpectedReply { property: String, value: String },
     #[error("QEMU exited during {action}")]
     Exited { action: String },
+    #[error("no out-of-band monitor session was opened for this migration")]
+    NoOobMonitor,
 }
 
 /// One vCPU change to apply.
@@ -106,6 +108,8 @@ pub struct Machine {
     pid: Pid,
     qmp: QmpClient,
     qmp_socket: PathBuf,
+    /// The out-of-band session of a migration target, once opened.
+    oob: tokio::sync::Mutex<Option<OobMonitor>>,
 }
 
 impl Machine {
@@ -163,6 +167,7 @@ impl Machine {
             pid,
             qmp,
             qmp_socket: qmp_socket.to_path_buf(),
+            oob: Default::default(),
         })
     }
 
@@ -172,6 +177,14 @@ impl Machine {
 
     pub(crate) fn qmp(&self) -> &QmpClient {
         &self.qmp
+    }
+
+    pub(crate) fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    pub(crate) fn oob(&self) -> &tokio::sync::Mutex<Option<OobMonitor>> {
+        &self.oob
     }
 
     /// Whether QEMU has gone away.

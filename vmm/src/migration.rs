@@ -3,12 +3,12 @@
 //! Both ends speak QEMU's migration stream over a local unix socket; whoever runs this
 //! carries the socket's bytes to the other host.
 
-use crate::cmdline::{VSOCK_CHARDEV_ID, VSOCK_DEVICE_ID, VSOCK_ROOT_PORT};
+use crate::cmdline::{oob_socket, VSOCK_CHARDEV_ID, VSOCK_DEVICE_ID, VSOCK_ROOT_PORT};
 use crate::machine::{Machine, VmmError};
 use crate::qmp::{
     ChardevAddUnix, ChardevDeviceAdd, ChardevRemove, DeviceDel, Migrate, MigrateCancel,
-    MigrateIncoming, MigrateRecover, MigrateSetCapabilities, MigrateSetParameters,
-    MigrateStartPostcopy, MigrationCapability, MigrationInfo, QmpError, QueryMigrate,
+    MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
+    MigrationCapability, MigrationInfo, OobMonitor, QmpError, QueryMigrate,
 };
 use qapi::qmp::Event;
 use std::path::Path;
@@ -49,13 +49,26 @@ impl Machine {
         Ok(())
     }
 
+    /// On the destination, before the stream starts: opens the out-of-band session a
+    /// recovery needs (see [`Machine::recover_incoming`]).
+    pub async fn open_oob_monitor(&self, timeout: Duration) -> Result<(), VmmError> {
+        let monitor = OobMonitor::connect(&oob_socket(self.qmp_socket()), timeout).await?;
+        *self.oob().lock().await = Some(monitor);
+        Ok(())
+    }
+
     /// On the destination of a paused post-copy migration: listen again at `socket`.
-    pub async fn recover_incoming(&self, socket: &Path) -> Result<(), VmmError> {
+    /// Out of band, since the main loop may be stuck on a page still on the source.
+    pub async fn recover_incoming(&self, socket: &Path, timeout: Duration) -> Result<(), VmmError> {
         let _ = std::fs::remove_file(socket);
-        self.qmp()
-            .execute(MigrateRecover {
-                uri: unix_uri(socket),
-            })
+        let mut oob = self.oob().lock().await;
+        let monitor = oob.as_mut().ok_or(VmmError::NoOobMonitor)?;
+        monitor
+            .execute(
+                "migrate-recover",
+                serde_json::json!({ "uri": unix_uri(socket) }),
+                timeout,
+            )
             .await?;
         Ok(())
     }

@@ -84,15 +84,26 @@ impl QmpClient {
         })
     }
 
-    /// Runs one command with the client's timeout.
-    pub async fn execute<C: qapi::qmp::QmpCommand>(&self, command: C) -> Result<C::Ok, QmpError> {
+    /// Runs one command with the client's timeout. A command that times out still gets
+    /// its reply read in the background: QEMU answers in order, and the next command
+    /// must not be taken for the late one.
+    pub async fn execute<C>(&self, command: C) -> Result<C::Ok, QmpError>
+    where
+        C: qapi::qmp::QmpCommand + Send + 'static,
+        C::Ok: Send,
+    {
         let name = C::NAME;
-        match tokio::time::timeout(self.timeout, self.service.execute(command)).await {
+        let pending = tokio::spawn(self.service.execute(command));
+        match tokio::time::timeout(self.timeout, pending).await {
             Err(_) => Err(QmpError::Timeout {
                 command: name,
                 timeout: self.timeout,
             }),
-            Ok(result) => result.map_err(|e| QmpError::Command {
+            Ok(Err(join)) => Err(QmpError::Command {
+                command: name,
+                message: join.to_string(),
+            }),
+            Ok(Ok(result)) => result.map_err(|e| QmpError::Command {
                 command: name,
                 message: e.to_string(),
             }),
@@ -112,6 +123,122 @@ impl QmpClient {
 
     pub fn is_closed(&self) -> bool {
         *self.closed.borrow()
+    }
+}
+
+/// A session on a monitor with out-of-band execution enabled, for the commands that must
+/// run even while QEMU's main loop is stuck (the qapi crate executes in band only).
+/// Negotiating needs the main loop, so the session is opened before it may get stuck.
+pub struct OobMonitor {
+    socket: std::path::PathBuf,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl OobMonitor {
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<OobMonitor, QmpError> {
+        use tokio::io::AsyncBufReadExt;
+        let connect = async {
+            let stream = UnixStream::connect(socket)
+                .await
+                .map_err(|source| QmpError::Connect {
+                    path: socket.display().to_string(),
+                    source,
+                })?;
+            let (read, write) = stream.into_split();
+            let mut monitor = OobMonitor {
+                socket: socket.to_path_buf(),
+                lines: tokio::io::BufReader::new(read).lines(),
+                write,
+                next_id: 0,
+            };
+            let greeting = monitor.next_message().await?;
+            let offers_oob = greeting["QMP"]["capabilities"]
+                .as_array()
+                .is_some_and(|caps| caps.iter().any(|c| c == "oob"));
+            if !offers_oob {
+                return Err(monitor.failed("qmp_capabilities", "no out-of-band execution".into()));
+            }
+            monitor
+                .send(serde_json::json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}))
+                .await?;
+            monitor.next_message().await?;
+            Ok(monitor)
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: "qmp_capabilities",
+                timeout,
+            })?
+    }
+
+    /// Runs `command` out of band and returns its reply.
+    pub async fn execute(
+        &mut self,
+        command: &'static str,
+        arguments: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, QmpError> {
+        self.next_id += 1;
+        let id = format!("oob-{}", self.next_id);
+        let exchange = async {
+            self.send(serde_json::json!({"exec-oob": command, "arguments": arguments, "id": id}))
+                .await?;
+            loop {
+                let reply = self.next_message().await?;
+                // Replies to earlier, timed-out commands are skipped.
+                if reply["id"] != id.as_str() {
+                    continue;
+                }
+                return match (reply.get("return"), reply.get("error")) {
+                    (Some(value), _) => Ok(value.clone()),
+                    (_, Some(error)) => {
+                        Err(self.failed(command, error["desc"].as_str().unwrap_or("error").into()))
+                    }
+                    _ => Err(self.failed(command, format!("unexpected reply {reply}"))),
+                };
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout { command, timeout })?
+    }
+
+    async fn send(&mut self, request: serde_json::Value) -> Result<(), QmpError> {
+        use tokio::io::AsyncWriteExt;
+        let mut line = request.to_string();
+        line.push('\n');
+        let sent = self.write.write_all(line.as_bytes()).await;
+        sent.map_err(|e| self.failed("write", e.to_string()))
+    }
+
+    /// The next message that is not an event.
+    async fn next_message(&mut self) -> Result<serde_json::Value, QmpError> {
+        loop {
+            let line = match self.lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Err(self.failed("read", "the monitor closed".into())),
+                Err(e) => return Err(self.failed("read", e.to_string())),
+            };
+            let value: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| self.failed("read", e.to_string()))?;
+            if value.get("event").is_none() {
+                return Ok(value);
+            }
+        }
+    }
+
+    fn failed(&self, command: &'static str, message: String) -> QmpError {
+        QmpError::Command {
+            command,
+            message: format!(
+                "{} (out-of-band monitor {})",
+                message,
+                self.socket.display()
+            ),
+        }
     }
 }
 
@@ -242,13 +369,6 @@ pub struct MigrateIncoming {
     pub uri: String,
 }
 qmp_command!(MigrateIncoming => "migrate-incoming", qapi::Empty);
-
-/// On the destination of a paused post-copy migration: listen again at `uri`.
-#[derive(Debug, Serialize)]
-pub struct MigrateRecover {
-    pub uri: String,
-}
-qmp_command!(MigrateRecover => "migrate-recover", qapi::Empty);
 
 #[derive(Debug, Serialize)]
 pub struct MigrateStartPostcopy {}

@@ -71,6 +71,10 @@ pub struct FleetConfig {
     /// The share of memory capacity beyond which this host takes no placements.
     #[serde(default = "default_watermark")]
     pub watermark: f64,
+    /// How long a link that breaks during a post-copy migration may stay down before this
+    /// host stops trying to recover it (the VM then stays paused, never lost).
+    #[serde(default = "default_migration_recover_secs")]
+    pub migration_recover_secs: u64,
 }
 
 fn default_gossip_interval_ms() -> u64 {
@@ -81,6 +85,9 @@ fn default_dead_host_grace_secs() -> u64 {
 }
 fn default_lease_ttl_secs() -> u64 {
     30
+}
+fn default_migration_recover_secs() -> u64 {
+    300
 }
 fn default_watermark() -> f64 {
     1.0
@@ -106,6 +113,9 @@ impl FleetConfig {
         }
         if !(1..=120).contains(&self.lease_ttl_secs) {
             return Err("fleet.lease_ttl_secs must be between 1 and 120".into());
+        }
+        if !(1..=86_400).contains(&self.migration_recover_secs) {
+            return Err("fleet.migration_recover_secs must be between 1 and 86400".into());
         }
         if !(self.watermark > 0.0 && self.watermark <= 1.0) {
             return Err("fleet.watermark must be in (0, 1]".into());

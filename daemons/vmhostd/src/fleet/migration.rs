@@ -13,8 +13,6 @@ use vmhost_api::{CuShape, MigrateVm, MigrationProgress, MigrationSummary};
 use vmm::qmp::{MigrateSetParameters, MigrationInfo};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a broken post-copy link may stay down before vmhost stops trying to recover.
-const RECOVER_WINDOW: Duration = Duration::from_secs(300);
 const RECOVER_RETRY: Duration = Duration::from_secs(1);
 const RECOVER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target may take to bring the arrived VM up (vsock, memory) after the stream.
@@ -286,7 +284,10 @@ impl Fleet {
                 let renew = FleetRequest::Lease(LeaseRequest::Renew { id, ttl_ms });
                 match endpoint.call(addr, &host, &renew).await {
                     Ok(FleetResponse::Lease(LeaseResponse::Renewed(_))) => {}
-                    Ok(FleetResponse::Lease(LeaseResponse::Committed(_))) => return,
+                    // Committed at the switchover, or dropped by the target: nothing to keep.
+                    Ok(FleetResponse::Lease(
+                        LeaseResponse::Committed(_) | LeaseResponse::Unknown { .. },
+                    )) => return,
                     Ok(other) => tracing::warn!(%host, lease = id, ?other, "lease not renewed"),
                     Err(error) => {
                         tracing::warn!(%host, lease = id, %error, "cannot renew the lease")
@@ -331,7 +332,8 @@ impl Fleet {
     async fn recover(&self, target: &HostView, out: &Outgoing) -> Result<(), Failure> {
         let name = out.spec.name.as_str();
         tracing::error!(vm = %name, target = %target.name, "the link broke during post-copy; the guest waits until it returns");
-        let deadline = Instant::now() + RECOVER_WINDOW;
+        let window = Duration::from_secs(self.config.migration_recover_secs);
+        let deadline = Instant::now() + window;
         loop {
             let recover = Request::MigrateRecover {
                 name: name.to_string(),
@@ -347,9 +349,9 @@ impl Fleet {
                     }
                 },
                 Ok(Err(error)) => {
-                    tracing::debug!(vm = %name, error = %error.message, "target not ready to recover yet")
+                    tracing::warn!(vm = %name, error = %error.message, "target not ready to recover yet")
                 }
-                Err(_) => tracing::debug!(vm = %name, "target did not answer the recovery"),
+                Err(_) => tracing::warn!(vm = %name, "target did not answer the recovery"),
             }
             if Instant::now() >= deadline {
                 return Err(Failure::Stranded(internal(format!(
@@ -357,7 +359,7 @@ impl Fleet {
                      Its memory is split between the hosts, so both QEMUs are kept, paused; \
                      the VM resumes only when the link returns and the migration is recovered",
                     target.name,
-                    RECOVER_WINDOW.as_secs()
+                    window.as_secs()
                 ))));
             }
             tokio::time::sleep(RECOVER_RETRY).await;

@@ -248,6 +248,9 @@ impl Host {
                 machine
                     .prepare_migration(incoming.postcopy, Default::default())
                     .await?;
+                if incoming.postcopy {
+                    machine.open_oob_monitor(self.config.timeouts.qmp()).await?;
+                }
                 machine.listen_incoming(&socket).await
             }
             .await;
@@ -306,6 +309,7 @@ impl Host {
         machine: Arc<Machine>,
     ) {
         let name = incoming.vm.name.clone();
+        let mut committed = false;
         let outcome = loop {
             tokio::time::sleep(INCOMING_POLL).await;
             let status = match machine.migration_info().await {
@@ -316,14 +320,17 @@ impl Host {
                     continue;
                 }
             };
-            let leased = self.ledger().leases().any(|l| l.id == lease);
+            // From the switchover on, this is the only running copy: the lease becomes its
+            // allocation then, so a link cut that stops renewals cannot free its room.
+            let switched = status == "completed" || status.starts_with("postcopy");
+            if switched && !committed {
+                self.commit_arrival(&name, lease, size);
+                committed = true;
+            }
             match status.as_str() {
                 "completed" => break Ok(()),
                 "failed" | "cancelled" => break Err(format!("the migration {status}")),
-                // Past the switchover this is the only running copy: it is kept whatever
-                // becomes of the lease.
-                s if s.starts_with("postcopy") => {}
-                _ if !leased => {
+                _ if !committed && !self.ledger().leases().any(|l| l.id == lease) => {
                     break Err("its lease ended: the source stopped renewing it".to_string())
                 }
                 _ => {}
@@ -331,12 +338,14 @@ impl Host {
         };
         self.tunnels.lock().remove(&incoming.tunnel);
         match outcome {
-            Ok(()) => self.finish_incoming(&incoming, lease, size, machine).await,
+            Ok(()) => self.finish_incoming(&incoming, size, machine).await,
             Err(reason) => {
                 tracing::warn!(vm = %name, %reason, "incoming migration abandoned");
                 let _ = machine.terminate().await;
                 let mut ledger = self.ledger();
-                if ledger.release_lease(lease).is_some() {
+                if committed {
+                    ledger.release(&name);
+                } else if ledger.release_lease(lease).is_some() {
                     self.persist_leases(&ledger);
                 }
                 drop(ledger);
@@ -345,21 +354,24 @@ impl Host {
         }
     }
 
-    /// The VM runs here now: its lease becomes its allocation, and it gets its vsock
-    /// device, its memory and its agent.
-    async fn finish_incoming(
-        self: &Arc<Self>,
-        incoming: &IncomingMigration,
-        lease: LeaseId,
-        size: Resources,
-        machine: Arc<Machine>,
-    ) {
-        let name = incoming.vm.name.as_str();
+    /// Turns the migration's lease into the VM's allocation.
+    fn commit_arrival(&self, name: &str, lease: LeaseId, size: Resources) {
         if let Err(error) = self.book_new_vm(name, size, Some(lease)) {
             // The guest runs here whatever the lease says; book what it holds.
             tracing::error!(vm = %name, error = %error_chain(&error), "cannot commit the migration's lease; booking the VM anyway");
             self.ledger().adopt(name, size);
         }
+    }
+
+    /// The VM runs here now, with all its memory: it gets its vsock device, its hotplug
+    /// memory and its agent.
+    async fn finish_incoming(
+        self: &Arc<Self>,
+        incoming: &IncomingMigration,
+        size: Resources,
+        machine: Arc<Machine>,
+    ) {
+        let name = incoming.vm.name.as_str();
         let Ok(slot) = self.slot(name) else { return };
         let mut spec = slot.record().spec.clone();
         spec.incoming = false;
@@ -438,7 +450,7 @@ impl Host {
         };
         let socket = self.store.vm_dir(name).join(INCOMING_SOCKET);
         machine
-            .recover_incoming(&socket)
+            .recover_incoming(&socket, self.config.timeouts.qmp())
             .await
             .map_err(vmm_error(name, "listen again for its migration"))?;
         tracing::info!(vm = %name, "listening again for the broken post-copy migration");
