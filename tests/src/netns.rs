@@ -53,8 +53,11 @@ impl Lab {
     pub fn new(hosts: usize) -> Lab {
         assert!(hosts < 200);
         remove_stale_namespaces();
+        // Unique per lab, so tests of one process can each have their own.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lab = Lab {
-            prefix: format!("vmh{}-", std::process::id()),
+            prefix: format!("vmh{}-{n}-", std::process::id()),
             hosts,
         };
         let switch = lab.switch();

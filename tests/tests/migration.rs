@@ -14,6 +14,16 @@ use vmhost_tests::{bin, wait_until, Limits, TestHost};
 
 const LEASE_TTL_SECS: u64 = 5;
 
+/// One migration at a time: each runs two emulated guests' worth of QEMU, and the
+/// fault-injection tests depend on timing that a loaded machine would stretch.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialized() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
     let limits = || Limits {
         vcpus: 4,
@@ -176,6 +186,7 @@ fn assert_continued(before: &Tick, target: &TestHost, vm: &str) {
 
 #[test]
 fn a_guest_rewriting_its_memory_moves_and_runs_on() {
+    let _serial = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
     let hosts = two_hosts(&lab, pki.path());
@@ -229,6 +240,7 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
 
 #[test]
 fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
+    let _serial = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
     let mut hosts = two_hosts(&lab, pki.path());
@@ -279,6 +291,7 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
 
 #[test]
 fn a_link_cut_during_postcopy_is_recovered() {
+    let _serial = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
     let hosts = two_hosts(&lab, pki.path());
