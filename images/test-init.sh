@@ -13,6 +13,16 @@ for m in $(cat /etc/modules-load); do
     insmod "/lib/modules/$m.ko" || echo "vmhost-guest: failed to load $m"
 done
 
+# A static address from the kernel command line (vmhost.ip=10.88.0.50/24) and a TCP echo
+# server on port 7000, for the network tests.
+ip link set lo up
+guest_ip=$(sed -n 's/.*vmhost\.ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$guest_ip" ]; then
+    ip link set eth0 up
+    ip addr add "$guest_ip" dev eth0
+    nc -ll -p 7000 -e cat &
+fi
+
 boot_id=$(cat /proc/sys/kernel/random/boot_id)
 echo "vmhost-guest: ready boot_id=$boot_id"
 

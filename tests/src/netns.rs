@@ -104,6 +104,14 @@ impl Lab {
         ]);
     }
 
+    /// Gives the switch namespace an address on the segment, for a client outside every
+    /// host; returns the namespace.
+    pub fn client_namespace(&self) -> String {
+        let switch = self.switch();
+        ip(&["-n", &switch, "addr", "add", "10.88.0.200/24", "dev", "br0"]);
+        switch
+    }
+
     /// Host `i`'s address on the shared segment.
     pub fn addr(&self, i: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 88, 0, i as u8 + 1))
@@ -133,12 +141,13 @@ fn vmctl_fleet(args: &[&str]) {
 
 /// Starts one vmhostd per `(name, limits)` in the lab's host namespaces, in that order, as
 /// one fleet seeded by the first, with credentials from the real `vmctl fleet` commands.
-/// `fleet_config` is added to each `[fleet]` table.
+/// `fleet_config` is added to each `[fleet]` table, `tables` after it.
 pub fn start_fleet(
     lab: &Lab,
     pki: &Path,
     hosts: Vec<(&str, Limits)>,
     fleet_config: &str,
+    tables: &str,
 ) -> Vec<TestHost> {
     vmctl_fleet(&["init-ca", pki.join("ca").to_str().unwrap()]);
     let seed = format!("{}:{FLEET_PORT}", lab.addr(0));
@@ -163,7 +172,7 @@ pub fn start_fleet(
                 netns: Some(lab.ns(i)),
                 extra_config: format!(
                     "[fleet]\ncluster = \"test\"\nlisten = \"{}:{FLEET_PORT}\"\nseeds = [\"{seed}\"]\n\
-                     credentials = \"{}\"\n{fleet_config}",
+                     credentials = \"{}\"\n{fleet_config}\n{tables}",
                     lab.addr(i),
                     credentials.display()
                 ),

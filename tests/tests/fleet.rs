@@ -14,7 +14,7 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 
 fn start_fleet(lab: &Lab, pki: &Path, limits: [Limits; 3]) -> Vec<TestHost> {
     let hosts = NAMES.into_iter().zip(limits).collect();
-    vmhost_tests::netns::start_fleet(lab, pki, hosts, "gossip_interval_ms = 200\n")
+    vmhost_tests::netns::start_fleet(lab, pki, hosts, "gossip_interval_ms = 200\n", "")
 }
 
 fn hosts(host: &TestHost) -> Vec<Value> {

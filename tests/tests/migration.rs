@@ -8,11 +8,16 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use vmhost_tests::netns::{start_fleet, Lab};
-use vmhost_tests::{bin, wait_until, Limits, TestHost};
+use vmhost_tests::{bin, test_image, wait_until, Limits, TestHost};
 
 const LEASE_TTL_SECS: u64 = 5;
+/// The `echo` image's guest address and its TCP echo port.
+const GUEST_IP: &str = "10.88.0.50";
+const ECHO_PORT: u16 = 7000;
 
 /// One migration at a time: each runs two emulated guests' worth of QEMU, and the
 /// fault-injection tests depend on timing that a loaded machine would stretch.
@@ -35,6 +40,13 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
         vec![("a", limits()), ("b", limits())],
         &format!(
             "gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\nmigration_recover_secs = 60\n"
+        ),
+        &format!(
+            "[network]\nmode = \"tap\"\nbridge = \"br0\"\n\
+             [images.echo]\nkernel = \"{image}/vmlinuz\"\ninitrd = \"{image}/initrd.img\"\n\
+             cmdline = \"{cmdline} vmhost.ip={GUEST_IP}/24\"\n",
+            image = test_image().display(),
+            cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
         ),
     );
     let live = |host: &TestHost| {
@@ -320,4 +332,116 @@ fn a_link_cut_during_postcopy_is_recovered() {
     assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
     assert_eq!(b.show("cut")["state"], "running");
     assert_continued(&before, b, "cut");
+}
+
+/// A TCP client in its own network namespace that sends a numbered line every 100 ms and
+/// checks each echo, on one connection, until told to stop.
+struct EchoClient {
+    echoed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl EchoClient {
+    fn start(namespace: String, server: std::net::SocketAddr) -> EchoClient {
+        let echoed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (echoed.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Sockets belong to the namespace of the thread that creates them.
+            let netns = std::fs::File::open(format!("/run/netns/{namespace}")).unwrap();
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns: {e}"))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(180);
+            let stream = loop {
+                match std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2)) {
+                    Ok(stream) => break stream,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(500))
+                    }
+                    Err(e) => return Err(format!("cannot connect to {server}: {e}")),
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut n = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                n += 1;
+                let line = format!("line {n}\n");
+                std::io::Write::write_all(&mut writer, line.as_bytes())
+                    .map_err(|e| format!("send of line {n}: {e}"))?;
+                let mut echo = String::new();
+                reader
+                    .read_line(&mut echo)
+                    .map_err(|e| format!("echo of line {n}: {e}"))?;
+                if echo != line {
+                    return Err(format!("sent {line:?}, got back {echo:?}"));
+                }
+                count.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        });
+        EchoClient {
+            echoed,
+            stop,
+            thread,
+        }
+    }
+
+    fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+
+    fn wait_echoed(&self, count: u64) {
+        wait_until(
+            Duration::from_secs(180),
+            "echoes over the connection",
+            || self.echoed() >= count || self.thread.is_finished(),
+        );
+        assert!(
+            self.echoed() >= count,
+            "the connection stopped after {} echoes",
+            self.echoed()
+        );
+    }
+
+    fn stop(self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn a_tcp_connection_to_the_guest_survives_its_migration() {
+    let _serial = serialized();
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let hosts = two_hosts(&lab, pki.path());
+    let (a, b) = (&hosts[0], &hosts[1]);
+    a.vmctl_ok(&[
+        "create",
+        "web",
+        "--image",
+        "echo",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "2",
+        "--no-autoscale",
+    ]);
+    let server = format!("{GUEST_IP}:{ECHO_PORT}").parse().unwrap();
+    let client = EchoClient::start(lab.client_namespace(), server);
+    client.wait_echoed(10);
+
+    a.vmctl_ok(&["migrate", "web", "--to", "b"]);
+    assert_eq!(b.show("web")["state"], "running");
+    let after_move = client.echoed();
+    // The same connection, to the same address, now served by the guest on b.
+    client.wait_echoed(after_move + 20);
+    client.stop().unwrap();
+    assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
 }
