@@ -406,7 +406,6 @@ fn print_progress(p: &vmhost_api::MigrationProgress) {
 }
 
 fn print_summary(s: &vmhost_api::MigrationSummary) {
-    eprintln!();
     println!(
         "migrated {} from {} to {}: downtime {} ms, total {:.1} s, {} MiB sent{}{}",
         s.vm,

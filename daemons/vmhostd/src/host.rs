@@ -631,6 +631,12 @@ impl Host {
         self.store.vm_dir(name).join("vcpu-plug-budget")
     }
 
+    /// Marks that the running QEMU had a vCPU unplugged (see `begin_outgoing`); a fresh
+    /// QEMU has none.
+    fn vcpu_unplugged_file(&self, name: &str) -> std::path::PathBuf {
+        self.store.vm_dir(name).join("vcpu-unplugged")
+    }
+
     /// The budget saved for a running QEMU. Under TCG a missing file means no plugs are
     /// known to be safe.
     fn load_plug_budget(&self, name: &str) -> Option<u32> {
@@ -692,6 +698,7 @@ impl Host {
         let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
         let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
         self.save_plug_budget(&spec.name, budget)?;
+        let _ = std::fs::remove_file(self.vcpu_unplugged_file(&spec.name));
         let machine_spec = MachineSpec {
             name: spec.name.clone(),
             accel: self.accel.accel,
@@ -967,6 +974,9 @@ impl Host {
         let boot_memory = spec.cu_shape.resources(spec.min_cu).memory_bytes;
         let timeout = self.config.timeouts.hotplug();
         let applied = async {
+            if target.vcpus < before.vcpus {
+                let _ = std::fs::write(self.vcpu_unplugged_file(name), b"");
+            }
             machine.set_vcpus(target.vcpus, timeout).await?;
             if target.memory_bytes != before.memory_bytes {
                 machine

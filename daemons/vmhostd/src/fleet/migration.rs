@@ -19,6 +19,8 @@ const RECOVER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// QEMU's default cap (128 MiB/s) would hold every migration below the link's speed.
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
+/// A migration still in QEMU's setup after this long is stuck, and is cancelled.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Post-copy starts once QEMU has synced the dirty bitmap this often: after the first pass.
 const POSTCOPY_AFTER_SYNCS: u64 = 2;
 
@@ -198,6 +200,14 @@ impl Fleet {
                         tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");
                     }
                     switched = true;
+                }
+                "setup" if started.elapsed() > SETUP_TIMEOUT => {
+                    let _ = out.machine.cancel_migration().await;
+                    self.release(&target, lease.id).await;
+                    return Err(before(internal(format!(
+                        "migration of VM '{name}' was still in QEMU's setup after {} s; cancelled",
+                        SETUP_TIMEOUT.as_secs()
+                    ))));
                 }
                 "postcopy-paused" => {
                     report("paused: link broken, recovering", Some(&info));

@@ -85,6 +85,12 @@ impl Host {
             (Some(machine), VmState::Running) => machine.clone(),
             _ => return Err(Self::wrong_state(&record, "migrate")),
         };
+        if self.accel.accel == vmm::Accel::Tcg && self.vcpu_unplugged_file(name).exists() {
+            return Err(HostError::Invalid(format!(
+                "VM '{name}' had a vCPU unplugged in its current QEMU process; under TCG, QEMU 10.0 \
+                 then hangs in the setup of any migration. Stop and start the VM, then migrate it"
+            )));
+        }
         record.state = VmState::Migrating;
         record.agent = None;
         record.goal = None;
