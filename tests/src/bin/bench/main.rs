@@ -1,9 +1,10 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration [N]
 
 mod gossip;
+mod migration;
 
 use std::io::Write;
 use std::path::Path;
@@ -80,16 +81,34 @@ impl RawQemu {
     }
 
     fn start(image: &Path, accel: Accel, max_vcpus: u32, hotplug: u64) -> (RawQemu, Duration) {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = Self::spec(dir.path(), image, accel, max_vcpus, hotplug);
         let started = Instant::now();
+        let cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE;
+        let qemu = Self::start_with(image, accel, max_vcpus, hotplug, cmdline, false);
+        wait_ready(&qemu.spec.serial_log);
+        (qemu, started.elapsed())
+    }
+
+    /// Starts QEMU (booting, or waiting for a migration) without waiting for the guest.
+    fn start_with(
+        image: &Path,
+        accel: Accel,
+        max_vcpus: u32,
+        hotplug: u64,
+        cmdline: &str,
+        incoming: bool,
+    ) -> RawQemu {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = MachineSpec {
+            kernel_cmdline: cmdline.into(),
+            incoming,
+            ..Self::spec(dir.path(), image, accel, max_vcpus, hotplug)
+        };
         let status = Command::new("qemu-system-x86_64")
             .args(spec.to_args())
             .status()
             .unwrap();
         assert!(status.success(), "raw QEMU failed to start");
-        wait_ready(&spec.serial_log);
-        (RawQemu { _dir: dir, spec }, started.elapsed())
+        RawQemu { _dir: dir, spec }
     }
 }
 
@@ -315,6 +334,76 @@ async fn lease_rtt(round_trips: usize) {
     ));
 }
 
+/// Bulk bytes through a migration tunnel (unix socket → QUIC stream with mutual TLS → unix
+/// socket, as vmhostd carries QEMU's stream) against a raw TCP connection, both on loopback,
+/// alternating.
+async fn tunnel_throughput(mib: usize) {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+    use vmhost_gossip::quic::{answer, splice, FleetEndpoint, FleetResponse};
+    const ROUNDS: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet_identities(dir.path(), &["host-a", "host-b"]);
+    let any = std::net::SocketAddr::new(LOCALHOST, 0);
+    let b = FleetEndpoint::bind(any, &ids[1]).unwrap();
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    b.set_tunnel_handler(Arc::new(move |_, send, recv| {
+        let arrived = arrived.clone();
+        tokio::spawn(async move {
+            let (target_side, mut qemu) = UnixStream::pair().unwrap();
+            tokio::spawn(splice(target_side, send, recv));
+            let bytes = tokio::io::copy(&mut qemu, &mut tokio::io::sink())
+                .await
+                .unwrap();
+            let _ = arrived.send(bytes);
+        });
+    }));
+    b.serve(Arc::new(|_| answer(FleetResponse::Pong)));
+    let a = FleetEndpoint::bind(any, &ids[0]).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let total = (mib as u64) << 20;
+    let (mut ours, mut tcp) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        let (send, recv) = a.open_tunnel(b.local_addr(), "host-b", 1).await.unwrap();
+        let (source_side, mut qemu) = UnixStream::pair().unwrap();
+        tokio::spawn(splice(source_side, send, recv));
+        for _ in 0..mib {
+            qemu.write_all(&chunk).await.unwrap();
+        }
+        qemu.shutdown().await.unwrap();
+        assert_eq!(arrivals.recv().await.unwrap(), total);
+        ours += started.elapsed();
+
+        let listener = tokio::net::TcpListener::bind(any).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::io::copy(&mut stream, &mut tokio::io::sink())
+                .await
+                .unwrap()
+        });
+        let started = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for _ in 0..mib {
+            stream.write_all(&chunk).await.unwrap();
+        }
+        stream.shutdown().await.unwrap();
+        assert_eq!(receiver.await.unwrap(), total);
+        tcp += started.elapsed();
+    }
+    let rate =
+        |d: Duration| (total * u64::from(ROUNDS)) as f64 / d.as_secs_f64() / (1 << 20) as f64;
+    append(&format!(
+        "- {} migration tunnel throughput, {mib} MiB x {ROUNDS} on loopback (unix → QUIC with mutual TLS → unix, against one TCP connection): ours {:.0} MiB/s, raw TCP {:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
+        today(),
+        rate(ours),
+        rate(tcp),
+        rate(ours) / rate(tcp)
+    ));
+}
+
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -332,8 +421,10 @@ async fn main() {
         "lease-rtt" => lease_rtt(runs).await,
         "gossip" => gossip::real(runs).await,
         "gossip-sim" => gossip::simulated(runs).await,
+        "tunnel" => tunnel_throughput(runs.max(64)).await,
+        "migration" => migration::downtime(runs, &test_image(), accel).await,
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip or gossip-sim"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel or migration"
         ),
     }
 }
