@@ -112,12 +112,9 @@ impl Fleet {
         };
         let cu = create.cu.unwrap_or(create.min_cu);
         let mut candidates: Vec<HostView> = self
-            .membership
-            .members()
+            .live_peers()
             .await
             .into_iter()
-            .filter(|m| m.live && m.view.name != self.host.name())
-            .map(|m| m.view)
             .filter(|v| v.has_room_for(v.cu_shape.resources(cu)))
             .collect();
         candidates.sort_by_key(|v| std::cmp::Reverse(v.free().memory_bytes));
@@ -153,6 +150,17 @@ impl Fleet {
                 refusals.join("; ")
             ),
         ))
+    }
+
+    /// The other hosts gossip shows alive.
+    async fn live_peers(&self) -> Vec<HostView> {
+        self.membership
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.live && m.view.name != self.host.name())
+            .map(|m| m.view)
+            .collect()
     }
 
     async fn reserve(&self, target: &HostView, vm: &str, size: Resources) -> Result<Lease, String> {

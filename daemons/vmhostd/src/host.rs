@@ -570,26 +570,7 @@ impl Host {
         let spec = self.spec_for(request)?;
         let shape = spec.cu_shape;
         let name = spec.name.clone();
-        let slot = Arc::new(VmSlot {
-            operation: tokio::sync::Mutex::new(()),
-            record: Mutex::new(VmRecord {
-                applied: shape.resources(spec.cu),
-                spec: spec.clone(),
-                state: VmState::Starting,
-                machine: None,
-                vcpu_plug_budget: None,
-                guest: None,
-                agent: None,
-                goal: None,
-            }),
-        });
-        {
-            let mut vms = self.vms();
-            if vms.contains_key(&name) {
-                return Err(HostError::AlreadyExists(name));
-            }
-            vms.insert(name.clone(), slot.clone());
-        }
+        let slot = self.insert_slot(&spec, shape.resources(spec.cu), VmState::Starting)?;
         let _operation = slot.operation.lock().await;
         let created = async {
             self.book_new_vm(&name, shape.resources(spec.cu), lease)?;
@@ -625,6 +606,34 @@ impl Host {
                 Err(error)
             }
         }
+    }
+
+    /// Enters a VM that has no QEMU yet in the table; its name must be free.
+    fn insert_slot(
+        &self,
+        spec: &VmSpec,
+        applied: Resources,
+        state: VmState,
+    ) -> Result<Arc<VmSlot>, HostError> {
+        let slot = Arc::new(VmSlot {
+            operation: tokio::sync::Mutex::new(()),
+            record: Mutex::new(VmRecord {
+                applied,
+                spec: spec.clone(),
+                state,
+                machine: None,
+                vcpu_plug_budget: None,
+                guest: None,
+                agent: None,
+                goal: None,
+            }),
+        });
+        let mut vms = self.vms();
+        if vms.contains_key(&spec.name) {
+            return Err(HostError::AlreadyExists(spec.name.clone()));
+        }
+        vms.insert(spec.name.clone(), slot.clone());
+        Ok(slot)
     }
 
     fn plug_budget_file(&self, name: &str) -> std::path::PathBuf {

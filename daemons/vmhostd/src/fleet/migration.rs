@@ -236,14 +236,7 @@ impl Fleet {
     /// The named host, or the live host with the most free memory that has room.
     async fn choose_target(&self, to: Option<&str>, out: &Outgoing) -> Result<HostView, ApiError> {
         let name = &out.spec.name;
-        let peers: Vec<HostView> = self
-            .membership
-            .members()
-            .await
-            .into_iter()
-            .filter(|m| m.live && m.view.name != self.host.name())
-            .map(|m| m.view)
-            .collect();
+        let peers = self.live_peers().await;
         let target = match to {
             Some(host) if host == self.host.name() => {
                 return Err(ApiError::new(

@@ -222,26 +222,7 @@ impl Host {
         };
         self.check_lease(lease, &spec.name, size)?;
         let name = spec.name.clone();
-        let slot = Arc::new(VmSlot {
-            operation: tokio::sync::Mutex::new(()),
-            record: Mutex::new(VmRecord {
-                applied: size,
-                spec: spec.clone(),
-                state: VmState::Migrating,
-                machine: None,
-                vcpu_plug_budget: None,
-                guest: None,
-                agent: None,
-                goal: None,
-            }),
-        });
-        {
-            let mut vms = self.vms();
-            if vms.contains_key(&name) {
-                return Err(HostError::AlreadyExists(name));
-            }
-            vms.insert(name.clone(), slot.clone());
-        }
+        let slot = self.insert_slot(&spec, size, VmState::Migrating)?;
         let socket = self.store.vm_dir(&name).join(INCOMING_SOCKET);
         let started = async {
             self.store.create_vm(&spec)?;
