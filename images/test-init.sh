@@ -41,6 +41,29 @@ if [ -n "$workload" ]; then
     ) &
 fi
 
+# A disk writer, when the kernel command line says vmhost.diskwriter: it fills the first
+# 16 MiB of /dev/vda with random bytes once and reports their checksum, then writes one
+# numbered record per 512-byte sector after them, flushed, and reports each one. The host
+# checks the disk image against these reports.
+if grep -q 'vmhost\.diskwriter' /proc/cmdline; then
+    (
+        until [ -b /dev/vda ]; do sleep 0.1; done
+        dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null
+        dd if=/tmp/blob of=/dev/vda bs=1M conv=fsync 2>/dev/null
+        set -- $(md5sum /tmp/blob)
+        rm /tmp/blob
+        echo "vmhost-disk: blob_md5=$1"
+        i=0
+        while true; do
+            printf 'record %08d %s\n' "$i" "$boot_id" \
+                | dd of=/dev/vda bs=512 seek=$((32768 + i)) conv=notrunc,sync,fsync 2>/dev/null \
+                && echo "vmhost-disk: record=$i"
+            i=$((i + 1))
+            sleep 0.2
+        done
+    ) &
+fi
+
 # Shell builtins only in this loop: a fork per tick would itself show up as guest load
 # under emulation and skew the autoscaling tests.
 count_cpus() {

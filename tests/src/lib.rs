@@ -177,6 +177,11 @@ cmdline = "{cmdline} vmhost.workload=vmhost-cpuburn,{CPUBURN_THREADS},{CPUBURN_S
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 cmdline = "{cmdline} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB}"
+# The dirtier image, also writing numbered records to its disk (see images/test-init.sh).
+[images.diskwriter]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB} vmhost.diskwriter"
 # The same image without its monitor, so a test can play the guest.
 [images.nomonitor]
 kernel = "{image}/vmlinuz"

@@ -2,7 +2,8 @@
 //! QUIC connection: a guest that keeps rewriting its memory moves and runs on without a
 //! reset or a lost write; a second operation during a migration is refused; a target that
 //! dies before the switchover leaves the source running and its lease expires; a link cut
-//! during post-copy is recovered.
+//! during post-copy is recovered; a disk arrives with every write made before and during
+//! the move.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -444,4 +445,141 @@ fn a_tcp_connection_to_the_guest_survives_its_migration() {
     client.wait_echoed(after_move + 20);
     client.stop().unwrap();
     assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
+}
+
+/// What the `diskwriter` guest reported on one host's serial console.
+#[derive(Debug, Default)]
+struct DiskReports {
+    boot_id: Option<String>,
+    blob_md5: Option<String>,
+    records: Vec<u64>,
+}
+
+fn disk_reports(serial: &Path) -> DiskReports {
+    disk_reports_in(&std::fs::read_to_string(serial).unwrap_or_default())
+}
+
+fn disk_reports_in(text: &str) -> DiskReports {
+    let mut reports = DiskReports::default();
+    for line in text.lines() {
+        if let Some(id) = line.split("vmhost-guest: ready boot_id=").nth(1) {
+            reports.boot_id = Some(id.trim().to_string());
+        } else if let Some(sum) = line.split("vmhost-disk: blob_md5=").nth(1) {
+            reports.blob_md5 = Some(sum.trim().to_string());
+        } else if let Some(n) = line.split("vmhost-disk: record=").nth(1) {
+            reports.records.extend(n.trim().parse::<u64>().ok());
+        }
+    }
+    reports
+}
+
+/// Keeps copies of a file that is about to be removed (the source's serial log goes with
+/// the VM); returns its last content once it is gone.
+fn follow_until_removed(path: std::path::PathBuf) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut last = String::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        while std::time::Instant::now() < deadline {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => last = text,
+                Err(_) => break,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        last
+    })
+}
+
+/// The checksum of the first `bytes` of a file.
+fn md5_of_head(path: &Path, bytes: u64) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"head -c "$1" "$2" | md5sum"#)
+        .args(["md5", &bytes.to_string(), &path.display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOB_BYTES: u64 = 16 << 20;
+    let _serial = serialized();
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let hosts = two_hosts(&lab, pki.path());
+    let (a, b) = (&hosts[0], &hosts[1]);
+    a.vmctl_ok(&[
+        "create",
+        "disky",
+        "--image",
+        "diskwriter",
+        "--min-cu",
+        "1",
+        "--no-autoscale",
+        "--disk-gib",
+        "1",
+    ]);
+    assert_eq!(a.show("disky")["disk_gib"], 1);
+    wait_until(
+        Duration::from_secs(180),
+        "the guest to write its disk",
+        || disk_reports(&a.serial_log("disky")).records.len() >= 5,
+    );
+
+    let serial_on_a = follow_until_removed(a.serial_log("disky"));
+    let mut migrate = spawn_migrate(a, &["disky", "--to", "b"]);
+    let stdout = progress_lines(&mut migrate);
+    let (ok, out, err) = finish(migrate, stdout);
+    assert!(ok, "migrate failed: {err}\n{out}\n{}", logs(&hosts));
+    assert!(out.contains(r#""phase":"copying the disk""#), "{out}");
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    println!("migration summary: {summary}");
+    assert_eq!(summary["postcopy"], true, "{summary}");
+    assert_eq!(b.show("disky")["state"], "running");
+
+    let on_a = disk_reports_in(&serial_on_a.join().unwrap());
+    wait_until(
+        Duration::from_secs(60),
+        "the guest to write on host b",
+        || disk_reports(&b.serial_log("disky")).records.len() >= 5,
+    );
+    let on_b = disk_reports(&b.serial_log("disky"));
+    let boot_id = on_a.boot_id.clone().expect("the guest reported its boot");
+    assert_eq!(on_b.boot_id, None, "the guest rebooted on host b: {on_b:?}");
+    let last_on_a = *on_a.records.last().unwrap();
+    assert!(
+        on_b.records[0] == last_on_a + 1 || on_b.records[0] == last_on_a + 2,
+        "the writer did not go on where it was: last on a {last_on_a}, first on b {}",
+        on_b.records[0]
+    );
+
+    // Host b's disk image holds the blob written first, and every record the guest
+    // reported written: on a before the move, on a during it, and on b after it.
+    let disk = b.serial_log("disky").with_file_name("disk.raw");
+    assert_eq!(
+        Some(md5_of_head(&disk, BLOB_BYTES)),
+        on_a.blob_md5,
+        "the data written before the migration did not arrive"
+    );
+    let mut image = std::fs::File::open(&disk).unwrap();
+    for record in on_a.records.iter().chain(&on_b.records) {
+        let mut sector = [0u8; 512];
+        image
+            .seek(SeekFrom::Start(BLOB_BYTES + record * 512))
+            .unwrap();
+        image.read_exact(&mut sector).unwrap();
+        let expected = format!("record {record:08} {boot_id}\n");
+        assert!(
+            sector.starts_with(expected.as_bytes()),
+            "record {record} is missing from host b's disk: {:?}",
+            String::from_utf8_lossy(&sector[..expected.len()])
+        );
+    }
+    assert!(!a.serial_log("disky").with_file_name("disk.raw").exists());
 }

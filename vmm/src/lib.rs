@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod disk_mirror;
 pub mod machine;
 pub mod migration;
 pub mod qmp;

@@ -7,19 +7,45 @@ use crate::cmdline::{oob_socket, VSOCK_CHARDEV_ID, VSOCK_DEVICE_ID, VSOCK_ROOT_P
 use crate::machine::{Machine, VmmError};
 use crate::qmp::{
     ChardevAddUnix, ChardevDeviceAdd, ChardevRemove, DeviceDel, Migrate, MigrateCancel,
-    MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
-    MigrationCapability, MigrationInfo, OobMonitor, QmpError, QueryMigrate,
+    MigrateContinue, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationCapability, MigrationInfo, OobMonitor, QmpError, QueryMigrate,
 };
 use qapi::qmp::Event;
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// A unix socket as a migration URI.
 pub fn unix_uri(path: &Path) -> String {
     format!("unix:{}", path.display())
 }
 
+/// A migration's status changes, as QEMU announces them.
+pub struct MigrationEvents(broadcast::Receiver<Event>);
+
+impl MigrationEvents {
+    /// Returns at the next status change, or after `within`.
+    pub async fn next_change(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                match self.0.recv().await {
+                    Ok(Event::MIGRATION { .. }) => return,
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    // QEMU is gone; the caller finds out from its next command.
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await;
+    }
+}
+
 impl Machine {
+    /// Status changes of this QEMU's migration from now on.
+    pub fn migration_events(&self) -> MigrationEvents {
+        MigrationEvents(self.qmp().subscribe())
+    }
+
     /// Sets the capabilities both ends must agree on, and this end's parameters.
     pub async fn prepare_migration(
         &self,
@@ -28,13 +54,44 @@ impl Machine {
     ) -> Result<(), VmmError> {
         self.qmp()
             .execute(MigrateSetCapabilities {
-                capabilities: vec![MigrationCapability {
-                    capability: "postcopy-ram".into(),
-                    state: postcopy,
-                }],
+                capabilities: vec![
+                    MigrationCapability {
+                        capability: "postcopy-ram".into(),
+                        state: postcopy,
+                    },
+                    // A MIGRATION event on each status change; see [`MigrationEvents`].
+                    MigrationCapability {
+                        capability: "events".into(),
+                        state: true,
+                    },
+                ],
             })
             .await?;
         self.qmp().execute(parameters).await?;
+        Ok(())
+    }
+
+    /// On the source: stop at the switchover, after the guest is paused and before its
+    /// disks are handed over, until [`Machine::continue_switchover`]; a disk mirror is
+    /// finished there.
+    pub async fn pause_before_switchover(&self) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(MigrateSetCapabilities {
+                capabilities: vec![MigrationCapability {
+                    capability: "pause-before-switchover".into(),
+                    state: true,
+                }],
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn continue_switchover(&self) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(MigrateContinue {
+                state: "pre-switchover".into(),
+            })
+            .await?;
         Ok(())
     }
 

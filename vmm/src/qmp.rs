@@ -455,6 +455,74 @@ pub struct ChardevDeviceAdd {
 }
 qmp_command!(ChardevDeviceAdd => "device_add", qapi::Empty);
 
+/// The block layer's arguments are nested unions, one shape per driver or export type;
+/// these commands take them as JSON.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct BlockdevAdd(pub serde_json::Value);
+qmp_command!(BlockdevAdd => "blockdev-add", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct BlockdevDel {
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+}
+qmp_command!(BlockdevDel => "blockdev-del", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct BlockdevMirror {
+    #[serde(rename = "job-id")]
+    pub job_id: String,
+    pub device: String,
+    pub target: String,
+    pub sync: String,
+    #[serde(rename = "copy-mode")]
+    pub copy_mode: String,
+}
+qmp_command!(BlockdevMirror => "blockdev-mirror", qapi::Empty);
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockJobInfo {
+    pub device: String,
+    pub len: u64,
+    pub offset: u64,
+    pub ready: bool,
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryBlockJobs {}
+qmp_command!(QueryBlockJobs => "query-block-jobs", Vec<BlockJobInfo>);
+
+#[derive(Debug, Serialize)]
+pub struct BlockJobCancel {
+    pub device: String,
+    pub force: bool,
+}
+qmp_command!(BlockJobCancel => "block-job-cancel", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct NbdServerStart(pub serde_json::Value);
+qmp_command!(NbdServerStart => "nbd-server-start", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct NbdServerStop {}
+qmp_command!(NbdServerStop => "nbd-server-stop", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct BlockExportAdd(pub serde_json::Value);
+qmp_command!(BlockExportAdd => "block-export-add", qapi::Empty);
+
+#[derive(Debug, Serialize)]
+pub struct MigrateContinue {
+    pub state: String,
+}
+qmp_command!(MigrateContinue => "migrate-continue", qapi::Empty);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,9 @@ pub struct CreateVm {
     /// commits it instead of booking anew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<u64>,
+    /// Size of the VM's own writable disk (`/dev/vda` in the guest), in GiB; none if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -157,6 +160,9 @@ pub struct IncomingMigration {
     pub postcopy: bool,
     /// The tunnel the source will open for the migration stream.
     pub tunnel: u64,
+    /// The tunnel the source will open to copy the VM's disk, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_tunnel: Option<u64>,
 }
 
 /// One progress report of a running migration.
@@ -234,6 +240,8 @@ pub struct VmInfo {
     pub image: String,
     pub host: String,
     pub autoscale: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u32>,
     /// What the agent wants, when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub goal_cu: Option<ComputeUnits>,

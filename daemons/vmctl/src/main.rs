@@ -57,6 +57,9 @@ enum Command {
         /// e.g. --agent downscale_cooldown_secs=30.
         #[arg(long = "agent", value_name = "KEY=VALUE", value_parser = parse_setting)]
         agent: Vec<(String, serde_json::Value)>,
+        /// Give the VM a writable disk of this many GiB (sparse; /dev/vda in the guest).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16384))]
+        disk_gib: Option<u32>,
     },
     /// List the VMs of the whole fleet (with --local, of this host only).
     List {
@@ -184,6 +187,7 @@ impl Command {
                 cu,
                 no_autoscale,
                 agent,
+                disk_gib,
             } => Request::Create(CreateVm {
                 name,
                 image: ImageRef::parse(&image),
@@ -193,6 +197,7 @@ impl Command {
                 autoscale: !no_autoscale,
                 agent: agent.into_iter().collect(),
                 lease: None,
+                disk_gib,
             }),
             Command::List { local: true } => Request::List,
             Command::List { local: false } => Request::FleetList,
@@ -489,6 +494,10 @@ fn print_vm(vm: &VmInfo) {
         ("memory", format_bytes(vm.memory_bytes)),
         ("accel", vm.accel.clone()),
         ("image", vm.image.clone()),
+        (
+            "disk",
+            vm.disk_gib.map_or("-".into(), |g| format!("{g} GiB")),
+        ),
         ("host", vm.host.clone()),
         (
             "autoscale",

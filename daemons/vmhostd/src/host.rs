@@ -430,6 +430,7 @@ impl Host {
             image: spec.image.to_string(),
             host: self.host_name.clone(),
             autoscale: spec.autoscale,
+            disk_gib: spec.disk_gib,
             goal_cu: record.goal.filter(|_| record.agent.is_some()),
             pid: record.machine.as_ref().map(|m| m.pid()),
             serial_log: self.paths(&spec.name).serial_log.display().to_string(),
@@ -551,6 +552,7 @@ impl Host {
             launched_bounds: Some((request.min_cu, request.max_cu)),
             agent: request.agent,
             incoming: false,
+            disk_gib: request.disk_gib,
         };
         check_bounds(&spec, spec.cu)?;
         agent_task::effective_config(&self.config.agent, &spec.agent)
@@ -722,6 +724,7 @@ impl Host {
             initrd: spec.boot.initrd.clone(),
             kernel_cmdline: spec.boot.cmdline.clone(),
             nic,
+            disk: spec.disk_gib.map(|_| self.store.disk_path(&spec.name)),
             spare_root_ports: SPARE_ROOT_PORTS,
             vhost_user_vsock: (!incoming).then(|| paths.vsock.vhost_socket.clone()),
             incoming,

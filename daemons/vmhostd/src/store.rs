@@ -10,6 +10,14 @@ use vmhost_gossip::ledger::Ledger;
 
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
+const DISK_FILE: &str = "disk.raw";
+
+/// A raw disk image of `bytes` that takes no room until written.
+fn create_sparse(path: &Path, bytes: u64) -> Result<(), StoreError> {
+    File::create_new(path)
+        .and_then(|file| file.set_len(bytes))
+        .map_err(io_error("cannot create disk", path))
+}
 
 /// Write, fsync, rename: a crash leaves the old file or the new one, never half of one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -48,6 +56,9 @@ pub struct VmSpec {
     /// Still arriving from another host: its QEMU is a migration target, not yet the VM.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub incoming: bool,
+    /// Size of its writable disk, `disk.raw` in its folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -150,15 +161,24 @@ impl Store {
         self.root.join("vms").join(name)
     }
 
-    /// Creates the VM's folder; fails if it exists, so two creates of one name cannot race.
+    /// Creates the VM's folder, and its empty (sparse) disk if it has one; fails if the
+    /// folder exists, so two creates of one name cannot race.
     pub fn create_vm(&self, spec: &VmSpec) -> Result<(), StoreError> {
         let paths = self.vm_dir(&spec.name);
         std::fs::create_dir(&paths).map_err(io_error("cannot create", &paths))?;
-        if let Err(e) = self.save(spec) {
+        let created = self.save(spec).and_then(|()| match spec.disk_gib {
+            Some(gib) => create_sparse(&self.disk_path(&spec.name), u64::from(gib) << 30),
+            None => Ok(()),
+        });
+        if let Err(e) = created {
             let _ = std::fs::remove_dir_all(&paths);
             return Err(e);
         }
         Ok(())
+    }
+
+    pub fn disk_path(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(DISK_FILE)
     }
 
     /// Writes the spec atomically.
@@ -249,6 +269,7 @@ mod tests {
             agent: Default::default(),
             launched_bounds: None,
             incoming: false,
+            disk_gib: None,
         }
     }
 

@@ -10,7 +10,8 @@ use std::path::Path;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use vmhost_api::{CuShape, MigrateVm, MigrationProgress, MigrationSummary};
-use vmm::qmp::{MigrateSetParameters, MigrationInfo};
+use vmm::qmp::{MigrateSetParameters, MigrationInfo, RamStats};
+use vmm::VmmError;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const RECOVER_RETRY: Duration = Duration::from_secs(1);
@@ -21,6 +22,9 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(120);
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
 /// A migration still in QEMU's setup after this long is stuck, and is cancelled.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest is paused while the disk mirror takes its last writes: a few blocks at most,
+/// since the mirror copies each write as it happens.
+const DISK_FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Post-copy starts once QEMU has synced the dirty bitmap this often: after the first pass.
 const POSTCOPY_AFTER_SYNCS: u64 = 2;
 
@@ -109,14 +113,13 @@ impl Fleet {
         let _renewal = self.keep_renewing(&target, lease.id);
         tracing::info!(vm = %name, target = %target.name, lease = lease.id, "migrating VM");
         let postcopy = !request.precopy_only;
-        let tunnel = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
+        let tunnel = random_id();
+        let disk_tunnel = out.disk_socket.as_ref().map(|_| random_id());
         let prepared = async {
             report("detaching the guest channel", None);
             self.host.detach_for_migration(out).await?;
             report("starting the target", None);
-            let incoming = out.incoming(lease.id, tunnel, postcopy);
+            let incoming = out.incoming(lease.id, tunnel, disk_tunnel, postcopy);
             self.call_api(&target, Request::MigrateIn(Box::new(incoming)))
                 .await?;
             let bandwidth = request
@@ -135,15 +138,23 @@ impl Fleet {
                 .map_err(|e| {
                     internal(format!("cannot set up the migration: {}", error_chain(&e)))
                 })?;
+            let disk_forwarder = match (&out.disk_socket, disk_tunnel) {
+                (Some(socket), Some(id)) => {
+                    let forwarder = self.forward_stream(socket, &target, id)?;
+                    self.copy_disk(out, socket, &report).await?;
+                    Some(forwarder)
+                }
+                _ => None,
+            };
             let forwarder = self.forward_stream(&out.socket, &target, tunnel)?;
             out.machine
                 .migrate_to(&out.socket, false)
                 .await
                 .map_err(|e| internal(format!("QEMU refused to migrate: {}", error_chain(&e))))?;
-            Ok::<_, ApiError>(forwarder)
+            Ok::<_, ApiError>((forwarder, disk_forwarder))
         }
         .await;
-        let _forwarder = match prepared {
+        let _forwarders = match prepared {
             Ok(forwarder) => forwarder,
             Err(error) => {
                 self.release(&target, lease.id).await;
@@ -152,8 +163,11 @@ impl Fleet {
         };
         let mut switched = false;
         let mut recoveries = 0;
+        let mut disk_finished = false;
+        let mut events = out.machine.migration_events();
         let info = loop {
-            tokio::time::sleep(POLL_INTERVAL).await;
+            // Woken early by a status change, so the pause for a disk is short.
+            events.next_change(POLL_INTERVAL).await;
             let info = match out.machine.migration_info().await {
                 Ok(info) => info,
                 Err(error) if out.machine.exited_now() => {
@@ -209,6 +223,17 @@ impl Fleet {
                         SETUP_TIMEOUT.as_secs()
                     ))));
                 }
+                // Only a VM with a disk pauses here, its guest stopped: the mirror takes
+                // the last writes, then the switchover goes on.
+                "pre-switchover" if !disk_finished => {
+                    report("finishing the disk copy", Some(&info));
+                    if let Err(error) = self.finish_disk(out).await {
+                        let _ = out.machine.cancel_migration().await;
+                        self.release(&target, lease.id).await;
+                        return Err(before(error));
+                    }
+                    disk_finished = true;
+                }
                 "postcopy-paused" => {
                     report("paused: link broken, recovering", Some(&info));
                     self.recover(&target, out).await?;
@@ -230,6 +255,76 @@ impl Fleet {
             transferred_bytes: ram.transferred,
             postcopy: switched,
             recoveries,
+        })
+    }
+
+    /// Mirrors the VM's disk to the target through `socket` until the copy has caught up;
+    /// from then on the mirror takes every guest write until the switchover.
+    async fn copy_disk(
+        &self,
+        out: &Outgoing,
+        socket: &Path,
+        report: &impl Fn(&str, Option<&MigrationInfo>),
+    ) -> Result<(), ApiError> {
+        let name = out.spec.name.as_str();
+        let failed = |action: &str, error: VmmError| {
+            internal(format!(
+                "cannot {action} the disk of VM '{name}': {}",
+                error_chain(&error)
+            ))
+        };
+        out.machine
+            .pause_before_switchover()
+            .await
+            .map_err(|e| failed("prepare the copy of", e))?;
+        out.machine
+            .start_disk_mirror(socket)
+            .await
+            .map_err(|e| failed("start copying", e))?;
+        loop {
+            let progress = out
+                .machine
+                .disk_mirror_progress()
+                .await
+                .map_err(|e| failed("copy", e))?;
+            report(
+                "copying the disk",
+                Some(&MigrationInfo {
+                    ram: Some(RamStats {
+                        transferred: progress.copied_bytes,
+                        remaining: progress.total_bytes
+                            - progress.copied_bytes.min(progress.total_bytes),
+                        total: progress.total_bytes,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            );
+            if progress.ready {
+                tracing::info!(vm = %name, bytes = progress.total_bytes, "disk copied; the mirror follows the guest's writes");
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// At the switchover, the guest paused: completes the disk copy, then lets QEMU go on.
+    async fn finish_disk(&self, out: &Outgoing) -> Result<(), ApiError> {
+        let name = out.spec.name.as_str();
+        out.machine
+            .finish_disk_mirror(DISK_FINISH_TIMEOUT)
+            .await
+            .map_err(|e| {
+                internal(format!(
+                    "cannot finish copying the disk of VM '{name}': {}",
+                    error_chain(&e)
+                ))
+            })?;
+        out.machine.continue_switchover().await.map_err(|e| {
+            internal(format!(
+                "cannot go on with the switchover of VM '{name}': {}",
+                error_chain(&e)
+            ))
         })
     }
 
@@ -408,6 +503,12 @@ impl Fleet {
             });
         }));
     }
+}
+
+fn random_id() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 fn shape(shape: CuShape) -> String {

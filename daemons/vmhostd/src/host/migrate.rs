@@ -10,6 +10,9 @@ use vmhost_api::IncomingMigration;
 
 const INCOMING_SOCKET: &str = "migrate-in.sock";
 const OUTGOING_SOCKET: &str = "migrate-out.sock";
+/// The target's NBD export of the arriving disk, and the source's end of its tunnel.
+const INCOMING_DISK_SOCKET: &str = "disk-in.sock";
+const OUTGOING_DISK_SOCKET: &str = "disk-out.sock";
 /// The guest must eject its vsock device (ACPI) within this time.
 const VSOCK_EJECT_TIMEOUT: Duration = Duration::from_secs(30);
 const INCOMING_POLL: Duration = Duration::from_millis(100);
@@ -22,6 +25,23 @@ pub struct TunnelTargets(Mutex<HashMap<u64, PathBuf>>);
 impl TunnelTargets {
     pub fn get(&self, id: u64) -> Option<PathBuf> {
         self.lock().get(&id).cloned()
+    }
+
+    /// Routes an arrival's tunnels: its stream to `socket`, its disk to `disk_socket`.
+    fn open(&self, incoming: &IncomingMigration, socket: PathBuf, disk_socket: PathBuf) {
+        let mut tunnels = self.lock();
+        tunnels.insert(incoming.tunnel, socket);
+        if let Some(disk_tunnel) = incoming.disk_tunnel {
+            tunnels.insert(disk_tunnel, disk_socket);
+        }
+    }
+
+    fn close(&self, incoming: &IncomingMigration) {
+        let mut tunnels = self.lock();
+        tunnels.remove(&incoming.tunnel);
+        if let Some(disk_tunnel) = incoming.disk_tunnel {
+            tunnels.remove(&disk_tunnel);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, PathBuf>> {
@@ -39,11 +59,19 @@ pub struct Outgoing {
     pub hotplug_memory_bytes: u64,
     /// Where its QEMU sends the migration stream.
     pub socket: PathBuf,
+    /// Where its QEMU mirrors its disk, if it has one.
+    pub disk_socket: Option<PathBuf>,
 }
 
 impl Outgoing {
     /// What the target needs to receive it.
-    pub fn incoming(&self, lease: u64, tunnel: u64, postcopy: bool) -> IncomingMigration {
+    pub fn incoming(
+        &self,
+        lease: u64,
+        tunnel: u64,
+        disk_tunnel: Option<u64>,
+        postcopy: bool,
+    ) -> IncomingMigration {
         let spec = &self.spec;
         let (min_cu, max_cu) = spec.launched_bounds.unwrap_or((spec.min_cu, spec.max_cu));
         IncomingMigration {
@@ -56,12 +84,14 @@ impl Outgoing {
                 autoscale: spec.autoscale,
                 agent: spec.agent.clone(),
                 lease: Some(lease),
+                disk_gib: spec.disk_gib,
             },
             bounds: (spec.min_cu, spec.max_cu),
             vcpus: self.size.vcpus,
             restore_hotplug_memory_bytes: self.hotplug_memory_bytes,
             postcopy,
             tunnel,
+            disk_tunnel,
         }
     }
 }
@@ -104,6 +134,10 @@ impl Host {
                 .memory_bytes
                 .saturating_sub(boot.memory_bytes),
             socket: self.store.vm_dir(name).join(OUTGOING_SOCKET),
+            disk_socket: record
+                .spec
+                .disk_gib
+                .map(|_| self.store.vm_dir(name).join(OUTGOING_DISK_SOCKET)),
         })
     }
 
@@ -146,6 +180,9 @@ impl Host {
     /// its vsock device, its memory and its agent back.
     pub async fn resume_outgoing(self: &Arc<Self>, out: &Outgoing) {
         let name = out.spec.name.as_str();
+        if out.disk_socket.is_some() {
+            out.machine.abandon_disk_mirror().await;
+        }
         let paths = self.paths(name);
         let replugged = async {
             paths.vsock.restart().await?;
@@ -215,6 +252,12 @@ impl Host {
         };
         let mut spec = self.spec_for(incoming.vm.clone())?;
         spec.incoming = true;
+        if spec.disk_gib.is_some() != incoming.disk_tunnel.is_some() {
+            return Err(HostError::Invalid(format!(
+                "VM '{}': its disk and the migration's disk tunnel must come together",
+                spec.name
+            )));
+        }
         let boot = spec.cu_shape.resources(spec.min_cu);
         let size = Resources {
             vcpus: incoming.vcpus,
@@ -224,6 +267,7 @@ impl Host {
         let name = spec.name.clone();
         let slot = self.insert_slot(&spec, size, VmState::Migrating)?;
         let socket = self.store.vm_dir(&name).join(INCOMING_SOCKET);
+        let disk_socket = self.store.vm_dir(&name).join(INCOMING_DISK_SOCKET);
         let started = async {
             self.store.create_vm(&spec)?;
             let start = StartAs::Incoming(Resources {
@@ -237,6 +281,9 @@ impl Host {
                     .await?;
                 if incoming.postcopy {
                     machine.open_oob_monitor(self.config.timeouts.qmp()).await?;
+                }
+                if incoming.disk_tunnel.is_some() {
+                    machine.export_disk(&disk_socket).await?;
                 }
                 machine.listen_incoming(&socket).await
             }
@@ -264,7 +311,7 @@ impl Host {
             record.machine = Some(machine.clone());
             record.vcpu_plug_budget = budget;
         }
-        self.tunnels.lock().insert(incoming.tunnel, socket);
+        self.tunnels.open(&incoming, socket, disk_socket);
         tracing::info!(vm = %name, lease, tunnel = incoming.tunnel, "waiting for an incoming migration");
         let host = self.clone();
         tokio::spawn(async move { host.watch_incoming(incoming, lease, size, machine).await });
@@ -323,7 +370,7 @@ impl Host {
                 _ => {}
             }
         };
-        self.tunnels.lock().remove(&incoming.tunnel);
+        self.tunnels.close(&incoming);
         match outcome {
             Ok(()) => self.finish_incoming(&incoming, size, machine).await,
             Err(reason) => {
@@ -367,6 +414,11 @@ impl Host {
             tracing::error!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM; a restart would lose track of it");
         }
         slot.record().spec = spec.clone();
+        if incoming.disk_tunnel.is_some() {
+            if let Err(error) = machine.unexport_disk().await {
+                tracing::warn!(vm = %name, error = %error_chain(&error), "cannot stop exporting the arrived VM's disk");
+            }
+        }
         let paths = self.paths(name);
         let plugged = async {
             paths.vsock.ensure_running().await?;
