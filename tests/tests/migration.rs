@@ -1,7 +1,7 @@
 //! Live migration between two vmhostd in separate network namespaces, over the fleet's
 //! QUIC connection: a guest that keeps rewriting its memory moves and runs on without a
 //! reset or a lost write; a second operation during a migration is refused; a target that
-//! dies before the switchover leaves the source running and its lease expires; a link cut
+//! dies before the switchover leaves the source running, its disk too and its lease expires; a link cut
 //! during post-copy is recovered; a disk arrives with every write made before and during
 //! the move.
 
@@ -101,12 +101,13 @@ fn wait_ticking(host: &TestHost, vm: &str, after: usize) -> Tick {
     ticks(&serial).last().unwrap().clone()
 }
 
-fn create_dirtier(host: &TestHost, vm: &str) {
-    host.vmctl_ok(&[
+/// A 2-CU guest of `image` (one running the dirtier) with `extra` create arguments.
+fn create_dirtier_with(host: &TestHost, vm: &str, image: &str, extra: &[&str]) {
+    let mut args = vec![
         "create",
         vm,
         "--image",
-        "dirtier",
+        image,
         "--min-cu",
         "1",
         "--max-cu",
@@ -114,9 +115,15 @@ fn create_dirtier(host: &TestHost, vm: &str) {
         "--cu",
         "2",
         "--no-autoscale",
-    ]);
+    ];
+    args.extend(extra);
+    host.vmctl_ok(&args);
     host.wait_monitor(vm);
     wait_ticking(host, vm, 0);
+}
+
+fn create_dirtier(host: &TestHost, vm: &str) {
+    create_dirtier_with(host, vm, "dirtier", &[]);
 }
 
 fn spawn_migrate(host: &TestHost, args: &[&str]) -> Child {
@@ -257,7 +264,8 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
     let mut hosts = two_hosts(&lab, pki.path());
-    create_dirtier(&hosts[0], "stays");
+    // With a disk, so the mirror to the dying target is dropped too.
+    create_dirtier_with(&hosts[0], "stays", "diskwriter", &["--disk-gib", "1"]);
     let before = wait_ticking(&hosts[0], "stays", 1);
 
     // Pre-copy at 8 MiB/s never catches up with 64 MiB rewritten every pass.
@@ -289,6 +297,13 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
     assert_eq!(after.boot_id, before.boot_id);
     assert_eq!(after.errors, 0);
     a.wait_monitor("stays");
+    // Its disk still takes writes.
+    let written = disk_reports(&a.serial_log("stays")).records.len();
+    wait_until(
+        Duration::from_secs(60),
+        "the guest to write its disk",
+        || disk_reports(&a.serial_log("stays")).records.len() > written + 5,
+    );
 
     // The target comes back: the lease it had granted expires, and no copy of the VM is left.
     hosts[1].start_daemon();
