@@ -146,7 +146,7 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
         vcpus: 2,
         memory_mib: 2048,
     });
-    let refusals: [(&[&str], i32, &str); 9] = [
+    let refusals: [(&[&str], i32, &str); 10] = [
         (&["show", "nope"], 3, "no VM named 'nope'"),
         (&["scale", "nope", "--cu", "1"], 3, "no VM named 'nope'"),
         (&["delete", "nope"], 3, "no VM named 'nope'"),
@@ -156,6 +156,11 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
             "min_cu (2) is greater than max_cu (1)",
         ),
         (&["create", "x", "--min-cu", "0.3"], 2, "multiple of 0.25"),
+        (
+            &["create", "x", "--disk-gib", "0"],
+            2,
+            "0 is not in 1..=16384",
+        ),
         (&["create", "Bad/Name"], 2, "invalid VM name"),
         (
             &["create", "x", "--image", "postgres"],

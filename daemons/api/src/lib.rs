@@ -72,6 +72,9 @@ fn yes() -> bool {
     true
 }
 
+/// The largest disk a VM may have (16 TiB).
+pub const MAX_DISK_GIB: u32 = 16384;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {

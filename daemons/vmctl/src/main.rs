@@ -58,7 +58,7 @@ enum Command {
         #[arg(long = "agent", value_name = "KEY=VALUE", value_parser = parse_setting)]
         agent: Vec<(String, serde_json::Value)>,
         /// Give the VM a writable disk of this many GiB (sparse; /dev/vda in the guest).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16384))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(vmhost_api::MAX_DISK_GIB)))]
         disk_gib: Option<u32>,
     },
     /// List the VMs of the whole fleet (with --local, of this host only).

@@ -538,6 +538,15 @@ impl Host {
                 request.min_cu, request.max_cu
             )));
         }
+        if let Some(gib) = request
+            .disk_gib
+            .filter(|g| !(1..=vmhost_api::MAX_DISK_GIB).contains(g))
+        {
+            return Err(HostError::Invalid(format!(
+                "a disk of {gib} GiB: disks are 1 to {} GiB",
+                vmhost_api::MAX_DISK_GIB
+            )));
+        }
         let shape = self.config.cu_shape();
         let spec = VmSpec {
             name: request.name.clone(),
