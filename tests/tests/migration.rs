@@ -529,17 +529,7 @@ fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
     let pki = tempfile::tempdir().unwrap();
     let hosts = two_hosts(&lab, pki.path());
     let (a, b) = (&hosts[0], &hosts[1]);
-    a.vmctl_ok(&[
-        "create",
-        "disky",
-        "--image",
-        "diskwriter",
-        "--min-cu",
-        "1",
-        "--no-autoscale",
-        "--disk-gib",
-        "1",
-    ]);
+    create_dirtier_with(a, "disky", "diskwriter", &["--disk-gib", "1"]);
     assert_eq!(a.show("disky")["disk_gib"], 1);
     wait_until(
         Duration::from_secs(180),
