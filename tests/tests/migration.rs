@@ -1,7 +1,8 @@
 //! Live migration between two vmhostd in separate network namespaces, over the fleet's
 //! QUIC connection: a guest that keeps rewriting its memory moves and runs on without a
 //! reset or a lost write; a second operation during a migration is refused; a target that
-//! dies before the switchover leaves the source running, its disk too and its lease expires; a link cut
+//! dies before the switchover leaves the source running, its disk too, and its lease
+//! expires; a source vmhostd restarted mid-migration cancels it and keeps the VM; a link cut
 //! during post-copy is recovered; a disk arrives with every write made before and during
 //! the move.
 
@@ -50,21 +51,23 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
             cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
         ),
     );
-    let live = |host: &TestHost| {
-        let table: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
-        table
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["live"] == true)
-            .count()
-    };
     wait_until(
         Duration::from_secs(60),
         "both hosts to see each other",
-        || hosts.iter().all(|h| live(h) == 2),
+        || hosts.iter().all(|h| live_hosts(h) == 2),
     );
     hosts
+}
+
+/// How many hosts `host` sees live, itself included.
+fn live_hosts(host: &TestHost) -> usize {
+    let table: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
+    table
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["live"] == true)
+        .count()
 }
 
 /// One `dirtier:` report line of the guest's workload.
@@ -315,6 +318,63 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
     );
     assert_eq!(b.vmctl_ok(&["--json", "list", "--local"]).trim(), "[]");
     assert!(b.qemu_pids().is_empty());
+}
+
+#[test]
+fn a_source_restarted_before_the_switchover_keeps_the_vm_and_can_move_it_later() {
+    let _serial = serialized();
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let mut hosts = two_hosts(&lab, pki.path());
+    create_dirtier_with(&hosts[0], "back", "diskwriter", &["--disk-gib", "1"]);
+    let before = wait_ticking(&hosts[0], "back", 1);
+
+    // Pre-copy at 8 MiB/s never catches up; the source's vmhostd dies in the middle.
+    let mut migrate = spawn_migrate(
+        &hosts[0],
+        &["back", "--to", "b", "--precopy-only", "--bandwidth", "8"],
+    );
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "the stream started", |p| {
+        p["phase"] == "active"
+    });
+    hosts[0].kill_daemon();
+    let (ok, _, _) = finish(migrate, stdout);
+    assert!(!ok, "the migration cannot have succeeded");
+    hosts[0].start_daemon();
+
+    // The restarted source cancels the orphaned migration and gives the guest back its
+    // channel and its agent; the target drops its copy when the lease lapses.
+    let (a, b) = (&hosts[0], &hosts[1]);
+    wait_until(Duration::from_secs(60), "the VM to run on a again", || {
+        a.show("back")["state"] == "running"
+    });
+    assert_eq!(a.show("back")["qemu_status"], "running");
+    a.wait_monitor("back");
+    let after = wait_ticking(a, "back", ticks(&a.serial_log("back")).len());
+    assert_eq!(after.boot_id, before.boot_id);
+    assert_eq!(after.errors, 0);
+    let written = disk_reports(&a.serial_log("back")).records.len();
+    wait_until(
+        Duration::from_secs(60),
+        "the guest to write its disk",
+        || disk_reports(&a.serial_log("back")).records.len() > written + 5,
+    );
+    wait_until(
+        Duration::from_secs(LEASE_TTL_SECS * 4),
+        "the target to drop its copy",
+        || host_json(b)["leased"]["vcpus"] == 0 && b.qemu_pids().is_empty(),
+    );
+
+    // Nothing of the interrupted migration is left in the way of the next one.
+    wait_until(Duration::from_secs(60), "a to see b again", || {
+        live_hosts(a) == 2
+    });
+    let out = a.vmctl_ok(&["--json", "migrate", "back", "--to", "b"]);
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["to"], "b", "{summary}");
+    assert_eq!(b.show("back")["state"], "running");
+    b.wait_monitor("back");
 }
 
 #[test]

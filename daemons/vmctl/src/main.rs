@@ -281,9 +281,12 @@ fn main() {
                 "run migrate on the VM's own host (without --host)",
             )))
         }
-        Command::Migrate { .. } => {
+        Command::Migrate { ref name, .. } => {
+            let name = name.clone();
+            let mut finished = false;
             let result =
                 vmhost_api::call_stream(&cli.socket, cli.command.into_request(), |reply| {
+                    finished |= matches!(reply, Reply::Migrated(_));
                     print_reply(&reply, json);
                     true
                 });
@@ -291,7 +294,16 @@ fn main() {
                 // End the progress line.
                 eprintln!();
             }
-            result
+            result.and_then(|()| match finished {
+                true => Ok(()),
+                false => Err(ClientError::Api(vmhost_api::ApiError::new(
+                    vmhost_api::ErrorKind::Internal,
+                    format!(
+                        "vmhostd went away before the migration of VM '{name}' ended; \
+                         see `vmctl show {name}` for where it runs"
+                    ),
+                ))),
+            })
         }
         Command::Top { count } => top(&cli.socket, count),
         command => vmhost_api::call(

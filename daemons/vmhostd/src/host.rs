@@ -253,10 +253,17 @@ impl Host {
                         tracing::warn!(vm = %name, "host is over capacity after reattaching (was capacity lowered?)");
                     }
                     tracing::info!(vm = %name, pid = machine.pid(), size = %record.applied, "reattached to running VM");
-                    if !paths.vsock.is_running() {
-                        tracing::error!(vm = %name, "the VM's vsock backend is gone; its guest cannot reach this host until it restarts");
+                    if self.store.is_leaving(&name) {
+                        // Its migration lost its orchestration; see `resume_interrupted_outgoing`.
+                        record.state = VmState::Migrating;
+                        record.machine = Some(machine.clone());
+                        self.watch_exit(&name, machine);
+                    } else {
+                        if !paths.vsock.is_running() {
+                            tracing::error!(vm = %name, "the VM's vsock backend is gone; its guest cannot reach this host until it restarts");
+                        }
+                        self.set_running(&mut record, machine);
                     }
-                    self.set_running(&mut record, machine);
                 }
                 Err(error) => {
                     tracing::error!(vm = %name, error = %error_chain(&error), "VM should be running but its QEMU is gone");
@@ -264,6 +271,7 @@ impl Host {
                 }
             }
         }
+        let interrupted = (record.state == VmState::Migrating).then(|| record.spec.clone());
         self.vms().insert(
             name,
             Arc::new(VmSlot {
@@ -271,6 +279,9 @@ impl Host {
                 record: Mutex::new(record),
             }),
         );
+        if let Some(spec) = interrupted {
+            self.resume_interrupted_outgoing(spec).await;
+        }
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {

@@ -11,6 +11,8 @@ use vmhost_gossip::ledger::Ledger;
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
 const DISK_FILE: &str = "disk.raw";
+/// Marks a VM whose migration away has begun and not ended.
+const LEAVING_FILE: &str = "leaving";
 
 /// A raw disk image of `bytes` that takes no room until written.
 fn create_sparse(path: &Path, bytes: u64) -> Result<(), StoreError> {
@@ -175,6 +177,24 @@ impl Store {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Marks or unmarks a VM as leaving, so a restarted vmhostd knows its migration was
+    /// under way.
+    pub fn set_leaving(&self, name: &str, leaving: bool) -> Result<(), StoreError> {
+        let path = self.vm_dir(name).join(LEAVING_FILE);
+        match leaving {
+            true => File::create(&path).map(drop),
+            false => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
+        }
+        .map_err(io_error("cannot mark", &path))
+    }
+
+    pub fn is_leaving(&self, name: &str) -> bool {
+        self.vm_dir(name).join(LEAVING_FILE).exists()
     }
 
     pub fn disk_path(&self, name: &str) -> PathBuf {

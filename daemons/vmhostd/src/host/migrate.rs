@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use vmhost_api::IncomingMigration;
+use vmm::qmp::MigrationInfo;
 
 const INCOMING_SOCKET: &str = "migrate-in.sock";
 const OUTGOING_SOCKET: &str = "migrate-out.sock";
@@ -16,6 +17,10 @@ const OUTGOING_DISK_SOCKET: &str = "disk-out.sock";
 /// The guest must eject its vsock device (ACPI) within this time.
 const VSOCK_EJECT_TIMEOUT: Duration = Duration::from_secs(30);
 const INCOMING_POLL: Duration = Duration::from_millis(100);
+/// How long a cancelled migration may take to wind down.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+/// QEMU's statuses of a migration still under way before the switchover.
+const UNFINISHED: [&str; 5] = ["setup", "active", "pre-switchover", "device", "cancelling"];
 
 /// Where the tunnel of each arriving migration is delivered: the unix socket its QEMU
 /// listens on.
@@ -121,24 +126,58 @@ impl Host {
                  then hangs in the setup of any migration. Stop and start the VM, then migrate it"
             )));
         }
+        self.store.set_leaving(name, true)?;
         record.state = VmState::Migrating;
         record.agent = None;
         record.goal = None;
-        let boot = record.spec.cu_shape.resources(record.spec.min_cu);
-        Ok(Outgoing {
-            spec: record.spec.clone(),
+        Ok(self.outgoing(&record.spec, machine, record.applied))
+    }
+
+    fn outgoing(&self, spec: &VmSpec, machine: Arc<Machine>, size: Resources) -> Outgoing {
+        let dir = self.store.vm_dir(&spec.name);
+        let boot = spec.cu_shape.resources(spec.min_cu);
+        Outgoing {
+            spec: spec.clone(),
             machine,
-            size: record.applied,
-            hotplug_memory_bytes: record
-                .applied
-                .memory_bytes
-                .saturating_sub(boot.memory_bytes),
-            socket: self.store.vm_dir(name).join(OUTGOING_SOCKET),
-            disk_socket: record
-                .spec
-                .disk_gib
-                .map(|_| self.store.vm_dir(name).join(OUTGOING_DISK_SOCKET)),
-        })
+            size,
+            hotplug_memory_bytes: size.memory_bytes.saturating_sub(boot.memory_bytes),
+            socket: dir.join(OUTGOING_SOCKET),
+            disk_socket: spec.disk_gib.map(|_| dir.join(OUTGOING_DISK_SOCKET)),
+        }
+    }
+
+    /// After a restart, for a VM that was leaving: before the switchover its migration
+    /// lost its stream and orchestration, so it is cancelled and the VM runs on here (the
+    /// target drops its copy once the lease is no longer renewed). In post-copy the running
+    /// copy is the target's, which still needs pages from here: both stay as they are.
+    pub(super) async fn resume_interrupted_outgoing(self: &Arc<Self>, spec: VmSpec) {
+        let name = spec.name.as_str();
+        let Some(machine) = self
+            .slot(name)
+            .ok()
+            .and_then(|s| s.record().machine.clone())
+        else {
+            return;
+        };
+        let status = |info: Result<MigrationInfo, VmmError>| {
+            info.ok().and_then(|i| i.status).unwrap_or_default()
+        };
+        let now = status(machine.migration_info().await);
+        if now.starts_with("postcopy") {
+            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until an operator recovers it");
+            return;
+        }
+        tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
+        let _ = machine.cancel_migration().await;
+        let deadline = tokio::time::Instant::now() + CANCEL_TIMEOUT;
+        while UNFINISHED.contains(&status(machine.migration_info().await).as_str())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(INCOMING_POLL).await;
+        }
+        let size = spec.cu_shape.resources(spec.cu);
+        self.resume_outgoing(&self.outgoing(&spec, machine, size))
+            .await;
     }
 
     /// Gets a leaving VM ready for the stream. Under TCG its virtio-mem memory is unplugged
@@ -219,6 +258,9 @@ impl Host {
         record.state = VmState::Running;
         record.guest = self.open_guest_link(name);
         record.agent = self.start_agent(&record.spec);
+        if let Err(error) = self.store.set_leaving(name, false) {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one still leaving");
+        }
         tracing::info!(vm = %name, "VM runs on here after the failed migration");
     }
 
