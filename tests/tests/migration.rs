@@ -141,6 +141,20 @@ fn spawn_migrate(host: &TestHost, args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// Starts a migration of `vm` to host b that stays in pre-copy: at 8 MiB/s it never catches
+/// up with the 64 MiB the guest rewrites every pass. Returns once the stream flows.
+fn start_endless_precopy(host: &TestHost, vm: &str) -> (Child, Lines) {
+    let mut migrate = spawn_migrate(
+        host,
+        &[vm, "--to", "b", "--precopy-only", "--bandwidth", "8"],
+    );
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "the stream started", |p| {
+        p["phase"] == "active"
+    });
+    (migrate, stdout)
+}
+
 /// Reads the migration's JSON lines until one satisfies `seen`.
 fn wait_progress(lines: &mut Lines, what: &str, mut seen: impl FnMut(&Value) -> bool) {
     for line in lines {
@@ -207,6 +221,22 @@ fn assert_continued(before: &Tick, target: &TestHost, vm: &str) {
     assert!(after.pass > on_target[0].pass || on_target.len() == 1);
 }
 
+/// After a failed migration the guest runs on at `source`: same boot, no page lost, its
+/// monitor back, and its disk still taking writes.
+fn assert_stayed(source: &TestHost, vm: &str, before: &Tick) {
+    assert_eq!(source.show(vm)["qemu_status"], "running");
+    let after = wait_ticking(source, vm, ticks(&source.serial_log(vm)).len());
+    assert_eq!(after.boot_id, before.boot_id);
+    assert_eq!(after.errors, 0);
+    source.wait_monitor(vm);
+    let written = disk_reports(&source.serial_log(vm)).records.len();
+    wait_until(
+        Duration::from_secs(60),
+        "the guest to write its disk",
+        || disk_reports(&source.serial_log(vm)).records.len() > written + 5,
+    );
+}
+
 #[test]
 fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     let _serial = serialized();
@@ -271,15 +301,7 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
     create_dirtier_with(&hosts[0], "stays", "diskwriter", &["--disk-gib", "1"]);
     let before = wait_ticking(&hosts[0], "stays", 1);
 
-    // Pre-copy at 8 MiB/s never catches up with 64 MiB rewritten every pass.
-    let mut migrate = spawn_migrate(
-        &hosts[0],
-        &["stays", "--to", "b", "--precopy-only", "--bandwidth", "8"],
-    );
-    let mut stdout = progress_lines(&mut migrate);
-    wait_progress(&mut stdout, "the stream started", |p| {
-        p["phase"] == "active"
-    });
+    let (migrate, stdout) = start_endless_precopy(&hosts[0], "stays");
     assert!(host_json(&hosts[1])["leased"]["vcpus"].as_u64().unwrap() > 0);
     hosts[1].kill_daemon();
     for pid in hosts[1].qemu_pids() {
@@ -292,21 +314,9 @@ fn a_target_that_dies_before_the_switchover_leaves_the_source_running() {
     assert!(!ok, "the migration cannot have succeeded");
     assert!(err.contains("stays"), "{err}");
 
-    let a = &hosts[0];
-    let vm = a.show("stays");
+    let vm = hosts[0].show("stays");
     assert_eq!(vm["state"], "running", "{vm}");
-    assert_eq!(vm["qemu_status"], "running", "{vm}");
-    let after = wait_ticking(a, "stays", ticks(&a.serial_log("stays")).len());
-    assert_eq!(after.boot_id, before.boot_id);
-    assert_eq!(after.errors, 0);
-    a.wait_monitor("stays");
-    // Its disk still takes writes.
-    let written = disk_reports(&a.serial_log("stays")).records.len();
-    wait_until(
-        Duration::from_secs(60),
-        "the guest to write its disk",
-        || disk_reports(&a.serial_log("stays")).records.len() > written + 5,
-    );
+    assert_stayed(&hosts[0], "stays", &before);
 
     // The target comes back: the lease it had granted expires, and no copy of the VM is left.
     hosts[1].start_daemon();
@@ -329,15 +339,8 @@ fn a_source_restarted_before_the_switchover_keeps_the_vm_and_can_move_it_later()
     create_dirtier_with(&hosts[0], "back", "diskwriter", &["--disk-gib", "1"]);
     let before = wait_ticking(&hosts[0], "back", 1);
 
-    // Pre-copy at 8 MiB/s never catches up; the source's vmhostd dies in the middle.
-    let mut migrate = spawn_migrate(
-        &hosts[0],
-        &["back", "--to", "b", "--precopy-only", "--bandwidth", "8"],
-    );
-    let mut stdout = progress_lines(&mut migrate);
-    wait_progress(&mut stdout, "the stream started", |p| {
-        p["phase"] == "active"
-    });
+    // The source's vmhostd dies in the middle.
+    let (migrate, stdout) = start_endless_precopy(&hosts[0], "back");
     hosts[0].kill_daemon();
     let (ok, _, _) = finish(migrate, stdout);
     assert!(!ok, "the migration cannot have succeeded");
@@ -349,17 +352,7 @@ fn a_source_restarted_before_the_switchover_keeps_the_vm_and_can_move_it_later()
     wait_until(Duration::from_secs(60), "the VM to run on a again", || {
         a.show("back")["state"] == "running"
     });
-    assert_eq!(a.show("back")["qemu_status"], "running");
-    a.wait_monitor("back");
-    let after = wait_ticking(a, "back", ticks(&a.serial_log("back")).len());
-    assert_eq!(after.boot_id, before.boot_id);
-    assert_eq!(after.errors, 0);
-    let written = disk_reports(&a.serial_log("back")).records.len();
-    wait_until(
-        Duration::from_secs(60),
-        "the guest to write its disk",
-        || disk_reports(&a.serial_log("back")).records.len() > written + 5,
-    );
+    assert_stayed(a, "back", &before);
     wait_until(
         Duration::from_secs(LEASE_TTL_SECS * 4),
         "the target to drop its copy",

@@ -10,7 +10,7 @@ use crate::events::EventLog;
 use crate::guest_link::{DownscaleError, GuestLink, UpscaleRequest};
 use crate::net;
 use crate::prometheus::{ScalingStats, VmGauges};
-use crate::store::{BootSource, Store, StoreError, VmPaths, VmSpec};
+use crate::store::{BootSource, Marker, Store, StoreError, VmPaths, VmSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmhost_agent::{Action, Outcome};
@@ -88,6 +88,18 @@ impl HostError {
 impl From<HostError> for ApiError {
     fn from(error: HostError) -> ApiError {
         ApiError::new(error.kind(), error_chain(&error))
+    }
+}
+
+/// Maps a QEMU failure while doing `action` to VM `name`.
+pub(crate) fn vmm_error<'a>(
+    name: &'a str,
+    action: &'static str,
+) -> impl FnOnce(VmmError) -> HostError + 'a {
+    move |source| HostError::Vmm {
+        name: name.into(),
+        action,
+        source,
     }
 }
 
@@ -253,7 +265,7 @@ impl Host {
                         tracing::warn!(vm = %name, "host is over capacity after reattaching (was capacity lowered?)");
                     }
                     tracing::info!(vm = %name, pid = machine.pid(), size = %record.applied, "reattached to running VM");
-                    if self.store.is_leaving(&name) {
+                    if self.store.has_marker(&name, Marker::Leaving) {
                         // Its migration lost its orchestration; see `resume_interrupted_outgoing`.
                         record.state = VmState::Migrating;
                         record.machine = Some(machine.clone());
@@ -662,12 +674,6 @@ impl Host {
         self.store.vm_dir(name).join("vcpu-plug-budget")
     }
 
-    /// Marks that the running QEMU had a vCPU unplugged (see `begin_outgoing`); a fresh
-    /// QEMU has none.
-    fn vcpu_unplugged_file(&self, name: &str) -> std::path::PathBuf {
-        self.store.vm_dir(name).join("vcpu-unplugged")
-    }
-
     /// The budget saved for a running QEMU. Under TCG a missing file means no plugs are
     /// known to be safe.
     fn load_plug_budget(&self, name: &str) -> Option<u32> {
@@ -729,7 +735,8 @@ impl Host {
         let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
         let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
         self.save_plug_budget(&spec.name, budget)?;
-        let _ = std::fs::remove_file(self.vcpu_unplugged_file(&spec.name));
+        self.store
+            .set_marker(&spec.name, Marker::VcpuUnplugged, false)?;
         let machine_spec = MachineSpec {
             name: spec.name.clone(),
             accel: self.accel.accel,
@@ -1005,10 +1012,10 @@ impl Host {
         let started = std::time::Instant::now();
         let boot_memory = spec.cu_shape.resources(spec.min_cu).memory_bytes;
         let timeout = self.config.timeouts.hotplug();
+        if target.vcpus < before.vcpus {
+            self.store.set_marker(name, Marker::VcpuUnplugged, true)?;
+        }
         let applied = async {
-            if target.vcpus < before.vcpus {
-                let _ = std::fs::write(self.vcpu_unplugged_file(name), b"");
-            }
             machine.set_vcpus(target.vcpus, timeout).await?;
             if target.memory_bytes != before.memory_bytes {
                 machine

@@ -11,8 +11,25 @@ use vmhost_gossip::ledger::Ledger;
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
 const DISK_FILE: &str = "disk.raw";
-/// Marks a VM whose migration away has begun and not ended.
-const LEAVING_FILE: &str = "leaving";
+
+/// Facts about a VM's running QEMU that a restarted vmhostd must know, kept as empty files
+/// in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// Its migration away has begun and not ended.
+    Leaving,
+    /// The QEMU had a vCPU unplugged (see `begin_outgoing`); a fresh QEMU has none.
+    VcpuUnplugged,
+}
+
+impl Marker {
+    fn file(self) -> &'static str {
+        match self {
+            Marker::Leaving => "leaving",
+            Marker::VcpuUnplugged => "vcpu-unplugged",
+        }
+    }
+}
 
 /// A raw disk image of `bytes` that takes no room until written.
 fn create_sparse(path: &Path, bytes: u64) -> Result<(), StoreError> {
@@ -179,11 +196,10 @@ impl Store {
         Ok(())
     }
 
-    /// Marks or unmarks a VM as leaving, so a restarted vmhostd knows its migration was
-    /// under way.
-    pub fn set_leaving(&self, name: &str, leaving: bool) -> Result<(), StoreError> {
-        let path = self.vm_dir(name).join(LEAVING_FILE);
-        match leaving {
+    /// Sets or clears one of a VM's markers.
+    pub fn set_marker(&self, name: &str, marker: Marker, on: bool) -> Result<(), StoreError> {
+        let path = self.vm_dir(name).join(marker.file());
+        match on {
             true => File::create(&path).map(drop),
             false => std::fs::remove_file(&path).or_else(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Ok(()),
@@ -193,8 +209,8 @@ impl Store {
         .map_err(io_error("cannot mark", &path))
     }
 
-    pub fn is_leaving(&self, name: &str) -> bool {
-        self.vm_dir(name).join(LEAVING_FILE).exists()
+    pub fn has_marker(&self, name: &str, marker: Marker) -> bool {
+        self.vm_dir(name).join(marker.file()).exists()
     }
 
     pub fn disk_path(&self, name: &str) -> PathBuf {

@@ -4,14 +4,13 @@
 //! the VM over. `crate::host::migrate` does each end's part on the VMs themselves.
 
 use super::*;
-use crate::host::{error_chain, Outgoing};
+use crate::host::{error_chain, vmm_error, HostError, Outgoing};
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use vmhost_api::{CuShape, MigrateVm, MigrationProgress, MigrationSummary};
-use vmm::qmp::{MigrateSetParameters, MigrationInfo, RamStats};
-use vmm::VmmError;
+use vmm::qmp::{MigrateSetParameters, RamStats};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const RECOVER_RETRY: Duration = Duration::from_secs(1);
@@ -84,8 +83,8 @@ impl Fleet {
             .choose_target(request.to.as_deref(), out)
             .await
             .map_err(before)?;
-        let report = |phase: &str, info: Option<&MigrationInfo>| {
-            let ram = info.and_then(|i| i.ram.clone()).unwrap_or_default();
+        let report = |phase: &str, stream: Option<&RamStats>| {
+            let ram = stream.cloned().unwrap_or_default();
             let _ = progress.try_send(MigrationProgress {
                 vm: name.to_string(),
                 target: target.name.clone(),
@@ -187,7 +186,7 @@ impl Fleet {
                 }
             };
             let status = info.status.clone().unwrap_or_default();
-            report(&status, Some(&info));
+            report(&status, info.ram.as_ref());
             switched |= status.starts_with("postcopy");
             match status.as_str() {
                 "completed" => break info,
@@ -216,26 +215,23 @@ impl Fleet {
                     switched = true;
                 }
                 "setup" if started.elapsed() > SETUP_TIMEOUT => {
-                    let _ = out.machine.cancel_migration().await;
-                    self.release(&target, lease.id).await;
-                    return Err(before(internal(format!(
+                    let error = internal(format!(
                         "migration of VM '{name}' was still in QEMU's setup after {} s; cancelled",
                         SETUP_TIMEOUT.as_secs()
-                    ))));
+                    ));
+                    return Err(self.abandon(out, &target, lease.id, error).await);
                 }
                 // Only a VM with a disk pauses here, its guest stopped: the mirror takes
                 // the last writes, then the switchover goes on.
                 "pre-switchover" if !disk_finished => {
-                    report("finishing the disk copy", Some(&info));
+                    report("finishing the disk copy", info.ram.as_ref());
                     if let Err(error) = self.finish_disk(out).await {
-                        let _ = out.machine.cancel_migration().await;
-                        self.release(&target, lease.id).await;
-                        return Err(before(error));
+                        return Err(self.abandon(out, &target, lease.id, error.into()).await);
                     }
                     disk_finished = true;
                 }
                 "postcopy-paused" => {
-                    report("paused: link broken, recovering", Some(&info));
+                    report("paused: link broken, recovering", info.ram.as_ref());
                     self.recover(&target, out).await?;
                     recoveries += 1;
                 }
@@ -264,42 +260,30 @@ impl Fleet {
         &self,
         out: &Outgoing,
         socket: &Path,
-        report: &impl Fn(&str, Option<&MigrationInfo>),
-    ) -> Result<(), ApiError> {
+        report: &impl Fn(&str, Option<&RamStats>),
+    ) -> Result<(), HostError> {
         let name = out.spec.name.as_str();
-        let failed = |action: &str, error: VmmError| {
-            internal(format!(
-                "cannot {action} the disk of VM '{name}': {}",
-                error_chain(&error)
-            ))
-        };
         out.machine
             .pause_before_switchover()
             .await
-            .map_err(|e| failed("prepare the copy of", e))?;
+            .map_err(vmm_error(name, "prepare the copy of its disk"))?;
         out.machine
             .start_disk_mirror(socket)
             .await
-            .map_err(|e| failed("start copying", e))?;
+            .map_err(vmm_error(name, "start copying its disk"))?;
         loop {
             let progress = out
                 .machine
                 .disk_mirror_progress()
                 .await
-                .map_err(|e| failed("copy", e))?;
-            report(
-                "copying the disk",
-                Some(&MigrationInfo {
-                    ram: Some(RamStats {
-                        transferred: progress.copied_bytes,
-                        remaining: progress.total_bytes
-                            - progress.copied_bytes.min(progress.total_bytes),
-                        total: progress.total_bytes,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            );
+                .map_err(vmm_error(name, "copy its disk"))?;
+            let copied = RamStats {
+                transferred: progress.copied_bytes,
+                remaining: progress.total_bytes.saturating_sub(progress.copied_bytes),
+                total: progress.total_bytes,
+                ..Default::default()
+            };
+            report("copying the disk", Some(&copied));
             if progress.ready {
                 tracing::info!(vm = %name, bytes = progress.total_bytes, "disk copied; the mirror follows the guest's writes");
                 return Ok(());
@@ -309,23 +293,30 @@ impl Fleet {
     }
 
     /// At the switchover, the guest paused: completes the disk copy, then lets QEMU go on.
-    async fn finish_disk(&self, out: &Outgoing) -> Result<(), ApiError> {
+    async fn finish_disk(&self, out: &Outgoing) -> Result<(), HostError> {
         let name = out.spec.name.as_str();
         out.machine
             .finish_disk_mirror(DISK_FINISH_TIMEOUT)
             .await
-            .map_err(|e| {
-                internal(format!(
-                    "cannot finish copying the disk of VM '{name}': {}",
-                    error_chain(&e)
-                ))
-            })?;
-        out.machine.continue_switchover().await.map_err(|e| {
-            internal(format!(
-                "cannot go on with the switchover of VM '{name}': {}",
-                error_chain(&e)
-            ))
-        })
+            .map_err(vmm_error(name, "finish copying its disk"))?;
+        out.machine
+            .continue_switchover()
+            .await
+            .map_err(vmm_error(name, "go on with the switchover"))
+    }
+
+    /// Ends a migration that has not switched over: QEMU cancels it and the VM runs on
+    /// here; the target's lease goes.
+    async fn abandon(
+        &self,
+        out: &Outgoing,
+        target: &HostView,
+        lease: u64,
+        error: ApiError,
+    ) -> Failure {
+        let _ = out.machine.cancel_migration().await;
+        self.release(target, lease).await;
+        Failure::BeforeSwitchover(error)
     }
 
     /// The named host, or the live host with the most free memory that has room.

@@ -101,14 +101,6 @@ impl Outgoing {
     }
 }
 
-fn vmm_error<'a>(name: &'a str, action: &'static str) -> impl FnOnce(VmmError) -> HostError + 'a {
-    move |source| HostError::Vmm {
-        name: name.into(),
-        action,
-        source,
-    }
-}
-
 impl Host {
     /// Marks a running VM as leaving. From now on scaling, stopping, deleting and a second
     /// migration are refused, and its agent is stopped.
@@ -120,13 +112,14 @@ impl Host {
             (Some(machine), VmState::Running) => machine.clone(),
             _ => return Err(Self::wrong_state(&record, "migrate")),
         };
-        if self.accel.accel == vmm::Accel::Tcg && self.vcpu_unplugged_file(name).exists() {
+        if self.accel.accel == vmm::Accel::Tcg && self.store.has_marker(name, Marker::VcpuUnplugged)
+        {
             return Err(HostError::Invalid(format!(
                 "VM '{name}' had a vCPU unplugged in its current QEMU process; under TCG, QEMU 10.0 \
                  then hangs in the setup of any migration. Stop and start the VM, then migrate it"
             )));
         }
-        self.store.set_leaving(name, true)?;
+        self.store.set_marker(name, Marker::Leaving, true)?;
         record.state = VmState::Migrating;
         record.agent = None;
         record.goal = None;
@@ -168,12 +161,13 @@ impl Host {
             return;
         }
         tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
+        let mut events = machine.migration_events();
         let _ = machine.cancel_migration().await;
         let deadline = tokio::time::Instant::now() + CANCEL_TIMEOUT;
         while UNFINISHED.contains(&status(machine.migration_info().await).as_str())
             && tokio::time::Instant::now() < deadline
         {
-            tokio::time::sleep(INCOMING_POLL).await;
+            events.next_change(INCOMING_POLL).await;
         }
         let size = spec.cu_shape.resources(spec.cu);
         self.resume_outgoing(&self.outgoing(&spec, machine, size))
@@ -258,7 +252,7 @@ impl Host {
         record.state = VmState::Running;
         record.guest = self.open_guest_link(name);
         record.agent = self.start_agent(&record.spec);
-        if let Err(error) = self.store.set_leaving(name, false) {
+        if let Err(error) = self.store.set_marker(name, Marker::Leaving, false) {
             tracing::warn!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one still leaving");
         }
         tracing::info!(vm = %name, "VM runs on here after the failed migration");
