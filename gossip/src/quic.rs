@@ -32,6 +32,14 @@ const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// tuned for the internet, and cap one stream well below a 10 Gb/s link).
 const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
+/// The largest UDP payload path MTU discovery may reach. quinn hands the kernel up to 10
+/// datagrams in one GSO send, which must fit one 64 KiB UDP message, so ten of these do; a
+/// larger bound makes every full batch fail with EMSGSIZE. On jumbo frames or loopback these
+/// datagrams carry a stream at a fraction of the per-packet cost of quinn's 1452 bytes.
+const MAX_DATAGRAM: u16 = 6_550;
+/// Socket buffers that absorb a migration stream's bursts: with the kernel's ~200 KiB
+/// default the receiving socket overflows at LAN rates, and each drop halves the sending rate.
+const SOCKET_BUFFER: usize = 32 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetRequest {
@@ -95,8 +103,26 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .keep_alive_interval(Some(KEEP_ALIVE))
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONNECTION_WINDOW.into())
-        .send_window(CONNECTION_WINDOW.into());
+        .send_window(CONNECTION_WINDOW.into())
+        .mtu_discovery_config(Some({
+            let mut discovery = quinn::MtuDiscoveryConfig::default();
+            discovery.upper_bound(MAX_DATAGRAM);
+            discovery
+        }));
     Arc::new(transport)
+}
+
+/// Sets both buffers to [`SOCKET_BUFFER`]: past `net.core.[rw]mem_max` when privileged (vmhostd
+/// runs as root), else as far as that limit allows.
+fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let received = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER)
+        .or_else(|_| setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER));
+    let sent = setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER)
+        .or_else(|_| setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER));
+    if let Err(error) = received.and(sent) {
+        tracing::warn!(%error, "cannot enlarge the fleet socket's buffers; bulk streams may drop datagrams");
+    }
 }
 
 fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
@@ -158,8 +184,20 @@ pub struct FleetEndpoint {
 impl FleetEndpoint {
     pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<FleetEndpoint, QuicError> {
         install_crypto_provider();
-        let mut endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
-            .map_err(|source| QuicError::Bind { addr, source })?;
+        let bind = |source| QuicError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        enlarge_socket_buffers(&socket);
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(MAX_DATAGRAM)
+            .expect("MAX_DATAGRAM is within QUIC's bounds");
+        let mut endpoint = quinn::Endpoint::new(
+            config,
+            Some(server_config(identity)?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         endpoint.set_default_client_config(client_config(identity)?);
         let (gossip_in, gossip_inbox) = mpsc::channel(GOSSIP_INBOX);
         Ok(FleetEndpoint {

@@ -104,6 +104,19 @@ impl Lab {
         ]);
     }
 
+    /// Sets every link of the segment to `mtu` (jumbo frames, say).
+    pub fn set_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        let switch = self.switch();
+        for i in 0..self.hosts {
+            let ns = self.ns(i);
+            ip(&["-n", &switch, "link", "set", &format!("p{i}"), "mtu", &mtu]);
+            ip(&["-n", &ns, "link", "set", "uplink", "mtu", &mtu]);
+            ip(&["-n", &ns, "link", "set", "br0", "mtu", &mtu]);
+        }
+        ip(&["-n", &switch, "link", "set", "br0", "mtu", &mtu]);
+    }
+
     /// Gives the switch namespace an address on the segment, for a client outside every
     /// host; returns the namespace.
     pub fn client_namespace(&self) -> String {

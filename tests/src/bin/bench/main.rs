@@ -5,6 +5,7 @@
 
 mod gossip;
 mod migration;
+mod tunnel;
 
 use std::io::Write;
 use std::path::Path;
@@ -335,80 +336,26 @@ async fn lease_rtt(round_trips: usize) {
     ));
 }
 
-/// Bulk bytes through a migration tunnel (unix socket → QUIC stream with mutual TLS → unix
-/// socket, as vmhostd carries QEMU's stream) against a raw TCP connection, both on loopback,
-/// alternating.
-async fn tunnel_throughput(mib: usize) {
-    use std::sync::Arc;
-    use tokio::io::AsyncWriteExt;
-    use tokio::net::UnixStream;
-    use vmhost_gossip::quic::{answer, splice, FleetEndpoint, FleetResponse};
-    const ROUNDS: u32 = 3;
-    let dir = tempfile::tempdir().unwrap();
-    let ids = fleet_identities(dir.path(), &["host-a", "host-b"]);
-    let any = std::net::SocketAddr::new(LOCALHOST, 0);
-    let b = FleetEndpoint::bind(any, &ids[1]).unwrap();
-    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    b.set_tunnel_handler(Arc::new(move |_, send, recv| {
-        let arrived = arrived.clone();
-        tokio::spawn(async move {
-            let (target_side, mut qemu) = UnixStream::pair().unwrap();
-            tokio::spawn(splice(target_side, send, recv));
-            let bytes = tokio::io::copy(&mut qemu, &mut tokio::io::sink())
-                .await
-                .unwrap();
-            let _ = arrived.send(bytes);
-        });
-    }));
-    b.serve(Arc::new(|_| answer(FleetResponse::Pong)));
-    let a = FleetEndpoint::bind(any, &ids[0]).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
-    let total = (mib as u64) << 20;
-    let (mut ours, mut tcp) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..ROUNDS {
-        let started = Instant::now();
-        let (send, recv) = a.open_tunnel(b.local_addr(), "host-b", 1).await.unwrap();
-        let (source_side, mut qemu) = UnixStream::pair().unwrap();
-        tokio::spawn(splice(source_side, send, recv));
-        for _ in 0..mib {
-            qemu.write_all(&chunk).await.unwrap();
-        }
-        qemu.shutdown().await.unwrap();
-        assert_eq!(arrivals.recv().await.unwrap(), total);
-        ours += started.elapsed();
-
-        let listener = tokio::net::TcpListener::bind(any).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let receiver = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::io::copy(&mut stream, &mut tokio::io::sink())
-                .await
-                .unwrap()
-        });
-        let started = Instant::now();
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        for _ in 0..mib {
-            stream.write_all(&chunk).await.unwrap();
-        }
-        stream.shutdown().await.unwrap();
-        assert_eq!(receiver.await.unwrap(), total);
-        tcp += started.elapsed();
-    }
-    let rate =
-        |d: Duration| (total * u64::from(ROUNDS)) as f64 / d.as_secs_f64() / (1 << 20) as f64;
-    append(&format!(
-        "- {} migration tunnel throughput, {mib} MiB x {ROUNDS} on loopback (unix → QUIC with mutual TLS → unix, against one TCP connection): ours {:.0} MiB/s, raw TCP {:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
-        today(),
-        rate(ours),
-        rate(tcp),
-        rate(ours) / rate(tcp)
-    ));
-}
-
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_else(|| "create".into());
+    // The two ends of the tunnel benchmark, each started in its host's namespace.
+    let mut arg = || args.next().expect("a tunnel end takes more arguments");
+    match which.as_str() {
+        "tunnel-sink" => return tunnel::sink(arg().as_ref(), arg().parse().unwrap()).await,
+        "tunnel-source" => {
+            let (identity, addr, peer, mib) = (arg(), arg(), arg(), arg());
+            return tunnel::source(
+                identity.as_ref(),
+                addr.parse().unwrap(),
+                peer.parse().unwrap(),
+                mib.parse().unwrap(),
+            )
+            .await;
+        }
+        _ => {}
+    }
     let runs: usize = args
         .next()
         .map_or(5, |n| n.parse().expect("RUNS must be a number"));
@@ -422,7 +369,7 @@ async fn main() {
         "lease-rtt" => lease_rtt(runs).await,
         "gossip" => gossip::real(runs).await,
         "gossip-sim" => gossip::simulated(runs).await,
-        "tunnel" => tunnel_throughput(runs.max(64)).await,
+        "tunnel" => tunnel::throughput(runs.max(64)),
         "migration" => migration::downtime(runs, &test_image(), accel).await,
         other => panic!(
             "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel or migration"
