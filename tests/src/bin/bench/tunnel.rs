@@ -17,14 +17,21 @@ use vmhost_gossip::quic::{answer, splice, FleetEndpoint, FleetResponse};
 use vmhost_tests::netns::{Lab, FLEET_PORT};
 
 const ROUNDS: u32 = 3;
-/// Jumbo frames, as a migration network would run.
-const MTU: u32 = 9000;
+/// Plain Ethernet, and the jumbo frames a migration network would run.
+const MTUS: [u32; 2] = [1500, 9000];
 const CHUNK: usize = 1 << 20;
 
-/// The parent: builds the lab, runs the sink and the source in their namespaces, records.
+/// The parent: for each MTU, builds the lab, runs the sink and the source in their
+/// namespaces, records.
 pub fn throughput(mib: usize) {
+    for mtu in MTUS {
+        throughput_at(mib, mtu);
+    }
+}
+
+fn throughput_at(mib: usize, mtu: u32) {
     let lab = Lab::new(2);
-    lab.set_mtu(MTU);
+    lab.set_mtu(mtu);
     let dir = tempfile::tempdir().unwrap();
     one_machine_fleet(dir.path(), &["host-a", "host-b"], lab.addr(1)).unwrap();
     let me = std::env::current_exe().unwrap();
@@ -69,7 +76,7 @@ pub fn throughput(mib: usize) {
     let rate = |secs: f64| (mib as f64) * f64::from(ROUNDS) / secs;
     let (ours, tcp) = (rate(seconds[0]), rate(seconds[1]));
     append(&format!(
-        "- {} migration tunnel throughput, {mib} MiB x {ROUNDS} between two host namespaces (veth through a bridge, MTU {MTU}; unix → QUIC with mutual TLS → unix, against one TCP connection): ours {ours:.0} MiB/s, raw TCP {tcp:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
+        "- {} migration tunnel throughput, {mib} MiB x {ROUNDS} between two host namespaces (veth through a bridge, MTU {mtu}; unix → QUIC with mutual TLS → unix, against one TCP connection): ours {ours:.0} MiB/s, raw TCP {tcp:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
         today(),
         ours / tcp
     ));
