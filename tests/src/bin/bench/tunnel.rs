@@ -1,8 +1,9 @@
-//! Migration tunnel throughput between two host namespaces on one jumbo-frame segment: bulk
-//! bytes through unix socket → QUIC stream (mutual TLS) → unix socket, as vmhostd carries
-//! QEMU's stream, against one raw TCP connection, alternating. Each end is its own process in
-//! its own namespace, as on two hosts. The receiving end answers each transfer with the byte
-//! count it got, so a round is timed until every byte has arrived.
+//! Migration tunnel throughput between two host namespaces on one segment: bulk bytes through
+//! unix socket → QUIC stream (mutual TLS) → unix socket, as vmhostd carries QEMU's stream,
+//! against one raw TCP connection, and against the same unix → tunnel → unix path over TLS
+//! on TCP (same certificates, mutual), alternating. Each end is its own process in its own
+//! namespace, as on two hosts. The receiving end answers each transfer with the byte count it
+//! got, so a round is timed until every byte has arrived.
 
 use crate::{append, today};
 use std::net::{IpAddr, SocketAddr};
@@ -74,12 +75,61 @@ fn throughput_at(mib: usize, mtu: u32) {
         .map(|s| s.parse().unwrap())
         .collect();
     let rate = |secs: f64| (mib as f64) * f64::from(ROUNDS) / secs;
-    let (ours, tcp) = (rate(seconds[0]), rate(seconds[1]));
+    let (ours, tcp, tls) = (rate(seconds[0]), rate(seconds[1]), rate(seconds[2]));
+    let setting = format!(
+        "{mib} MiB x {ROUNDS} between two host namespaces, veth through a bridge, MTU {mtu}"
+    );
     append(&format!(
-        "- {} migration tunnel throughput, {mib} MiB x {ROUNDS} between two host namespaces (veth through a bridge, MTU {mtu}; unix → QUIC with mutual TLS → unix, against one TCP connection): ours {ours:.0} MiB/s, raw TCP {tcp:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
+        "- {} migration tunnel throughput ({setting}; unix → QUIC with mutual TLS → unix, against one TCP connection): ours {ours:.0} MiB/s, raw TCP {tcp:.0} MiB/s, ratio {:.2} (ours/raw, higher is better)\n",
         today(),
         ours / tcp
     ));
+    append(&format!(
+        "- {} migration tunnel throughput against a TLS-over-TCP tunnel ({setting}; unix → QUIC with mutual TLS → unix, against unix → TLS 1.3 on one TCP connection, same certificates, mutual → unix): ours {ours:.0} MiB/s, TLS over TCP {tls:.0} MiB/s, ratio {:.2} (ours/TLS, higher is better)\n",
+        today(),
+        ours / tls
+    ));
+}
+
+/// The TLS-over-TCP tunnel's port, beside the fleet port.
+const TLS_PORT: u16 = FLEET_PORT + 1;
+
+fn roots(identity: &Identity) -> Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca.clone()).unwrap();
+    Arc::new(roots)
+}
+
+fn tls_acceptor(identity: &Identity) -> tokio_rustls::TlsAcceptor {
+    let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity))
+        .build()
+        .unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+fn tls_connector(identity: &Identity) -> tokio_rustls::TlsConnector {
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots(identity))
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A local stream for "QEMU", carried both ways over `tunnel` by a task, as vmhostd would.
+fn through<T>(tunnel: T) -> UnixStream
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tunnel_side, qemu_side) = UnixStream::pair().unwrap();
+    tokio::spawn(async move {
+        let mut tunnel = tunnel;
+        let _ = tokio::io::copy_bidirectional(&mut tunnel_side, &mut tunnel).await;
+    });
+    qemu_side
 }
 
 /// Reads everything, then answers with the count, as the proof that it all arrived.
@@ -93,17 +143,25 @@ async fn drain_and_count<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
 
 /// The receiving host: a fleet endpoint taking tunnels, and a TCP listener on the same port.
 pub async fn sink(identity: &Path, addr: IpAddr) {
-    let endpoint = FleetEndpoint::bind(
-        SocketAddr::new(addr, FLEET_PORT),
-        &Identity::load(identity).unwrap(),
-    )
-    .unwrap();
+    let identity = Identity::load(identity).unwrap();
+    let endpoint = FleetEndpoint::bind(SocketAddr::new(addr, FLEET_PORT), &identity).unwrap();
     endpoint.set_tunnel_handler(Arc::new(|_, send, recv| {
         let (tunnel_side, qemu_side) = UnixStream::pair().unwrap();
         tokio::spawn(splice(tunnel_side, send, recv));
         tokio::spawn(drain_and_count(qemu_side));
     }));
     endpoint.serve(Arc::new(|_| answer(FleetResponse::Pong)));
+    let tls = TcpListener::bind(SocketAddr::new(addr, TLS_PORT))
+        .await
+        .unwrap();
+    let acceptor = tls_acceptor(&identity);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tls.accept().await.unwrap();
+            let stream = acceptor.accept(stream).await.unwrap();
+            tokio::spawn(drain_and_count(through(stream)));
+        }
+    });
     let listener = TcpListener::bind(SocketAddr::new(addr, FLEET_PORT))
         .await
         .unwrap();
@@ -128,10 +186,12 @@ async fn send_and_confirm<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, mib:
 
 /// The sending host: alternates a tunnel round and a TCP round; prints both total times.
 pub async fn source(identity: &Path, addr: IpAddr, peer: IpAddr, mib: usize) {
-    let endpoint =
-        FleetEndpoint::bind(SocketAddr::new(addr, 0), &Identity::load(identity).unwrap()).unwrap();
+    let identity = Identity::load(identity).unwrap();
+    let endpoint = FleetEndpoint::bind(SocketAddr::new(addr, 0), &identity).unwrap();
+    let connector = tls_connector(&identity);
+    let tls_peer = SocketAddr::new(peer, TLS_PORT);
     let peer = SocketAddr::new(peer, FLEET_PORT);
-    let (mut ours, mut tcp) = (Duration::ZERO, Duration::ZERO);
+    let (mut ours, mut tcp, mut tls) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for round in 0..ROUNDS {
         let started = Instant::now();
         let (send, recv) = endpoint
@@ -146,6 +206,14 @@ pub async fn source(identity: &Path, addr: IpAddr, peer: IpAddr, mib: usize) {
         let started = Instant::now();
         send_and_confirm(TcpStream::connect(peer).await.unwrap(), mib).await;
         tcp += started.elapsed();
+
+        let started = Instant::now();
+        let stream = TcpStream::connect(tls_peer).await.unwrap();
+        let name = "host-b".try_into().unwrap();
+        let stream = connector.connect(name, stream).await.unwrap();
+        send_and_confirm(through(stream), mib).await;
+        tls += started.elapsed();
     }
-    println!("{} {}", ours.as_secs_f64(), tcp.as_secs_f64());
+    let [ours, tcp, tls] = [ours, tcp, tls].map(|d| d.as_secs_f64());
+    println!("{ours} {tcp} {tls}");
 }
