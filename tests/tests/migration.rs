@@ -3,8 +3,8 @@
 //! reset or a lost write; a second operation during a migration is refused; a target that
 //! dies before the switchover leaves the source running, its disk too, and its lease
 //! expires; a source vmhostd restarted mid-migration cancels it and keeps the VM; a link cut
-//! during post-copy is recovered; a disk arrives with every write made before and during
-//! the move.
+//! during post-copy is recovered, and one left paused past the recovery window is resumed
+//! later; a disk arrives with every write made before and during the move.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -32,6 +32,11 @@ fn serialized() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
+    two_hosts_recovering_within(lab, pki, 60)
+}
+
+/// Two hosts whose broken post-copy migrations are recovered for `recover_secs`.
+fn two_hosts_recovering_within(lab: &Lab, pki: &Path, recover_secs: u64) -> Vec<TestHost> {
     let limits = || Limits {
         vcpus: 4,
         memory_mib: 4096,
@@ -41,7 +46,7 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
         pki,
         vec![("a", limits()), ("b", limits())],
         &format!(
-            "gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\nmigration_recover_secs = 60\n"
+            "gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\nmigration_recover_secs = {recover_secs}\n"
         ),
         &format!(
             "[network]\nmode = \"tap\"\nbridge = \"br0\"\n\
@@ -258,6 +263,8 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     assert!(error.contains("migrating"), "{error}");
     let (code, error) = a.vmctl_err(&["migrate", "mover", "--to", "b"]);
     assert_eq!(code, 6, "{error}");
+    let (code, error) = a.vmctl_err(&["migrate", "mover", "--resume"]);
+    assert_eq!(code, 6, "{error}");
     let (ok, out, err) = finish(migrate, stdout);
     assert!(
         ok,
@@ -401,6 +408,65 @@ fn a_link_cut_during_postcopy_is_recovered() {
     assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
     assert_eq!(b.show("cut")["state"], "running");
     assert_continued(&before, b, "cut");
+}
+
+/// A post-copy migration whose link stays down past the recovery window is left paused on
+/// both hosts, never lost, and `migrate` says how to finish it. A resume while the link is
+/// still down fails and changes nothing. The departure survives a restart of the source's
+/// vmhostd; once the link is back, `migrate --resume` finishes the move, the guest intact.
+#[test]
+fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
+    let _serial = serialized();
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let mut hosts = two_hosts_recovering_within(&lab, pki.path(), 3);
+    create_dirtier(&hosts[0], "late");
+    let before = wait_ticking(&hosts[0], "late", 1);
+
+    let mut migrate = spawn_migrate(&hosts[0], &["late", "--to", "b", "--bandwidth", "4"]);
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "post-copy", |p| {
+        p["phase"] == "postcopy-active"
+    });
+    lab.set_uplink(1, false);
+    let (ok, out, err) = finish(migrate, stdout);
+    assert!(!ok, "migrate succeeded with the link down: {out}");
+    assert!(err.contains("vmctl migrate late --resume"), "{err}");
+    let paused_on_both = |hosts: &[TestHost]| {
+        for host in hosts {
+            assert_eq!(host.show("late")["state"], "migrating", "{}", logs(hosts));
+            assert_eq!(host.qemu_pids().len(), 1, "{}", logs(hosts));
+        }
+    };
+    paused_on_both(&hosts);
+
+    let (code, error) = hosts[0].vmctl_err(&["migrate", "late", "--resume"]);
+    assert_ne!(code, 0);
+    assert!(error.contains("'late'"), "{error}");
+    paused_on_both(&hosts);
+
+    hosts[0].kill_daemon();
+    hosts[0].start_daemon();
+    wait_until(Duration::from_secs(30), "a to take the VM back", || {
+        hosts[0].vmctl(&["show", "late"]).status.success()
+    });
+    paused_on_both(&hosts);
+    lab.set_uplink(1, true);
+    wait_until(Duration::from_secs(60), "a to see b again", || {
+        live_hosts(&hosts[0]) == 2
+    });
+    let mut resume = spawn_migrate(&hosts[0], &["late", "--resume"]);
+    let stdout = progress_lines(&mut resume);
+    let (ok, out, err) = finish(resume, stdout);
+    assert!(ok, "resume failed: {err}\n{out}\n{}", logs(&hosts));
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["to"], "b", "{summary}");
+    assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
+    let (a, b) = (&hosts[0], &hosts[1]);
+    assert_eq!(b.show("late")["state"], "running");
+    assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
+    assert!(a.qemu_pids().is_empty());
+    assert_continued(&before, b, "late");
 }
 
 /// A TCP client in its own network namespace that sends a numbered line every 100 ms and

@@ -146,7 +146,7 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
         vcpus: 2,
         memory_mib: 2048,
     });
-    let refusals: [(&[&str], i32, &str); 10] = [
+    let refusals: [(&[&str], i32, &str); 11] = [
         (&["show", "nope"], 3, "no VM named 'nope'"),
         (&["scale", "nope", "--cu", "1"], 3, "no VM named 'nope'"),
         (&["delete", "nope"], 3, "no VM named 'nope'"),
@@ -173,6 +173,11 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
             "host capacity exceeded",
         ),
         (&["frobnicate"], 2, "unrecognized subcommand"),
+        (
+            &["migrate", "x", "--resume", "--to", "b"],
+            2,
+            "cannot be used with",
+        ),
     ];
     for (args, code, needle) in refusals {
         assert_one_line_error(host.vmctl_err(args), code, needle);

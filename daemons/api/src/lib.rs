@@ -147,6 +147,10 @@ pub struct MigrateVm {
     /// Cap on the migration stream, in MiB/s; unlimited when absent.
     #[serde(default)]
     pub bandwidth_mib: Option<u64>,
+    /// Finish a post-copy migration left paused (its link stayed down past the recovery
+    /// window, or this host's vmhostd restarted during it), toward the host it was going to.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// What a target host needs to receive a VM.

@@ -106,6 +106,9 @@ enum Command {
         /// Cap on the migration stream, in MiB/s.
         #[arg(long, value_name = "MIB_PER_S")]
         bandwidth: Option<u64>,
+        /// Finish a post-copy migration that was left paused, toward its original target.
+        #[arg(long, conflicts_with_all = ["to", "precopy_only", "max_downtime", "bandwidth"])]
+        resume: bool,
     },
     /// Show this host: accelerator, capacity and allocation.
     Host,
@@ -222,12 +225,14 @@ impl Command {
                 precopy_only,
                 max_downtime,
                 bandwidth,
+                resume,
             } => Request::Migrate(MigrateVm {
                 name,
                 to,
                 precopy_only,
                 max_downtime_ms: max_downtime,
                 bandwidth_mib: bandwidth,
+                resume,
             }),
             Command::Host => Request::Host,
             Command::Events { name, follow } => Request::Events { name, follow },

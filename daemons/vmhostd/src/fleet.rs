@@ -29,6 +29,8 @@ pub struct Fleet {
     endpoint: Arc<FleetEndpoint>,
     membership: Membership,
     config: FleetConfig,
+    /// The VMs whose migration away this vmhostd follows now.
+    followed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Fleet {
@@ -65,6 +67,7 @@ impl Fleet {
             endpoint,
             membership,
             config,
+            followed: Default::default(),
         });
         let publisher = Arc::downgrade(&fleet);
         tokio::spawn(async move {

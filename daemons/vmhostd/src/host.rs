@@ -10,7 +10,7 @@ use crate::events::EventLog;
 use crate::guest_link::{DownscaleError, GuestLink, UpscaleRequest};
 use crate::net;
 use crate::prometheus::{ScalingStats, VmGauges};
-use crate::store::{BootSource, Marker, Store, StoreError, VmPaths, VmSpec};
+use crate::store::{BootSource, Departure, Marker, Store, StoreError, VmPaths, VmSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmhost_agent::{Action, Outcome};

@@ -12,8 +12,8 @@ const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
 const DISK_FILE: &str = "disk.raw";
 
-/// Facts about a VM's running QEMU that a restarted vmhostd must know, kept as empty files
-/// in its folder.
+/// Facts about a VM's running QEMU that a restarted vmhostd must know, kept as files in its
+/// folder: empty, except that `leaving` records the departure once its target is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marker {
     /// Its migration away has begun and not ended.
@@ -29,6 +29,15 @@ impl Marker {
             Marker::VcpuUnplugged => "vcpu-unplugged",
         }
     }
+}
+
+/// Where a leaving VM's migration goes: the target host, the tunnel its stream takes there,
+/// and the lease the target granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departure {
+    pub target: String,
+    pub tunnel: u64,
+    pub lease: u64,
 }
 
 /// A raw disk image of `bytes` that takes no room until written.
@@ -104,7 +113,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("corrupt VM spec {path}: {message}")]
+    #[error("corrupt VM file {path}: {message}")]
     Corrupt { path: String, message: String },
 }
 
@@ -211,6 +220,31 @@ impl Store {
 
     pub fn has_marker(&self, name: &str, marker: Marker) -> bool {
         self.vm_dir(name).join(marker.file()).exists()
+    }
+
+    /// Writes where a leaving VM goes into its `leaving` marker, so that a migration left
+    /// paused in post-copy can be resumed, even by a restarted vmhostd.
+    pub fn record_departure(&self, name: &str, departure: &Departure) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(departure).expect("a departure always serializes");
+        write_atomically(&self.vm_dir(name).join(Marker::Leaving.file()), &json)
+    }
+
+    /// Where a leaving VM goes, once its target is chosen.
+    pub fn departure(&self, name: &str) -> Result<Option<Departure>, StoreError> {
+        let path = self.vm_dir(name).join(Marker::Leaving.file());
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.is_empty() => Ok(None),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("cannot read", &path)(e)),
+        }
     }
 
     pub fn disk_path(&self, name: &str) -> PathBuf {
@@ -347,5 +381,31 @@ mod tests {
         assert_eq!(specs.len(), 1);
         assert_eq!(broken.len(), 1);
         assert!(broken[0].to_string().contains("vms/bad/spec.json"));
+    }
+
+    #[test]
+    fn a_departure_lives_in_the_leaving_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_vm(&spec("a")).unwrap();
+        assert_eq!(store.departure("a").unwrap(), None);
+        store.set_marker("a", Marker::Leaving, true).unwrap();
+        assert_eq!(store.departure("a").unwrap(), None);
+        let departure = Departure {
+            target: "host-b".into(),
+            tunnel: 7,
+            lease: 9,
+        };
+        store.record_departure("a", &departure).unwrap();
+        assert!(store.has_marker("a", Marker::Leaving));
+        assert_eq!(store.departure("a").unwrap(), Some(departure));
+        store.set_marker("a", Marker::Leaving, false).unwrap();
+        assert_eq!(store.departure("a").unwrap(), None);
+        std::fs::write(dir.path().join("vms/a/leaving"), b"{torn").unwrap();
+        assert!(store
+            .departure("a")
+            .unwrap_err()
+            .to_string()
+            .contains("vms/a/leaving"));
     }
 }

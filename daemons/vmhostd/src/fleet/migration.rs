@@ -5,6 +5,8 @@
 
 use super::*;
 use crate::host::{error_chain, vmm_error, HostError, Outgoing};
+use crate::store::Departure;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
 use tokio::sync::mpsc;
@@ -32,7 +34,7 @@ enum Failure {
     /// Before the switchover: the source still runs the VM.
     BeforeSwitchover(ApiError),
     /// During post-copy, unrecovered: the guest's state is split between the hosts and it
-    /// stays paused until an operator brings the link back.
+    /// stays paused until an operator resumes the migration.
     Stranded(ApiError),
 }
 
@@ -49,13 +51,66 @@ fn internal(message: String) -> ApiError {
     ApiError::new(ErrorKind::Internal, message)
 }
 
+/// Where a migration stands, as far as following it goes.
+#[derive(Clone, Copy)]
+struct Stage {
+    /// It switches to post-copy after the first pass.
+    postcopy: bool,
+    /// It has switched to post-copy: the target runs the guest.
+    switched: bool,
+    /// Its disk, if any, is complete on the target.
+    disk_finished: bool,
+}
+
+/// Sends a migration's phase and stream counters to whoever follows it.
+fn reporter<'a>(
+    progress: &'a mpsc::Sender<MigrationProgress>,
+    vm: &'a str,
+    target: &'a str,
+    started: Instant,
+) -> impl Fn(&str, Option<&RamStats>) + 'a {
+    move |phase, stream| {
+        let ram = stream.cloned().unwrap_or_default();
+        let _ = progress.try_send(MigrationProgress {
+            vm: vm.to_string(),
+            target: target.to_string(),
+            phase: phase.to_string(),
+            transferred_bytes: ram.transferred,
+            remaining_bytes: ram.remaining,
+            total_bytes: ram.total,
+            rate_mbps: ram.mbps,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+}
+
+/// Marks a VM's migration as followed by this vmhostd until dropped.
+struct Following<'a> {
+    followed: &'a std::sync::Mutex<HashSet<String>>,
+    vm: String,
+}
+
+impl Drop for Following<'_> {
+    fn drop(&mut self) {
+        self.followed
+            .lock()
+            .expect("followed lock")
+            .remove(&self.vm);
+    }
+}
+
 impl Fleet {
-    /// Migrates a VM of this host, reporting progress on `progress` as it goes.
+    /// Migrates a VM of this host, or resumes its paused post-copy migration, reporting
+    /// progress on `progress` as it goes.
     pub async fn migrate(
         &self,
         request: MigrateVm,
         progress: mpsc::Sender<MigrationProgress>,
     ) -> Result<MigrationSummary, ApiError> {
+        let _following = self.follow_migration(&request.name)?;
+        if request.resume {
+            return self.resume(&request.name, &progress).await;
+        }
         let out = self.host.begin_outgoing(&request.name).await?;
         match self.migrate_out(&request, &out, &progress).await {
             Ok(summary) => Ok(summary),
@@ -68,6 +123,26 @@ impl Fleet {
                 Err(error)
             }
         }
+    }
+
+    /// Refuses a second follower of the same migration (a resume while the first still
+    /// recovers, say).
+    fn follow_migration(&self, vm: &str) -> Result<Following<'_>, ApiError> {
+        if !self
+            .followed
+            .lock()
+            .expect("followed lock")
+            .insert(vm.to_string())
+        {
+            return Err(ApiError::new(
+                ErrorKind::WrongState,
+                format!("VM '{vm}' is migrating and this host is following it; wait for the end"),
+            ));
+        }
+        Ok(Following {
+            followed: &self.followed,
+            vm: vm.to_string(),
+        })
     }
 
     async fn migrate_out(
@@ -83,19 +158,7 @@ impl Fleet {
             .choose_target(request.to.as_deref(), out)
             .await
             .map_err(before)?;
-        let report = |phase: &str, stream: Option<&RamStats>| {
-            let ram = stream.cloned().unwrap_or_default();
-            let _ = progress.try_send(MigrationProgress {
-                vm: name.to_string(),
-                target: target.name.clone(),
-                phase: phase.to_string(),
-                transferred_bytes: ram.transferred,
-                remaining_bytes: ram.remaining,
-                total_bytes: ram.total,
-                rate_mbps: ram.mbps,
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            });
-        };
+        let report = reporter(progress, name, &target.name, started);
         report("reserving", None);
         let lease = self
             .reserve(&target, name, out.size)
@@ -115,6 +178,12 @@ impl Fleet {
         let tunnel = random_id();
         let disk_tunnel = out.disk_socket.as_ref().map(|_| random_id());
         let prepared = async {
+            let departure = Departure {
+                target: target.name.clone(),
+                tunnel,
+                lease: lease.id,
+            };
+            self.host.record_departure(name, &departure)?;
             report("detaching the guest channel", None);
             self.host.detach_for_migration(out).await?;
             report("starting the target", None);
@@ -160,9 +229,67 @@ impl Fleet {
                 return Err(before(error));
             }
         };
-        let mut switched = false;
+        let stage = Stage {
+            postcopy,
+            switched: false,
+            disk_finished: false,
+        };
+        self.follow(out, &target, lease.id, stage, started, &report)
+            .await
+    }
+
+    /// Finishes a post-copy migration left paused, toward the host it was going to: the
+    /// link is recovered and the migration followed to its end as if it had never stopped.
+    async fn resume(
+        &self,
+        name: &str,
+        progress: &mpsc::Sender<MigrationProgress>,
+    ) -> Result<MigrationSummary, ApiError> {
+        let started = Instant::now();
+        let (out, departure) = self.host.stranded_outgoing(name).await?;
+        let target = self
+            .live_peers()
+            .await
+            .into_iter()
+            .find(|v| v.name == departure.target)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "host '{}', where VM '{name}' was going, is not live in the fleet; \
+                         the VM stays paused until it is",
+                        departure.target
+                    ),
+                )
+            })?;
+        let report = reporter(progress, name, &target.name, started);
+        tracing::info!(vm = %name, target = %target.name, "resuming a paused post-copy migration");
+        let _forwarder = self.forward_stream(&out.socket, &target, departure.tunnel)?;
+        let stage = Stage {
+            postcopy: true,
+            switched: true,
+            disk_finished: true,
+        };
+        self.follow(&out, &target, departure.lease, stage, started, &report)
+            .await
+            .map_err(|(Failure::BeforeSwitchover(error) | Failure::Stranded(error))| error)
+    }
+
+    /// Follows QEMU's migration to its end: switches to post-copy after the first pass,
+    /// completes the disk at the pause before the switchover, recovers a post-copy link
+    /// that breaks; then hands the VM over to the target.
+    async fn follow(
+        &self,
+        out: &Outgoing,
+        target: &HostView,
+        lease: u64,
+        mut stage: Stage,
+        started: Instant,
+        report: &impl Fn(&str, Option<&RamStats>),
+    ) -> Result<MigrationSummary, Failure> {
+        let name = out.spec.name.as_str();
+        let before = Failure::BeforeSwitchover;
         let mut recoveries = 0;
-        let mut disk_finished = false;
         let mut events = out.machine.migration_events();
         let info = loop {
             // Woken early by a status change, so the pause for a disk is short.
@@ -174,7 +301,7 @@ impl Fleet {
                         "the source QEMU of VM '{name}' exited during the migration: {}",
                         error_chain(&error)
                     );
-                    return Err(if switched {
+                    return Err(if stage.switched {
                         Failure::Stranded(internal(message))
                     } else {
                         before(internal(message))
@@ -187,7 +314,7 @@ impl Fleet {
             };
             let status = info.status.clone().unwrap_or_default();
             report(&status, info.ram.as_ref());
-            switched |= status.starts_with("postcopy");
+            stage.switched |= status.starts_with("postcopy");
             match status.as_str() {
                 "completed" => break info,
                 "failed" | "cancelled" => {
@@ -196,15 +323,15 @@ impl Fleet {
                         "migration of VM '{name}' to host '{}' {status}: {reason}",
                         target.name
                     );
-                    if switched {
+                    if stage.switched {
                         return Err(Failure::Stranded(internal(message)));
                     }
-                    self.release(&target, lease.id).await;
+                    self.release(target, lease).await;
                     return Err(before(internal(message)));
                 }
                 "active"
-                    if postcopy
-                        && !switched
+                    if stage.postcopy
+                        && !stage.switched
                         && info.ram.as_ref().map_or(0, |r| r.dirty_sync_count)
                             >= POSTCOPY_AFTER_SYNCS =>
                 {
@@ -212,34 +339,34 @@ impl Fleet {
                     if let Err(error) = out.machine.start_postcopy().await {
                         tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");
                     }
-                    switched = true;
+                    stage.switched = true;
                 }
                 "setup" if started.elapsed() > SETUP_TIMEOUT => {
                     let error = internal(format!(
                         "migration of VM '{name}' was still in QEMU's setup after {} s; cancelled",
                         SETUP_TIMEOUT.as_secs()
                     ));
-                    return Err(self.abandon(out, &target, lease.id, error).await);
+                    return Err(self.abandon(out, target, lease, error).await);
                 }
                 // Only a VM with a disk pauses here, its guest stopped: the mirror takes
                 // the last writes, then the switchover goes on.
-                "pre-switchover" if !disk_finished => {
+                "pre-switchover" if !stage.disk_finished => {
                     report("finishing the disk copy", info.ram.as_ref());
                     if let Err(error) = self.finish_disk(out).await {
-                        return Err(self.abandon(out, &target, lease.id, error.into()).await);
+                        return Err(self.abandon(out, target, lease, error.into()).await);
                     }
-                    disk_finished = true;
+                    stage.disk_finished = true;
                 }
                 "postcopy-paused" => {
                     report("paused: link broken, recovering", info.ram.as_ref());
-                    self.recover(&target, out).await?;
+                    self.recover(target, out).await?;
                     recoveries += 1;
                 }
                 _ => {}
             }
         };
         self.host.finish_outgoing(out).await;
-        self.await_arrival(&target, name).await;
+        self.await_arrival(target, name).await;
         let ram = info.ram.clone().unwrap_or_default();
         tracing::info!(vm = %name, target = %target.name, downtime_ms = info.downtime.unwrap_or(0), total_ms = started.elapsed().as_millis() as u64, "VM migrated");
         Ok(MigrationSummary {
@@ -249,7 +376,7 @@ impl Fleet {
             downtime_ms: info.downtime.unwrap_or(0),
             total_ms: started.elapsed().as_millis() as u64,
             transferred_bytes: ram.transferred,
-            postcopy: switched,
+            postcopy: stage.switched,
             recoveries,
         })
     }
@@ -446,7 +573,7 @@ impl Fleet {
                 return Err(Failure::Stranded(internal(format!(
                     "VM '{name}' is paused mid post-copy: the link to host '{}' stayed down for {} s. \
                      Its memory is split between the hosts, so both QEMUs are kept, paused; \
-                     the VM resumes only when the link returns and the migration is recovered",
+                     once the link is back, `vmctl migrate {name} --resume` finishes the migration",
                     target.name,
                     window.as_secs()
                 ))));

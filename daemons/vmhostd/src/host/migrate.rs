@@ -126,6 +126,45 @@ impl Host {
         Ok(self.outgoing(&record.spec, machine, record.applied))
     }
 
+    /// Records where a leaving VM goes, for a later resume of its post-copy.
+    pub fn record_departure(&self, name: &str, departure: &Departure) -> Result<(), HostError> {
+        Ok(self.store.record_departure(name, departure)?)
+    }
+
+    /// A VM whose post-copy migration was left paused, with where it was going: the
+    /// migration can be resumed from here.
+    pub async fn stranded_outgoing(&self, name: &str) -> Result<(Outgoing, Departure), HostError> {
+        let slot = self.slot(name)?;
+        let (spec, machine, size) = {
+            let record = slot.record();
+            match (&record.machine, record.state, record.spec.incoming) {
+                (Some(machine), VmState::Migrating, false) => {
+                    (record.spec.clone(), machine.clone(), record.applied)
+                }
+                _ => return Err(Self::wrong_state(&record, "resume the migration of")),
+            }
+        };
+        let not_stranded = |why: String| {
+            HostError::Invalid(format!(
+                "VM '{name}' has no paused post-copy migration to resume: {why}"
+            ))
+        };
+        let departure = self
+            .store
+            .departure(name)?
+            .ok_or_else(|| not_stranded("its target was never chosen".into()))?;
+        let status = machine
+            .migration_info()
+            .await
+            .map_err(vmm_error(name, "read its migration"))?
+            .status
+            .unwrap_or_default();
+        if status != "postcopy-paused" {
+            return Err(not_stranded(format!("its migration is {status}")));
+        }
+        Ok((self.outgoing(&spec, machine, size), departure))
+    }
+
     fn outgoing(&self, spec: &VmSpec, machine: Arc<Machine>, size: Resources) -> Outgoing {
         let dir = self.store.vm_dir(&spec.name);
         let boot = spec.cu_shape.resources(spec.min_cu);
@@ -157,7 +196,7 @@ impl Host {
         };
         let now = status(machine.migration_info().await);
         if now.starts_with("postcopy") {
-            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until an operator recovers it");
+            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
             return;
         }
         tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
