@@ -31,6 +31,22 @@ impl Marker {
     }
 }
 
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A JSON file's value, or `None` if there is no such file.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => parse_json(path, &bytes).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("cannot read", path)(e)),
+    }
+}
+
 /// Where a leaving VM's migration goes: the target host, the tunnel its stream takes there,
 /// and the lease the target granted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,21 +245,12 @@ impl Store {
         write_atomically(&self.vm_dir(name).join(Marker::Leaving.file()), &json)
     }
 
-    /// Where a leaving VM goes, once its target is chosen.
+    /// Where a leaving VM goes, once its target is chosen (until then its marker is empty).
     pub fn departure(&self, name: &str) -> Result<Option<Departure>, StoreError> {
         let path = self.vm_dir(name).join(Marker::Leaving.file());
-        match std::fs::read(&path) {
-            Ok(bytes) if bytes.is_empty() => Ok(None),
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("cannot read", &path)(e)),
+        match std::fs::metadata(&path) {
+            Ok(marker) if marker.len() == 0 => Ok(None),
+            _ => read_json(&path),
         }
     }
 
@@ -265,19 +272,7 @@ impl Store {
 
     /// The ledger saved by `save_leases`, if any.
     pub fn load_leases(&self) -> Result<Option<Ledger>, StoreError> {
-        let path = self.root.join(LEASES_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("cannot read", &path)(e)),
-        }
+        read_json(&self.root.join(LEASES_FILE))
     }
 
     /// Every VM spec on disk, with the folders whose spec cannot be read reported apart.
@@ -290,12 +285,7 @@ impl Store {
             let path = entry.path().join(SPEC_FILE);
             let parsed = std::fs::read(&path)
                 .map_err(io_error("cannot read", &path))
-                .and_then(|bytes| {
-                    serde_json::from_slice::<VmSpec>(&bytes).map_err(|e| StoreError::Corrupt {
-                        path: path.display().to_string(),
-                        message: e.to_string(),
-                    })
-                });
+                .and_then(|bytes| parse_json::<VmSpec>(&path, &bytes));
             match parsed {
                 Ok(spec) if Some(spec.name.as_str()) == entry.file_name().to_str() => {
                     specs.push(spec)
