@@ -469,6 +469,43 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     assert_continued(&before, b, "late");
 }
 
+/// The target's vmhostd killed and restarted during post-copy. Its QEMU then holds the
+/// running guest but, its main loop waiting for pages, no longer answers a new monitor
+/// connection (QEMU 10.0, TCG), so the migration cannot be finished. Nothing is destroyed:
+/// the restarted target keeps that QEMU and lists the VM as migrating, the source keeps its
+/// paused QEMU, and the source's `migrate` fails loudly once its recovery window closes.
+#[test]
+fn a_target_restarted_during_postcopy_destroys_neither_half_of_the_vm() {
+    let _serial = serialized();
+    let lab = Lab::new(2);
+    let pki = tempfile::tempdir().unwrap();
+    let mut hosts = two_hosts_recovering_within(&lab, pki.path(), 3);
+    create_dirtier(&hosts[0], "kept");
+    wait_ticking(&hosts[0], "kept", 1);
+
+    let mut migrate = spawn_migrate(&hosts[0], &["kept", "--to", "b", "--bandwidth", "4"]);
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "post-copy", |p| {
+        p["phase"] == "postcopy-active"
+    });
+    // The target has seen the switchover once the lease is its allocation.
+    wait_until(Duration::from_secs(30), "the target to commit", || {
+        host_json(&hosts[1])["allocated"]["vcpus"] == 2
+    });
+    let qemu = hosts[1].qemu_pids();
+    hosts[1].kill_daemon();
+    hosts[1].start_daemon();
+    let (ok, out, err) = finish(migrate, stdout);
+    assert!(!ok, "the migration finished: {out}");
+    assert!(err.contains("paused mid post-copy"), "{err}");
+    for host in &hosts {
+        assert_eq!(host.show("kept")["state"], "migrating", "{}", logs(&hosts));
+        assert_eq!(host.qemu_pids().len(), 1, "{}", logs(&hosts));
+    }
+    assert_eq!(hosts[1].qemu_pids(), qemu, "the target's QEMU was replaced");
+    assert!(hosts[1].state_dir().join("vms/kept/arrival.json").exists());
+}
+
 /// A TCP client in its own network namespace that sends a numbered line every 100 ms and
 /// checks each echo, on one connection, until told to stop.
 struct EchoClient {

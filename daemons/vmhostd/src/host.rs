@@ -231,7 +231,7 @@ impl Host {
     async fn reattach(self: &Arc<Self>, spec: VmSpec) {
         let name = spec.name.clone();
         if spec.incoming {
-            self.discard_incoming(&name).await;
+            self.reattach_incoming(spec).await;
             return;
         }
         let mut record = VmRecord {

@@ -11,6 +11,8 @@ use vmhost_gossip::ledger::Ledger;
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
 const DISK_FILE: &str = "disk.raw";
+/// What an arriving VM's migration is, for a restarted vmhostd to follow it again.
+const ARRIVAL_FILE: &str = "arrival.json";
 
 /// Facts about a VM's running QEMU that a restarted vmhostd must know, kept as files in its
 /// folder: empty, except that `leaving` records the departure once its target is chosen.
@@ -35,6 +37,13 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Resu
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         path: path.display().to_string(),
         message: e.to_string(),
+    })
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path).or_else(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Ok(()),
+        _ => Err(e),
     })
 }
 
@@ -226,10 +235,7 @@ impl Store {
         let path = self.vm_dir(name).join(marker.file());
         match on {
             true => File::create(&path).map(drop),
-            false => std::fs::remove_file(&path).or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            }),
+            false => remove_if_present(&path),
         }
         .map_err(io_error("cannot mark", &path))
     }
@@ -252,6 +258,26 @@ impl Store {
             Ok(marker) if marker.len() == 0 => Ok(None),
             _ => read_json(&path),
         }
+    }
+
+    /// Keeps what an arriving VM's migration is until it has arrived.
+    pub fn record_arrival(
+        &self,
+        name: &str,
+        incoming: &vmhost_api::IncomingMigration,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(incoming).expect("an arrival always serializes");
+        write_atomically(&self.vm_dir(name).join(ARRIVAL_FILE), &json)
+    }
+
+    pub fn arrival(&self, name: &str) -> Result<Option<vmhost_api::IncomingMigration>, StoreError> {
+        read_json(&self.vm_dir(name).join(ARRIVAL_FILE))
+    }
+
+    /// The VM has arrived: its migration is over.
+    pub fn end_arrival(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.vm_dir(name).join(ARRIVAL_FILE);
+        remove_if_present(&path).map_err(io_error("cannot remove", &path))
     }
 
     pub fn disk_path(&self, name: &str) -> PathBuf {

@@ -345,6 +345,7 @@ impl Host {
         let disk_socket = self.store.vm_dir(&name).join(INCOMING_DISK_SOCKET);
         let started = async {
             self.store.create_vm(&spec)?;
+            self.store.record_arrival(&name, &incoming)?;
             let start = StartAs::Incoming(Resources {
                 vcpus: incoming.vcpus,
                 memory_bytes: boot.memory_bytes,
@@ -389,7 +390,10 @@ impl Host {
         self.tunnels.open(&incoming, socket, disk_socket);
         tracing::info!(vm = %name, lease, tunnel = incoming.tunnel, "waiting for an incoming migration");
         let host = self.clone();
-        tokio::spawn(async move { host.watch_incoming(incoming, lease, size, machine).await });
+        tokio::spawn(async move {
+            host.watch_incoming(incoming, lease, size, machine, false)
+                .await
+        });
         Ok(self.info(&slot))
     }
 
@@ -409,16 +413,17 @@ impl Host {
     }
 
     /// Follows an arriving VM until it runs here (then it becomes this host's VM) or the
-    /// migration ends without it (then everything it held goes).
+    /// migration ends without it (then everything it held goes). `committed`: the lease is
+    /// already the VM's allocation.
     async fn watch_incoming(
         self: Arc<Self>,
         incoming: IncomingMigration,
         lease: LeaseId,
         size: Resources,
         machine: Arc<Machine>,
+        mut committed: bool,
     ) {
         let name = incoming.vm.name.clone();
-        let mut committed = false;
         let outcome = loop {
             tokio::time::sleep(INCOMING_POLL).await;
             let status = match machine.migration_info().await {
@@ -485,7 +490,11 @@ impl Host {
         let mut spec = slot.record().spec.clone();
         spec.incoming = false;
         (spec.min_cu, spec.max_cu) = incoming.bounds;
-        if let Err(error) = self.store.save(&spec) {
+        if let Err(error) = self
+            .store
+            .save(&spec)
+            .and_then(|()| self.store.end_arrival(name))
+        {
             tracing::error!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM; a restart would lose track of it");
         }
         slot.record().spec = spec.clone();
@@ -535,21 +544,80 @@ impl Host {
         net::remove_tap(name);
     }
 
-    /// After a restart: an arrival that was under way cannot be followed any more, so its
-    /// QEMU ends; the source resumes the VM, and the lease expires.
-    pub(super) async fn discard_incoming(&self, name: &str) {
-        let paths = self.paths(name);
-        if let Ok(machine) = Machine::attach(
+    /// After a restart, an arriving VM. Before the switchover its migration lost its
+    /// stream, so its QEMU ends: the source resumes the VM and the lease expires. From the
+    /// switchover on it holds the only running copy, so it is never ended here: it is
+    /// followed again, so that the source's recovery can finish the migration, or, if its
+    /// QEMU does not answer, kept as it is and listed as migrating.
+    pub(super) async fn reattach_incoming(self: &Arc<Self>, spec: VmSpec) {
+        let name = spec.name.clone();
+        let paths = self.paths(&name);
+        let attached = Machine::attach(
             &paths.qmp_socket,
             &paths.pidfile,
             self.config.timeouts.qmp(),
         )
-        .await
-        {
-            let _ = machine.terminate().await;
+        .await;
+        let status = match &attached {
+            Ok(machine) => machine
+                .migration_info()
+                .await
+                .ok()
+                .and_then(|info| info.status)
+                .unwrap_or_default(),
+            Err(VmmError::NotRunning { .. } | VmmError::Pidfile { .. }) => "gone".into(),
+            Err(_) => "unreachable".into(),
+        };
+        let switched = status == "completed" || status.starts_with("postcopy");
+        if !switched && status != "unreachable" {
+            if let Ok(machine) = attached {
+                let _ = machine.terminate().await;
+            }
+            tracing::warn!(vm = %name, %status, "dropped a migration that was arriving when this vmhostd stopped");
+            self.forget_incoming(&name);
+            return;
         }
-        tracing::warn!(vm = %name, "dropped a migration that was arriving when this vmhostd stopped");
-        self.forget_incoming(name);
+        let arrival = self.store.arrival(&name);
+        let boot = spec.cu_shape.resources(spec.min_cu);
+        let size = match &arrival {
+            Ok(Some(incoming)) => Resources {
+                vcpus: incoming.vcpus,
+                memory_bytes: boot.memory_bytes + incoming.restore_hotplug_memory_bytes,
+            },
+            _ => spec.cu_shape.resources(spec.cu),
+        };
+        let Ok(slot) = self.insert_slot(&spec, size, VmState::Migrating) else {
+            return;
+        };
+        self.ledger().adopt(&name, size);
+        let (machine, incoming) = match (attached, arrival) {
+            (Ok(machine), Ok(Some(incoming))) => (Arc::new(machine), incoming),
+            (attached, arrival) => {
+                let qemu = attached.err().map(|e| error_chain(&e));
+                let record = arrival.err().map(|e| error_chain(&e));
+                tracing::error!(vm = %name, %status, ?qemu, ?record, "this vmhostd restarted while the VM was arriving in post-copy, and cannot follow it: its QEMU, which may hold the running guest, is kept as it is, paused, and the VM listed as migrating");
+                return;
+            }
+        };
+        slot.record().machine = Some(machine.clone());
+        if incoming.postcopy {
+            if let Err(error) = machine.open_oob_monitor(self.config.timeouts.qmp()).await {
+                tracing::error!(vm = %name, error = %error_chain(&error), "cannot open the out-of-band monitor; a broken link cannot be recovered");
+            }
+        }
+        let dir = self.store.vm_dir(&name);
+        self.tunnels.open(
+            &incoming,
+            dir.join(INCOMING_SOCKET),
+            dir.join(INCOMING_DISK_SOCKET),
+        );
+        tracing::warn!(vm = %name, %status, "vmhostd restarted during this VM's arrival, after the switchover; following it again");
+        let lease = incoming.vm.lease.unwrap_or_default();
+        let host = self.clone();
+        tokio::spawn(async move {
+            host.watch_incoming(incoming, lease, size, machine, true)
+                .await
+        });
     }
 
     /// Listens again for a post-copy migration whose link broke.
