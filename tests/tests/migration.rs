@@ -470,8 +470,8 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
 }
 
 /// The target's vmhostd killed and restarted during post-copy. Its QEMU then holds the
-/// running guest but, its main loop waiting for pages, no longer answers a new monitor
-/// connection (QEMU 10.0, TCG), so the migration cannot be finished. Nothing is destroyed:
+/// running guest but resets every new monitor connection (QEMU 10.0, TCG, post-copy
+/// paused), so the migration cannot be finished. Nothing is destroyed:
 /// the restarted target keeps that QEMU and lists the VM as migrating, the source keeps its
 /// paused QEMU, and the source's `migrate` fails loudly once its recovery window closes.
 #[test]
