@@ -2,9 +2,10 @@
 //! QUIC connection: a guest that keeps rewriting its memory moves and runs on without a
 //! reset or a lost write; a second operation during a migration is refused; a target that
 //! dies before the switchover leaves the source running, its disk too, and its lease
-//! expires; a source vmhostd restarted mid-migration cancels it and keeps the VM; a link cut
-//! during post-copy is recovered, and one left paused past the recovery window is resumed
-//! later; a disk arrives with every write made before and during the move.
+//! expires; a source vmhostd restarted mid-migration cancels it and keeps the VM; a target
+//! vmhostd restarted during post-copy destroys neither half of the VM; a link cut during
+//! post-copy is recovered, and one left paused past the recovery window is resumed later; a
+//! disk arrives with every write made before and during the move.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
