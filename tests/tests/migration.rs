@@ -3,7 +3,7 @@
 //! reset or a lost write; a second operation during a migration is refused; a target that
 //! dies before the switchover leaves the source running, its disk too, and its lease
 //! expires; a source vmhostd restarted mid-migration cancels it and keeps the VM; a target
-//! vmhostd restarted during post-copy destroys neither half of the VM; a link cut during
+//! vmhostd restarted during post-copy finishes the move or keeps both halves; a link cut during
 //! post-copy is recovered, and one left paused past the recovery window is resumed later; a
 //! disk arrives with every write made before and during the move.
 
@@ -470,19 +470,22 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     assert_continued(&before, b, "late");
 }
 
-/// The target's vmhostd killed and restarted during post-copy. Its QEMU then holds the
-/// running guest but resets every new monitor connection (QEMU 10.0, TCG, post-copy
-/// paused), so the migration cannot be finished. Nothing is destroyed:
-/// the restarted target keeps that QEMU and lists the VM as migrating, the source keeps its
-/// paused QEMU, and the source's `migrate` fails loudly once its recovery window closes.
+/// The target's vmhostd killed and restarted during post-copy, after the target has seen the
+/// switchover: its QEMU holds the running guest and is never ended. If that QEMU answers the
+/// restarted vmhostd, the arrival is followed again and the source's recovery finishes the
+/// move, the guest intact. If it does not (QEMU 10.0 under TCG may reset every new monitor
+/// connection while post-copy is paused), both halves are kept: the target lists the VM as
+/// migrating with the same QEMU, the source keeps its paused QEMU, and `migrate` fails loudly
+/// once its recovery window closes. Which one happens depends on QEMU's timing; both are
+/// checked, and the test says which it saw.
 #[test]
-fn a_target_restarted_during_postcopy_destroys_neither_half_of_the_vm() {
+fn a_target_restarted_during_postcopy_finishes_the_move_or_keeps_both_halves() {
     let _serial = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
-    let mut hosts = two_hosts_recovering_within(&lab, pki.path(), 3);
+    let mut hosts = two_hosts_recovering_within(&lab, pki.path(), 10);
     create_dirtier(&hosts[0], "kept");
-    wait_ticking(&hosts[0], "kept", 1);
+    let before = wait_ticking(&hosts[0], "kept", 1);
 
     let mut migrate = spawn_migrate(&hosts[0], &["kept", "--to", "b", "--bandwidth", "4"]);
     let mut stdout = progress_lines(&mut migrate);
@@ -497,14 +500,28 @@ fn a_target_restarted_during_postcopy_destroys_neither_half_of_the_vm() {
     hosts[1].kill_daemon();
     hosts[1].start_daemon();
     let (ok, out, err) = finish(migrate, stdout);
-    assert!(!ok, "the migration finished: {out}");
-    assert!(err.contains("paused mid post-copy"), "{err}");
-    for host in &hosts {
-        assert_eq!(host.show("kept")["state"], "migrating", "{}", logs(&hosts));
-        assert_eq!(host.qemu_pids().len(), 1, "{}", logs(&hosts));
+    let (a, b) = (&hosts[0], &hosts[1]);
+    assert_eq!(b.qemu_pids(), qemu, "the target's QEMU was replaced");
+    if ok {
+        println!("the restarted target followed the arrival again");
+        let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
+        assert_eq!(b.show("kept")["state"], "running");
+        assert!(a.qemu_pids().is_empty());
+        assert_continued(&before, b, "kept");
+    } else {
+        println!("the restarted target's QEMU did not answer; both halves kept");
+        assert!(
+            err.contains("paused mid post-copy"),
+            "{err}\n{}",
+            logs(&hosts)
+        );
+        for host in &hosts {
+            assert_eq!(host.show("kept")["state"], "migrating", "{}", logs(&hosts));
+            assert_eq!(host.qemu_pids().len(), 1, "{}", logs(&hosts));
+        }
+        assert!(b.state_dir().join("vms/kept/arrival.json").exists());
     }
-    assert_eq!(hosts[1].qemu_pids(), qemu, "the target's QEMU was replaced");
-    assert!(hosts[1].state_dir().join("vms/kept/arrival.json").exists());
 }
 
 /// A TCP client in its own network namespace that sends a numbered line every 100 ms and
