@@ -558,13 +558,12 @@ impl Host {
             self.config.timeouts.qmp(),
         )
         .await;
+        // Only a QEMU known to be gone, or known not to have switched over, is dropped.
         let status = match &attached {
-            Ok(machine) => machine
-                .migration_info()
-                .await
-                .ok()
-                .and_then(|info| info.status)
-                .unwrap_or_default(),
+            Ok(machine) => match machine.migration_info().await {
+                Ok(info) => info.status.unwrap_or_default(),
+                Err(_) => "unreachable".into(),
+            },
             Err(VmmError::NotRunning { .. } | VmmError::Pidfile { .. }) => "gone".into(),
             Err(_) => "unreachable".into(),
         };
