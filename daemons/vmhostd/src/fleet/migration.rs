@@ -326,8 +326,7 @@ impl Fleet {
                     if stage.switched {
                         return Err(Failure::Stranded(internal(message)));
                     }
-                    self.release(target, lease).await;
-                    return Err(before(internal(message)));
+                    return Err(self.abandon(out, target, lease, internal(message)).await);
                 }
                 "active"
                     if stage.postcopy

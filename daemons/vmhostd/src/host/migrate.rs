@@ -22,6 +22,15 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
 /// QEMU's statuses of a migration still under way before the switchover.
 const UNFINISHED: [&str; 5] = ["setup", "active", "pre-switchover", "device", "cancelling"];
 
+/// What an arriving VM holds: its vCPUs, its boot memory and the hotplug memory it gets back.
+fn arrival_size(spec: &VmSpec, incoming: &IncomingMigration) -> Resources {
+    Resources {
+        vcpus: incoming.vcpus,
+        memory_bytes: spec.cu_shape.resources(spec.min_cu).memory_bytes
+            + incoming.restore_hotplug_memory_bytes,
+    }
+}
+
 /// Where the tunnel of each arriving migration is delivered: the unix socket its QEMU
 /// listens on.
 #[derive(Default)]
@@ -334,10 +343,7 @@ impl Host {
             )));
         }
         let boot = spec.cu_shape.resources(spec.min_cu);
-        let size = Resources {
-            vcpus: incoming.vcpus,
-            memory_bytes: boot.memory_bytes + incoming.restore_hotplug_memory_bytes,
-        };
+        let size = arrival_size(&spec, &incoming);
         self.check_lease(lease, &spec.name, size)?;
         let name = spec.name.clone();
         let slot = self.insert_slot(&spec, size, VmState::Migrating)?;
@@ -387,14 +393,31 @@ impl Host {
             record.machine = Some(machine.clone());
             record.vcpu_plug_budget = budget;
         }
-        self.tunnels.open(&incoming, socket, disk_socket);
         tracing::info!(vm = %name, lease, tunnel = incoming.tunnel, "waiting for an incoming migration");
+        self.follow_arrival(incoming, size, machine, false);
+        Ok(self.info(&slot))
+    }
+
+    /// Routes the arrival's tunnels to its QEMU and follows it until it ends.
+    /// `committed`: the lease is already the VM's allocation.
+    fn follow_arrival(
+        self: &Arc<Self>,
+        incoming: IncomingMigration,
+        size: Resources,
+        machine: Arc<Machine>,
+        committed: bool,
+    ) {
+        let dir = self.store.vm_dir(&incoming.vm.name);
+        self.tunnels.open(
+            &incoming,
+            dir.join(INCOMING_SOCKET),
+            dir.join(INCOMING_DISK_SOCKET),
+        );
         let host = self.clone();
         tokio::spawn(async move {
-            host.watch_incoming(incoming, lease, size, machine, false)
+            host.watch_incoming(incoming, size, machine, committed)
                 .await
         });
-        Ok(self.info(&slot))
     }
 
     fn check_lease(&self, id: LeaseId, name: &str, size: Resources) -> Result<(), HostError> {
@@ -413,17 +436,16 @@ impl Host {
     }
 
     /// Follows an arriving VM until it runs here (then it becomes this host's VM) or the
-    /// migration ends without it (then everything it held goes). `committed`: the lease is
-    /// already the VM's allocation.
+    /// migration ends without it (then everything it held goes).
     async fn watch_incoming(
         self: Arc<Self>,
         incoming: IncomingMigration,
-        lease: LeaseId,
         size: Resources,
         machine: Arc<Machine>,
         mut committed: bool,
     ) {
         let name = incoming.vm.name.clone();
+        let lease = incoming.vm.lease.unwrap_or_default();
         let outcome = loop {
             tokio::time::sleep(INCOMING_POLL).await;
             let status = match machine.migration_info().await {
@@ -577,12 +599,8 @@ impl Host {
             return;
         }
         let arrival = self.store.arrival(&name);
-        let boot = spec.cu_shape.resources(spec.min_cu);
         let size = match &arrival {
-            Ok(Some(incoming)) => Resources {
-                vcpus: incoming.vcpus,
-                memory_bytes: boot.memory_bytes + incoming.restore_hotplug_memory_bytes,
-            },
+            Ok(Some(incoming)) => arrival_size(&spec, incoming),
             _ => spec.cu_shape.resources(spec.cu),
         };
         let Ok(slot) = self.insert_slot(&spec, size, VmState::Migrating) else {
@@ -604,19 +622,8 @@ impl Host {
                 tracing::error!(vm = %name, error = %error_chain(&error), "cannot open the out-of-band monitor; a broken link cannot be recovered");
             }
         }
-        let dir = self.store.vm_dir(&name);
-        self.tunnels.open(
-            &incoming,
-            dir.join(INCOMING_SOCKET),
-            dir.join(INCOMING_DISK_SOCKET),
-        );
         tracing::warn!(vm = %name, %status, "vmhostd restarted during this VM's arrival, after the switchover; following it again");
-        let lease = incoming.vm.lease.unwrap_or_default();
-        let host = self.clone();
-        tokio::spawn(async move {
-            host.watch_incoming(incoming, lease, size, machine, true)
-                .await
-        });
+        self.follow_arrival(incoming, size, machine, true);
     }
 
     /// Listens again for a post-copy migration whose link broke.
