@@ -161,6 +161,17 @@ fn start_endless_precopy(host: &TestHost, vm: &str) -> (Child, Lines) {
     (migrate, stdout)
 }
 
+/// Starts a migration of `vm` to host b that lasts in post-copy: at 4 MiB/s the pages left
+/// after the first pass take many seconds. Returns once post-copy has begun.
+fn start_slow_postcopy(host: &TestHost, vm: &str) -> (Child, Lines) {
+    let mut migrate = spawn_migrate(host, &[vm, "--to", "b", "--bandwidth", "4"]);
+    let mut stdout = progress_lines(&mut migrate);
+    wait_progress(&mut stdout, "post-copy", |p| {
+        p["phase"] == "postcopy-active"
+    });
+    (migrate, stdout)
+}
+
 /// Reads the migration's JSON lines until one satisfies `seen`.
 fn wait_progress(lines: &mut Lines, what: &str, mut seen: impl FnMut(&Value) -> bool) {
     for line in lines {
@@ -388,12 +399,7 @@ fn a_link_cut_during_postcopy_is_recovered() {
     create_dirtier(a, "cut");
     let before = wait_ticking(a, "cut", 1);
 
-    // Post-copy at 4 MiB/s lasts long enough to cut the link in the middle of it.
-    let mut migrate = spawn_migrate(a, &["cut", "--to", "b", "--bandwidth", "4"]);
-    let mut stdout = progress_lines(&mut migrate);
-    wait_progress(&mut stdout, "post-copy", |p| {
-        p["phase"] == "postcopy-active"
-    });
+    let (migrate, mut stdout) = start_slow_postcopy(a, "cut");
     lab.set_uplink(1, false);
     wait_progress(&mut stdout, "the pause", |p| {
         p["phase"]
@@ -424,11 +430,7 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     create_dirtier(&hosts[0], "late");
     let before = wait_ticking(&hosts[0], "late", 1);
 
-    let mut migrate = spawn_migrate(&hosts[0], &["late", "--to", "b", "--bandwidth", "4"]);
-    let mut stdout = progress_lines(&mut migrate);
-    wait_progress(&mut stdout, "post-copy", |p| {
-        p["phase"] == "postcopy-active"
-    });
+    let (migrate, stdout) = start_slow_postcopy(&hosts[0], "late");
     lab.set_uplink(1, false);
     let (ok, out, err) = finish(migrate, stdout);
     assert!(!ok, "migrate succeeded with the link down: {out}");
@@ -487,11 +489,7 @@ fn a_target_restarted_during_postcopy_finishes_the_move_or_keeps_both_halves() {
     create_dirtier(&hosts[0], "kept");
     let before = wait_ticking(&hosts[0], "kept", 1);
 
-    let mut migrate = spawn_migrate(&hosts[0], &["kept", "--to", "b", "--bandwidth", "4"]);
-    let mut stdout = progress_lines(&mut migrate);
-    wait_progress(&mut stdout, "post-copy", |p| {
-        p["phase"] == "postcopy-active"
-    });
+    let (migrate, stdout) = start_slow_postcopy(&hosts[0], "kept");
     // The target has seen the switchover once the lease is its allocation.
     wait_until(Duration::from_secs(30), "the target to commit", || {
         host_json(&hosts[1])["allocated"]["vcpus"] == 2
