@@ -125,30 +125,43 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
+/// The fleet's mutual TLS as a server: a certificate from the fleet CA is required of
+/// every client. QUIC adds its ALPN on top; the tunnel benchmark uses it over TCP.
+pub fn tls_server_config(identity: &Identity) -> Result<rustls::ServerConfig, QuicError> {
     let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
     let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity)?)
         .build()
         .map_err(|e| tls(&e))?;
-    let mut config = rustls::ServerConfig::builder()
+    rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| tls(&e))?;
+        .map_err(|e| tls(&e))
+}
+
+/// The fleet's mutual TLS as a client: the server must hold a fleet certificate, and this
+/// host presents its own.
+pub fn tls_client_config(identity: &Identity) -> Result<rustls::ClientConfig, QuicError> {
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots(identity)?)
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(|e| QuicError::Tls(e.to_string()))
+}
+
+fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
+    let mut config = tls_server_config(identity)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport());
     Ok(server)
 }
 
 fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> {
-    let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots(identity)?)
-        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| tls(&e))?;
+    let mut config = tls_client_config(identity)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| tls(&e))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(transport());
     Ok(client)

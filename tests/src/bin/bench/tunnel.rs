@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use vmhost_gossip::pki::{one_machine_fleet, Identity};
-use vmhost_gossip::quic::{answer, splice, FleetEndpoint, FleetResponse};
+use vmhost_gossip::quic::{
+    answer, splice, tls_client_config, tls_server_config, FleetEndpoint, FleetResponse,
+};
 use vmhost_tests::netns::{Lab, FLEET_PORT};
 
 const ROUNDS: u32 = 3;
@@ -94,29 +96,12 @@ fn throughput_at(mib: usize, mtu: u32) {
 /// The TLS-over-TCP tunnel's port, beside the fleet port.
 const TLS_PORT: u16 = FLEET_PORT + 1;
 
-fn roots(identity: &Identity) -> Arc<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(identity.ca.clone()).unwrap();
-    Arc::new(roots)
-}
-
 fn tls_acceptor(identity: &Identity) -> tokio_rustls::TlsAcceptor {
-    let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity))
-        .build()
-        .unwrap();
-    let config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    tokio_rustls::TlsAcceptor::from(Arc::new(tls_server_config(identity).unwrap()))
 }
 
 fn tls_connector(identity: &Identity) -> tokio_rustls::TlsConnector {
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots(identity))
-        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(identity).unwrap()))
 }
 
 /// A local stream for "QEMU", carried both ways over `tunnel` by a task, as vmhostd would.
