@@ -4,9 +4,13 @@
 //! big-endian u32 length and a postcard body. Gossip travels one way, one unidirectional
 //! stream per message, into an inbox that `membership` reads. Other features open their own
 //! streams.
+//!
+//! Hosts of different releases meet during a rolling upgrade, so the protocol is versioned:
+//! each version is an ALPN id (`vmhost/<n>`), every endpoint accepts and offers the current
+//! and the previous version, and TLS settles on the highest both speak. Requests and
+//! responses know the version that introduced them and are never sent to a peer that
+//! negotiated an older one.
 
-use crate::lease::{LeaseRequest, LeaseResponse};
-use crate::pki::Identity;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,8 +19,19 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
+use vmhost_pki::Identity;
 
-const ALPN: &[u8] = b"vmhost/1";
+/// The fleet protocol version this build speaks best.
+pub const FLEET_PROTOCOL_VERSION: u32 = 2;
+/// The version before, still spoken so a fleet can upgrade one host at a time.
+pub const PREVIOUS_FLEET_PROTOCOL_VERSION: u32 = 1;
+/// What [`FleetEndpoint::bind`] offers and accepts, preferred first.
+pub const SUPPORTED_FLEET_PROTOCOL_VERSIONS: [u32; 2] =
+    [FLEET_PROTOCOL_VERSION, PREVIOUS_FLEET_PROTOCOL_VERSION];
+const ALPN_PREFIX: &str = "vmhost/";
+/// The TLS alert a server sends when the client offers no protocol it speaks.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
 /// The largest request or response body.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +56,32 @@ const MAX_DATAGRAM: u16 = 6_550;
 /// default the receiving socket overflows at LAN rates, and each drop halves the sending rate.
 const SOCKET_BUFFER: usize = 32 << 20;
 
+/// The ALPN id of a fleet protocol version.
+pub fn alpn_id(version: u32) -> Vec<u8> {
+    format!("{ALPN_PREFIX}{version}").into_bytes()
+}
+
+/// The version an ALPN id names, if it is a fleet protocol id at all.
+pub fn version_of_alpn(id: &[u8]) -> Option<u32> {
+    std::str::from_utf8(id)
+        .ok()?
+        .strip_prefix(ALPN_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// Who is at the other end of a connection, and what it speaks there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The host its certificate names, else the server name of the handshake.
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The fleet protocol version negotiated for this connection.
+    pub version: u32,
+}
+
+/// Variants are encoded by position (postcard), so new ones go at the end, with the version
+/// that introduced them in `since`; changing an existing one breaks older peers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetRequest {
     Ping,
@@ -54,6 +95,7 @@ pub enum FleetRequest {
     },
 }
 
+/// Versioned like [`FleetRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FleetResponse {
     Pong,
@@ -63,6 +105,30 @@ pub enum FleetResponse {
     Error {
         reason: String,
     },
+}
+
+impl FleetRequest {
+    /// The protocol version that introduced this request; older peers cannot decode it.
+    pub fn since(&self) -> u32 {
+        match self {
+            FleetRequest::Ping
+            | FleetRequest::Lease(_)
+            | FleetRequest::Api(_)
+            | FleetRequest::Tunnel { .. } => 1,
+        }
+    }
+}
+
+impl FleetResponse {
+    /// The protocol version that introduced this response; older peers cannot decode it.
+    pub fn since(&self) -> u32 {
+        match self {
+            FleetResponse::Pong
+            | FleetResponse::Lease(_)
+            | FleetResponse::Api(_)
+            | FleetResponse::Error { .. } => 1,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +143,9 @@ pub enum QuicError {
     },
     #[error("cannot reach {peer}: {message}")]
     Connect { peer: String, message: String },
+    /// The peer refused the handshake: it speaks none of the versions offered.
+    #[error("{peer} speaks none of the fleet protocol versions {offered:?} this host offers; is one of them too old?")]
+    NoCommonVersion { peer: String, offered: Vec<u32> },
     #[error("request to {peer} failed: {message}")]
     Request { peer: String, message: String },
 }
@@ -147,9 +216,15 @@ pub fn tls_client_config(identity: &Identity) -> Result<rustls::ClientConfig, Qu
         .map_err(|e| QuicError::Tls(e.to_string()))
 }
 
-fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> {
+fn alpn_ids(versions: &[u32]) -> Vec<Vec<u8>> {
+    versions.iter().map(|&v| alpn_id(v)).collect()
+}
+
+/// rustls picks the first of the server's ids that the client offers, so `versions` is in
+/// order of preference.
+fn server_config(identity: &Identity, versions: &[u32]) -> Result<quinn::ServerConfig, QuicError> {
     let mut config = tls_server_config(identity)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_ids(versions);
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -157,9 +232,9 @@ fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, QuicError> 
     Ok(server)
 }
 
-fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> {
+fn client_config(identity: &Identity, versions: &[u32]) -> Result<quinn::ClientConfig, QuicError> {
     let mut config = tls_client_config(identity)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn_ids(versions);
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
@@ -169,6 +244,8 @@ fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, QuicError> 
 
 pub type Reply = Pin<Box<dyn Future<Output = FleetResponse> + Send>>;
 pub type Handler = Arc<dyn Fn(FleetRequest) -> Reply + Send + Sync>;
+/// A handler that is told who asks and which protocol version they speak.
+pub type PeerHandler = Arc<dyn Fn(Peer, FleetRequest) -> Reply + Send + Sync>;
 /// Takes over a stream a peer opened with [`FleetRequest::Tunnel`].
 pub type TunnelHandler = Arc<dyn Fn(u64, quinn::SendStream, quinn::RecvStream) + Send + Sync>;
 type TunnelSlot = Arc<Mutex<Option<TunnelHandler>>>;
@@ -181,7 +258,47 @@ pub fn answer(response: FleetResponse) -> Reply {
 /// A gossip message as received: the sender's address and the bytes.
 pub type GossipDatagram = (SocketAddr, Vec<u8>);
 
-type PeerConnection = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+type PeerConnection = Arc<tokio::sync::Mutex<Option<(quinn::Connection, Peer)>>>;
+
+/// The peer of an established connection. `fallback_name` is used when the certificate
+/// names no host.
+fn peer_of(connection: &quinn::Connection, fallback_name: Option<&str>) -> Result<Peer, String> {
+    let handshake = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
+    let protocol = handshake.as_ref().and_then(|h| h.protocol.clone());
+    // With ALPN lists on both sides, rustls (QUIC mode) fails a handshake that agrees on none.
+    let version = protocol
+        .as_deref()
+        .and_then(version_of_alpn)
+        .ok_or_else(|| format!("no fleet protocol negotiated ({protocol:?})"))?;
+    let certificate_name = connection
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().and_then(vmhost_pki::host_name));
+    let name = certificate_name
+        .or_else(|| fallback_name.map(str::to_string))
+        .or_else(|| handshake.and_then(|h| h.server_name))
+        .unwrap_or_else(|| connection.remote_address().to_string());
+    Ok(Peer {
+        name,
+        addr: connection.remote_address(),
+        version,
+    })
+}
+
+/// Whether a handshake failed because the two sides share no protocol version.
+fn no_common_version(error: &quinn::ConnectionError) -> bool {
+    let alert = quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL);
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code == alert,
+        quinn::ConnectionError::TransportError(error) => error.code == alert,
+        _ => false,
+    }
+}
 
 pub struct FleetEndpoint {
     endpoint: quinn::Endpoint,
@@ -192,10 +309,25 @@ pub struct FleetEndpoint {
     gossip_in: mpsc::Sender<GossipDatagram>,
     gossip_inbox: Mutex<Option<mpsc::Receiver<GossipDatagram>>>,
     tunnels: TunnelSlot,
+    versions: Vec<u32>,
 }
 
 impl FleetEndpoint {
+    /// An endpoint speaking [`SUPPORTED_FLEET_PROTOCOL_VERSIONS`].
     pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<FleetEndpoint, QuicError> {
+        Self::bind_with_versions(addr, identity, &SUPPORTED_FLEET_PROTOCOL_VERSIONS)
+    }
+
+    /// An endpoint that offers and accepts only `versions`, preferred first: tests use it to
+    /// stand in for hosts of other releases.
+    pub fn bind_with_versions(
+        addr: SocketAddr,
+        identity: &Identity,
+        versions: &[u32],
+    ) -> Result<FleetEndpoint, QuicError> {
+        if versions.is_empty() {
+            return Err(QuicError::Tls("no fleet protocol version to offer".into()));
+        }
         install_crypto_provider();
         let bind = |source| QuicError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
@@ -206,12 +338,12 @@ impl FleetEndpoint {
             .expect("MAX_DATAGRAM is within QUIC's bounds");
         let mut endpoint = quinn::Endpoint::new(
             config,
-            Some(server_config(identity)?),
+            Some(server_config(identity, versions)?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(bind)?;
-        endpoint.set_default_client_config(client_config(identity)?);
+        endpoint.set_default_client_config(client_config(identity, versions)?);
         let (gossip_in, gossip_inbox) = mpsc::channel(GOSSIP_INBOX);
         Ok(FleetEndpoint {
             endpoint,
@@ -219,7 +351,13 @@ impl FleetEndpoint {
             gossip_in,
             gossip_inbox: Mutex::new(Some(gossip_inbox)),
             tunnels: Default::default(),
+            versions: versions.to_vec(),
         })
+    }
+
+    /// The protocol versions this endpoint offers and accepts, preferred first.
+    pub fn versions(&self) -> &[u32] {
+        &self.versions
     }
 
     /// Who takes the tunnels peers open; without one they are refused.
@@ -234,13 +372,7 @@ impl FleetEndpoint {
         name: &str,
         id: u64,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), QuicError> {
-        let connection =
-            self.connection(addr, name)
-                .await
-                .map_err(|message| QuicError::Connect {
-                    peer: name.to_string(),
-                    message,
-                })?;
+        let (connection, _) = self.connection(addr, name).await?;
         let error = |message: String| QuicError::Request {
             peer: name.to_string(),
             message,
@@ -267,6 +399,11 @@ impl FleetEndpoint {
 
     /// Serves requests with `handler`, and queues gossip, until the endpoint closes.
     pub fn serve(&self, handler: Handler) -> tokio::task::JoinHandle<()> {
+        self.serve_peers(Arc::new(move |_, request| handler(request)))
+    }
+
+    /// Like [`serve`](Self::serve), telling `handler` who asks and in which version.
+    pub fn serve_peers(&self, handler: PeerHandler) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let gossip_in = self.gossip_in.clone();
         let tunnels = self.tunnels.clone();
@@ -276,12 +413,27 @@ impl FleetEndpoint {
                 let gossip_in = gossip_in.clone();
                 let tunnels = tunnels.clone();
                 tokio::spawn(async move {
-                    match incoming.await {
-                        Ok(connection) => {
-                            tokio::spawn(receive_gossip(connection.clone(), gossip_in));
-                            serve_connection(connection, handler, tunnels).await
+                    let from = incoming.remote_address();
+                    let connection = match incoming.await {
+                        Ok(connection) => connection,
+                        Err(error) => {
+                            if no_common_version(&error) {
+                                tracing::warn!(%from, %error, "fleet peer refused: it speaks no protocol version of ours");
+                            } else {
+                                tracing::warn!(%from, %error, "fleet peer refused in the handshake");
+                            }
+                            return;
                         }
-                        Err(error) => tracing::warn!(%error, "fleet peer refused in the handshake"),
+                    };
+                    match peer_of(&connection, None) {
+                        Ok(peer) => {
+                            tokio::spawn(receive_gossip(connection.clone(), gossip_in));
+                            serve_connection(connection, peer, handler, tunnels).await
+                        }
+                        Err(error) => {
+                            tracing::warn!(%from, %error, "fleet peer refused");
+                            connection.close(0u32.into(), b"no protocol version");
+                        }
                     }
                 });
             }
@@ -301,10 +453,7 @@ impl FleetEndpoint {
         let Ok(mut slot) = peer.try_lock() else {
             return Err(error("a dial is under way".into()));
         };
-        let connection = self
-            .connected(&mut slot, addr, &name)
-            .await
-            .map_err(error)?;
+        let (connection, _) = self.connected(&mut slot, addr, &name).await?;
         drop(slot);
         let sent = async {
             let mut send = connection.open_uni().await.map_err(|e| e.to_string())?;
@@ -340,12 +489,65 @@ impl FleetEndpoint {
         request: &FleetRequest,
         timeout: Duration,
     ) -> Result<FleetResponse, QuicError> {
-        let body = postcard::to_stdvec(request).expect("requests always encode");
-        let reply = self.exchange(addr, name, &body, timeout).await?;
-        postcard::from_bytes(&reply).map_err(|e| QuicError::Request {
+        let (_, response) = self.request(addr, name, request, timeout).await?;
+        Ok(response)
+    }
+
+    /// One request, also returning whom it reached and the version they spoke.
+    pub async fn call_peer(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        request: &FleetRequest,
+    ) -> Result<(Peer, FleetResponse), QuicError> {
+        self.request(addr, name, request, REQUEST_TIMEOUT).await
+    }
+
+    /// Dials the host `name` at `addr`, or reuses the open connection, and says who answered
+    /// and which protocol version the connection speaks.
+    pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Peer, QuicError> {
+        Ok(self.connection(addr, name).await?.1)
+    }
+
+    /// The protocol version of the open connection to `name` at `addr`, without dialling:
+    /// `None` if there is none.
+    pub async fn peer_version(&self, addr: SocketAddr, name: &str) -> Option<u32> {
+        let peer = self
+            .connections
+            .lock()
+            .expect("connections lock")
+            .get(&(addr, name.to_string()))
+            .cloned()?;
+        let slot = peer.lock().await;
+        slot.as_ref()
+            .filter(|(connection, _)| connection.close_reason().is_none())
+            .map(|(_, peer)| peer.version)
+    }
+
+    async fn request(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        request: &FleetRequest,
+        timeout: Duration,
+    ) -> Result<(Peer, FleetResponse), QuicError> {
+        let error = |message: String| QuicError::Request {
             peer: name.to_string(),
-            message: format!("undecodable response: {e}"),
-        })
+            message,
+        };
+        let body = postcard::to_stdvec(request).expect("requests always encode");
+        // A peer of an older version could not decode a newer request.
+        let admit = |peer: &Peer| match request.since() {
+            since if since > peer.version => Err(error(format!(
+                "the request needs fleet protocol {since}, the peer speaks {}",
+                peer.version
+            ))),
+            _ => Ok(()),
+        };
+        let (peer, reply) = self.exchange(addr, name, &body, timeout, admit).await?;
+        let response = postcard::from_bytes(&reply)
+            .map_err(|e| error(format!("undecodable response: {e}")))?;
+        Ok((peer, response))
     }
 
     /// One request as raw bytes (tests send malformed ones through this).
@@ -355,7 +557,10 @@ impl FleetEndpoint {
         name: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, QuicError> {
-        self.exchange(addr, name, body, REQUEST_TIMEOUT).await
+        let (_, reply) = self
+            .exchange(addr, name, body, REQUEST_TIMEOUT, |_| Ok(()))
+            .await?;
+        Ok(reply)
     }
 
     async fn exchange(
@@ -364,16 +569,14 @@ impl FleetEndpoint {
         name: &str,
         body: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<u8>, QuicError> {
-        let connect = |message: String| QuicError::Connect {
-            peer: name.to_string(),
-            message,
-        };
+        admit: impl FnOnce(&Peer) -> Result<(), QuicError>,
+    ) -> Result<(Peer, Vec<u8>), QuicError> {
         let request = |message: String| QuicError::Request {
             peer: name.to_string(),
             message,
         };
-        let connection = self.connection(addr, name).await.map_err(connect)?;
+        let (connection, peer) = self.connection(addr, name).await?;
+        admit(&peer)?;
         let exchange = async {
             let (mut send, mut recv) = connection
                 .open_bi()
@@ -390,7 +593,7 @@ impl FleetEndpoint {
             // The next request dials afresh.
             self.forget(addr, name).await;
         }
-        reply
+        Ok((peer, reply?))
     }
 
     fn peer(&self, addr: SocketAddr, name: &str) -> PeerConnection {
@@ -407,7 +610,11 @@ impl FleetEndpoint {
         *peer.lock().await = None;
     }
 
-    async fn connection(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection, String> {
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<(quinn::Connection, Peer), QuicError> {
         let peer = self.peer(addr, name);
         let mut slot = peer.lock().await;
         self.connected(&mut slot, addr, name).await
@@ -416,23 +623,40 @@ impl FleetEndpoint {
     /// The open connection in `slot`, or a new one.
     async fn connected(
         &self,
-        slot: &mut Option<quinn::Connection>,
+        slot: &mut Option<(quinn::Connection, Peer)>,
         addr: SocketAddr,
         name: &str,
-    ) -> Result<quinn::Connection, String> {
-        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
-            return Ok(connection.clone());
+    ) -> Result<(quinn::Connection, Peer), QuicError> {
+        if let Some(open) = slot.as_ref().filter(|(c, _)| c.close_reason().is_none()) {
+            return Ok(open.clone());
         }
+        let connect = |message: String| QuicError::Connect {
+            peer: name.to_string(),
+            message,
+        };
         let connecting = self
             .endpoint
             .connect(addr, name)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| connect(e.to_string()))?;
         let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
-            .map_err(|_| "handshake timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+            .map_err(|_| connect("handshake timed out".into()))?
+            .map_err(|e| {
+                if no_common_version(&e) {
+                    QuicError::NoCommonVersion {
+                        peer: name.to_string(),
+                        offered: self.versions.clone(),
+                    }
+                } else {
+                    connect(e.to_string())
+                }
+            })?;
+        let peer = peer_of(&connection, Some(name)).map_err(|message| {
+            connection.close(0u32.into(), b"no protocol version");
+            connect(message)
+        })?;
+        *slot = Some((connection.clone(), peer.clone()));
+        Ok((connection, peer))
     }
 
     pub fn close(&self) {
@@ -440,11 +664,18 @@ impl FleetEndpoint {
     }
 }
 
-async fn serve_connection(connection: quinn::Connection, handler: Handler, tunnels: TunnelSlot) {
+async fn serve_connection(
+    connection: quinn::Connection,
+    peer: Peer,
+    handler: PeerHandler,
+    tunnels: TunnelSlot,
+) {
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         let handler = handler.clone();
         let tunnels = tunnels.clone();
+        let peer = peer.clone();
         tokio::spawn(async move {
+            let version = peer.version;
             let response = match read_frame(&mut recv).await {
                 Ok(body) => match postcard::from_bytes::<FleetRequest>(&body) {
                     Ok(FleetRequest::Tunnel { id }) => {
@@ -456,12 +687,27 @@ async fn serve_connection(connection: quinn::Connection, handler: Handler, tunne
                             },
                         }
                     }
-                    Ok(request) => handler(request).await,
+                    Ok(request) if request.since() > version => FleetResponse::Error {
+                        reason: format!(
+                            "the request needs fleet protocol {}, this connection speaks {version}",
+                            request.since()
+                        ),
+                    },
+                    Ok(request) => handler(peer, request).await,
                     Err(e) => FleetResponse::Error {
                         reason: format!("malformed request: {e}"),
                     },
                 },
                 Err(reason) => FleetResponse::Error { reason },
+            };
+            // The peer could not decode an answer newer than its version.
+            let response = match response.since() {
+                since if since > version => FleetResponse::Error {
+                    reason: format!(
+                        "the answer needs fleet protocol {since}, the peer speaks {version}"
+                    ),
+                },
+                _ => response,
             };
             let body = postcard::to_stdvec(&response).expect("responses always encode");
             if write_frame(&mut send, &body).await.is_ok() {

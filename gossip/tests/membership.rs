@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmhost_api::Resources;
 use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
-use vmhost_gossip::pki::{self, Identity};
 use vmhost_gossip::quic::{answer, FleetEndpoint, FleetResponse};
+use vmhost_pki::{self as pki, Identity};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const CLUSTER: &str = "test-fleet";

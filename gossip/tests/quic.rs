@@ -5,10 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmhost_api::Resources;
-use vmhost_gossip::lease::{self, LeaseRequest, LeaseResponse};
-use vmhost_gossip::ledger::Ledger;
-use vmhost_gossip::pki::{self, Identity};
+use vmhost_capacity::lease::{self, LeaseRequest, LeaseResponse};
+use vmhost_capacity::ledger::Ledger;
 use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
+use vmhost_pki::{self as pki, Identity};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

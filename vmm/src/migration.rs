@@ -10,6 +10,7 @@ use crate::qmp::{
     MigrateContinue, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
     MigrateStartPostcopy, MigrationCapability, MigrationInfo, OobMonitor, QmpError, QueryMigrate,
 };
+use crate::status::MigrationStatus;
 use qapi::qmp::Event;
 use std::path::Path;
 use std::time::Duration;
@@ -20,30 +21,52 @@ pub fn unix_uri(path: &Path) -> String {
     format!("unix:{}", path.display())
 }
 
-/// A migration's status changes, as QEMU announces them.
-pub struct MigrationEvents(broadcast::Receiver<Event>);
+/// A migration's status changes: QEMU's MIGRATION events, or statuses sent by a test double.
+pub struct MigrationEvents(Source);
+
+enum Source {
+    Qmp(broadcast::Receiver<Event>),
+    Statuses(broadcast::Receiver<MigrationStatus>),
+}
 
 impl MigrationEvents {
-    /// Returns at the next status change, or after `within`.
-    pub async fn next_change(&mut self, within: Duration) {
-        let _ = tokio::time::timeout(within, async {
+    /// Changes sent by hand, for a [`Vm`](crate::Vm) that is not a QEMU.
+    pub fn from_statuses(statuses: broadcast::Receiver<MigrationStatus>) -> Self {
+        MigrationEvents(Source::Statuses(statuses))
+    }
+
+    /// Returns at the next status change, with the new status, or after `within` with
+    /// `None`.
+    pub async fn next_change(&mut self, within: Duration) -> Option<MigrationStatus> {
+        tokio::time::timeout(within, async {
             loop {
-                match self.0.recv().await {
-                    Ok(Event::MIGRATION { .. }) => return,
-                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                let next = match &mut self.0 {
+                    Source::Qmp(events) => match events.recv().await {
+                        Ok(Event::MIGRATION { data, .. }) => {
+                            Ok(MigrationStatus::from(qapi::Enum::name(&data.status)))
+                        }
+                        Ok(_) => continue,
+                        Err(error) => Err(error),
+                    },
+                    Source::Statuses(statuses) => statuses.recv().await,
+                };
+                match next {
+                    Ok(status) => return status,
+                    Err(RecvError::Lagged(_)) => continue,
                     // QEMU is gone; the caller finds out from its next command.
                     Err(RecvError::Closed) => std::future::pending::<()>().await,
                 }
             }
         })
-        .await;
+        .await
+        .ok()
     }
 }
 
 impl Machine {
     /// Status changes of this QEMU's migration from now on.
     pub fn migration_events(&self) -> MigrationEvents {
-        MigrationEvents(self.qmp().subscribe())
+        MigrationEvents(Source::Qmp(self.qmp().subscribe()))
     }
 
     /// Sets the capabilities both ends must agree on, and this end's parameters.

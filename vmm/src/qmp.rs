@@ -3,6 +3,7 @@
 //!
 //! One task reads the socket: it routes replies to their callers and broadcasts events.
 
+use crate::status::MigrationStatus;
 use futures::StreamExt;
 use qapi::futures::{QapiService, QmpStreamTokio};
 use qapi::qmp::Event;
@@ -340,7 +341,7 @@ pub struct MigrateSetCapabilities {
 qmp_command!(MigrateSetCapabilities => "migrate-set-capabilities", qapi::Empty);
 
 /// The migration parameters vmhost sets; absent ones keep QEMU's value.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MigrateSetParameters {
     /// Longest pause allowed at the switchover, in milliseconds.
     #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
@@ -397,10 +398,9 @@ pub struct RamStats {
 /// `query-migrate`, the fields vmhost reads.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct MigrationInfo {
-    /// "none", "setup", "active", "postcopy-active", "postcopy-paused",
-    /// "postcopy-recover", "completed", "failed", "cancelled", ...
+    /// Absent in a reply before any migration: [`MigrationStatus::None`].
     #[serde(default)]
-    pub status: Option<String>,
+    pub status: MigrationStatus,
     #[serde(default)]
     pub ram: Option<RamStats>,
     /// Milliseconds the guest was paused, once completed.
@@ -546,11 +546,11 @@ mod tests {
             "ram": {"total": 268967936, "postcopy-requests": 0, "dirty-sync-count": 3,
             "remaining": 0, "mbps": 1059.17, "transferred": 106844548}}"#;
         let info: MigrationInfo = serde_json::from_str(reply).unwrap();
-        assert_eq!(info.status.as_deref(), Some("completed"));
+        assert_eq!(info.status, MigrationStatus::Completed);
         assert_eq!(info.downtime, Some(16));
         assert_eq!(info.ram.unwrap().dirty_sync_count, 3);
         let empty: MigrationInfo = serde_json::from_str(r#"{}"#).unwrap();
-        assert_eq!(empty.status, None);
+        assert_eq!(empty.status, MigrationStatus::None);
         let params = MigrateSetParameters {
             downtime_limit: Some(300),
             ..Default::default()

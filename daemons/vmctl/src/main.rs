@@ -149,10 +149,10 @@ enum FleetCommand {
 }
 
 impl FleetCommand {
-    fn run(self) -> Result<(), vmhost_gossip::pki::PkiError> {
+    fn run(self) -> Result<(), vmhost_pki::PkiError> {
         match self {
             FleetCommand::InitCa { dir } => {
-                vmhost_gossip::pki::init_ca(&dir)?;
+                vmhost_pki::init_ca(&dir)?;
                 println!("fleet CA created in {}", dir.display());
             }
             FleetCommand::IssueCert {
@@ -161,7 +161,7 @@ impl FleetCommand {
                 addr,
                 out,
             } => {
-                vmhost_gossip::pki::issue_cert(&ca, &host, addr, &out)?;
+                vmhost_pki::issue_cert(&ca, &host, addr, &out)?;
                 println!(
                     "certificate for {host} ({addr}) written to {}",
                     out.display()

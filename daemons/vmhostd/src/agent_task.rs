@@ -2,13 +2,24 @@
 //! the guest's metrics every poll interval and with monitor requests at once, and carries
 //! out what it decides through the host (ledger, vmm, guest link).
 
-use crate::guest_link::UpscaleRequest;
-use crate::host::Host;
+use vmhost_guest_link::UpscaleRequest;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use vmhost_agent::{Action, Agent, AgentConfig, Decision, Outcome};
 use vmhost_api::{ComputeUnits, CuShape, EventKind};
+
+/// What the agent needs of the host: its VM's view, and a way to act and to be heard.
+#[async_trait::async_trait]
+pub trait AgentPort: Send + Sync {
+    /// The VM as the agent sees it, or None once it no longer runs (the agent then ends).
+    fn agent_view(&self, vm: &str) -> Option<AgentView>;
+    fn set_goal(&self, vm: &str, goal: ComputeUnits);
+    fn record_event(&self, vm: &str, kind: EventKind, message: String);
+    /// Carries out one action.
+    async fn execute(&self, vm: &str, action: Action, request: Option<UpscaleRequest>) -> Outcome;
+    fn record_outcome(&self, vm: &str, action: Action, outcome: Outcome, elapsed: Duration);
+}
 
 /// What the agent reads of its VM on each round.
 pub struct AgentView {
@@ -34,7 +45,7 @@ impl Drop for AgentHandle {
 
 impl AgentHandle {
     pub fn start(
-        host: Weak<Host>,
+        host: Weak<dyn AgentPort>,
         vm: String,
         config: AgentConfig,
         shape: CuShape,
@@ -64,7 +75,7 @@ impl AgentHandle {
 }
 
 async fn run(
-    host: Weak<Host>,
+    host: Weak<dyn AgentPort>,
     vm: String,
     mut agent: Agent,
     mut requests: mpsc::Receiver<UpscaleRequest>,
@@ -92,7 +103,7 @@ async fn run(
         }
         if let Some(r) = &request {
             agent.on_upscale_request(now);
-            host.events.record(
+            host.record_event(
                 &vm,
                 EventKind::UpscaleRequested,
                 format!(
@@ -108,7 +119,7 @@ async fn run(
 
 /// Runs decisions until the agent has nothing more to do right now.
 async fn act(
-    host: &Arc<Host>,
+    host: &Arc<dyn AgentPort>,
     vm: &str,
     agent: &mut Agent,
     mut request: Option<UpscaleRequest>,
@@ -123,7 +134,7 @@ async fn act(
         };
         // Decisions that change nothing are not worth an event each poll.
         if last.as_ref() != Some(&decision) {
-            host.events.record(
+            host.record_event(
                 vm,
                 EventKind::Decision,
                 format!(

@@ -1,8 +1,9 @@
 //! The local API: a unix socket (mode 0660) speaking one JSON request and one JSON response
 //! per line (`vmhost_api`).
 
-use crate::fleet::{self, Fleet};
+use crate::fleet::Fleet;
 use crate::host::Host;
+use crate::router;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use vmhost_api::{
     ApiError, Envelope, ErrorKind, Reply, Request, Response, API_VERSION, MAX_REQUEST_BYTES,
+    PEER_ONLY_OPS,
 };
 
 /// A client that sends nothing for this long is dropped.
@@ -92,12 +94,6 @@ async fn handle_connection(
                 Ok(Request::Migrate(request)) => {
                     return stream_migration(&mut write, fleet, request).await
                 }
-                Ok(Request::MigrateIn(_) | Request::MigrateRecover { .. }) => {
-                    Response::Error(ApiError::new(
-                        ErrorKind::InvalidArgument,
-                        "this request is sent by one host to another, not by operators",
-                    ))
-                }
                 Ok(request) => respond(request, host, fleet).await,
                 Err(error) => Response::Error(error),
             },
@@ -118,7 +114,7 @@ async fn follow_events(
     name: Option<String>,
 ) -> std::io::Result<()> {
     if let Some(name) = &name {
-        if let Err(error) = host.show_exists(name) {
+        if let Err(error) = host.slot(name) {
             return write_response(write, &Response::Error(error.into())).await;
         }
     }
@@ -171,6 +167,15 @@ async fn stream_migration(
 }
 
 fn parse(line: &str) -> Result<Request, ApiError> {
+    let op = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v["op"].as_str().map(String::from));
+    if op.is_some_and(|op| PEER_ONLY_OPS.contains(&op.as_str())) {
+        return Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            "this request is sent by one host to another, not by operators",
+        ));
+    }
     let envelope: Envelope = serde_json::from_str(line).map_err(|error| {
         ApiError::new(
             ErrorKind::InvalidArgument,
@@ -193,12 +198,27 @@ fn parse(line: &str) -> Result<Request, ApiError> {
 async fn respond(request: Request, host: Arc<Host>, fleet: Option<Arc<Fleet>>) -> Response {
     // Run the operation in its own task: a client that hangs up must not cancel a resize
     // halfway through.
-    match tokio::spawn(async move { fleet::dispatch(&host, fleet.as_ref(), request).await }).await {
+    match tokio::spawn(async move { router::from_operator(&host, fleet.as_ref(), request).await })
+        .await
+    {
         Ok(Ok(reply)) => Response::Ok(reply),
         Ok(Err(error)) => Response::Error(error),
         Err(join_error) => Response::Error(ApiError::new(
             ErrorKind::Internal,
             format!("request handler failed: {join_error}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_request_on_the_operator_socket_is_refused() {
+        let error = parse(r#"{"version":1,"op":"migrate_recover","name":"a"}"#).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::InvalidArgument);
+        assert!(error.message.contains("not by operators"), "{}", error.message);
+        assert!(parse(r#"{"version":1,"op":"show","name":"a"}"#).is_ok());
     }
 }

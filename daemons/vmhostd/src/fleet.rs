@@ -1,21 +1,23 @@
 //! This host in its fleet. On the QUIC endpoint it answers peers (leases against the host
-//! ledger, gossip, API requests); it publishes its capacity through gossip; it places a VM on
-//! another host when it has no room itself; and it answers the fleet-wide requests.
+//! ledger, gossip, their requests); it publishes its capacity through gossip; it places a
+//! VM on another host when it has no room itself; and it answers the fleet-wide requests.
 
 use crate::config::FleetConfig;
-use crate::host::{Host, HostError};
+use crate::error::HostError;
+use crate::host::Host;
+use crate::router;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use vmhost_api::{
-    ApiError, CreateVm, Envelope, ErrorKind, FleetHost, Reply, Request, Resources, Response,
-    API_VERSION,
+    ApiError, CreateVm, ErrorKind, FleetHost, PeerCall, PeerEnvelope, Reply, Request, Resources,
+    Response, PEER_API_VERSION,
 };
-use vmhost_gossip::lease::{LeaseRequest, LeaseResponse};
-use vmhost_gossip::ledger::Lease;
+use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
+use vmhost_capacity::ledger::Lease;
 use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
-use vmhost_gossip::pki::Identity;
-use vmhost_gossip::quic::{self, FleetEndpoint, FleetRequest, FleetResponse};
+use vmhost_gossip::quic::{self, FleetEndpoint, FleetRequest, FleetResponse, Peer};
+use vmhost_pki::Identity;
 
 mod migration;
 
@@ -36,7 +38,7 @@ pub struct Fleet {
 impl Fleet {
     /// Joins the fleet named in the config, if any.
     pub async fn start(host: Arc<Host>) -> anyhow::Result<Option<Arc<Fleet>>> {
-        let Some(config) = host.config().fleet.clone() else {
+        let Some(config) = host.config.fleet.clone() else {
             return Ok(None);
         };
         let identity = Identity::load(&config.credentials)
@@ -45,9 +47,11 @@ impl Fleet {
             FleetEndpoint::bind(config.listen, &identity)
                 .context("cannot open the fleet endpoint")?,
         );
-        Fleet::take_tunnels(&endpoint, host.clone());
+        migration::take_tunnels(&endpoint, host.clone());
         let served = host.clone();
-        endpoint.serve(Arc::new(move |request| serve_peer(served.clone(), request)));
+        endpoint.serve_peers(Arc::new(move |peer, request| {
+            serve_peer(served.clone(), peer, request)
+        }));
         let membership = Membership::start(
             endpoint.clone(),
             MembershipConfig {
@@ -72,7 +76,7 @@ impl Fleet {
         let publisher = Arc::downgrade(&fleet);
         tokio::spawn(async move {
             while let Some(fleet) = publisher.upgrade() {
-                fleet.host.expire_leases();
+                fleet.host.admission.expire_leases();
                 fleet
                     .membership
                     .publish(&own_view(&fleet.host, &fleet.config))
@@ -84,34 +88,23 @@ impl Fleet {
         Ok(Some(fleet))
     }
 
-    /// The requests that involve other hosts.
-    pub async fn handle(&self, request: Request) -> Result<Reply, ApiError> {
-        match request {
-            Request::Create(create) => self.create(create).await,
-            Request::FleetList => Ok(self.list().await),
-            Request::Hosts => Ok(Reply::Hosts(
-                self.membership
-                    .members()
-                    .await
-                    .into_iter()
-                    .map(fleet_host)
-                    .collect(),
-            )),
-            Request::OnHost { host, request } => self.on_host(&host, *request).await,
-            Request::Migrate(_) => Err(ApiError::new(
-                ErrorKind::InvalidArgument,
-                "a migration reports its progress as it goes; it needs a streaming connection",
-            )),
-            request => self.host.handle(request).await.map_err(Into::into),
-        }
+    pub async fn hosts(&self) -> Reply {
+        Reply::Hosts(
+            self.membership
+                .members()
+                .await
+                .into_iter()
+                .map(fleet_host)
+                .collect(),
+        )
     }
 
     /// Here if it fits; otherwise on the live host with the most free memory that grants a
     /// lease, trying the next when one refuses.
-    async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
-        let local_refusal = match self.host.handle(Request::Create(create.clone())).await {
+    pub async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
+        let local_refusal = match self.host.create(create.clone()).await {
             Err(HostError::Capacity(refusal)) => refusal,
-            other => return other.map_err(Into::into),
+            other => return other.map(|vm| Reply::Vm(Box::new(vm))).map_err(Into::into),
         };
         let cu = create.cu.unwrap_or(create.min_cu);
         let mut candidates: Vec<HostView> = self
@@ -136,7 +129,8 @@ impl Fleet {
                 lease: Some(lease.id),
                 ..create.clone()
             };
-            return match self.call_api(&target, Request::Create(placed)).await {
+            let call = PeerCall::Forwarded(Request::Create(placed));
+            return match self.call_peer(&target, call).await {
                 Ok(reply) => Ok(reply),
                 Err(error) => {
                     // A committed lease is no longer a lease; releasing it changes nothing.
@@ -197,7 +191,7 @@ impl Fleet {
     }
 
     /// This host's VMs and those of every live peer.
-    async fn list(&self) -> Reply {
+    pub async fn list(&self) -> Reply {
         let mut vms = self.host.list();
         let mut unreachable = Vec::new();
         let peers: Vec<Member> = self
@@ -207,12 +201,10 @@ impl Fleet {
             .into_iter()
             .filter(|m| m.view.name != self.host.name())
             .collect();
-        let answers = futures::future::join_all(
-            peers
-                .iter()
-                .filter(|m| m.live)
-                .map(|m| async { (&m.view.name, self.call_api(&m.view, Request::List).await) }),
-        )
+        let answers = futures::future::join_all(peers.iter().filter(|m| m.live).map(|m| async {
+            let call = PeerCall::Forwarded(Request::List);
+            (&m.view.name, self.call_peer(&m.view, call).await)
+        }))
         .await;
         for (name, answer) in answers {
             match answer {
@@ -231,12 +223,10 @@ impl Fleet {
         Reply::FleetVms { vms, unreachable }
     }
 
-    async fn on_host(&self, name: &str, request: Request) -> Result<Reply, ApiError> {
-        if let Err(reason) = peer_may_run(&request) {
-            return Err(ApiError::new(ErrorKind::InvalidArgument, reason));
-        }
+    /// Runs an operator's request on the named host.
+    pub async fn on_host(&self, name: &str, request: Request) -> Result<Reply, ApiError> {
         if name == self.host.name() {
-            return self.host.handle(request).await.map_err(Into::into);
+            return router::on_this_host(&self.host, request).await;
         }
         let members = self.membership.members().await;
         let Some(target) = members.iter().find(|m| m.view.name == name) else {
@@ -249,28 +239,33 @@ impl Fleet {
                 ),
             ));
         };
-        self.call_api(&target.view, request).await
+        self.call_peer(&target.view, PeerCall::Forwarded(request))
+            .await
     }
 
-    /// Runs a local-API request on another host.
-    async fn call_api(&self, target: &HostView, request: Request) -> Result<Reply, ApiError> {
-        let envelope = Envelope {
-            version: API_VERSION,
-            request,
-        };
-        let json = serde_json::to_string(&envelope).expect("requests always serialize");
+    /// Runs a call on another host, in the version its connection speaks.
+    async fn call_peer(&self, target: &HostView, call: PeerCall) -> Result<Reply, ApiError> {
         let unreachable = |message: String| {
             ApiError::new(
                 ErrorKind::Internal,
                 format!("host '{}': {message}", target.name),
             )
         };
+        let peer = self
+            .endpoint
+            .connect(target.addr, &target.name)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let envelope = PeerEnvelope {
+            version: peer.version.min(PEER_API_VERSION),
+            call,
+        };
         let answer = self
             .endpoint
             .call_with_timeout(
                 target.addr,
                 &target.name,
-                &FleetRequest::Api(json),
+                &FleetRequest::Api(envelope.to_json()),
                 PEER_API_TIMEOUT,
             )
             .await
@@ -293,25 +288,9 @@ impl Fleet {
     }
 }
 
-/// What another host may ask this one to run: its own VMs, nothing that fans out again.
-fn peer_may_run(request: &Request) -> Result<(), String> {
-    match request {
-        Request::OnHost { .. } | Request::FleetList | Request::Hosts => {
-            Err("fleet-wide requests cannot be run on another host".into())
-        }
-        Request::Migrate(_) => {
-            Err("a migration is run on the VM's own host: vmctl there, without --host".into())
-        }
-        Request::Events { follow: true, .. } => {
-            Err("events cannot be followed on another host; run vmctl there".into())
-        }
-        _ => Ok(()),
-    }
-}
-
 /// A peer's request. The peer is a fleet host (the endpoint checked its certificate), but
 /// its bytes are still checked like anyone's.
-fn serve_peer(host: Arc<Host>, request: FleetRequest) -> quic::Reply {
+fn serve_peer(host: Arc<Host>, peer: Peer, request: FleetRequest) -> quic::Reply {
     match request {
         FleetRequest::Ping => quic::answer(FleetResponse::Pong),
         // The endpoint hands tunnels to `take_tunnels`; one never reaches here.
@@ -319,35 +298,25 @@ fn serve_peer(host: Arc<Host>, request: FleetRequest) -> quic::Reply {
             reason: "a tunnel is not a request".into(),
         }),
         FleetRequest::Lease(request) => {
-            quic::answer(FleetResponse::Lease(host.serve_lease(request)))
+            quic::answer(FleetResponse::Lease(host.admission.serve_lease(request)))
         }
         FleetRequest::Api(json) => Box::pin(async move {
-            let response = match serde_json::from_str::<Envelope>(&json) {
+            let response = match PeerEnvelope::from_json(&json) {
                 Err(e) => Response::Error(ApiError::new(
                     ErrorKind::InvalidArgument,
                     format!("malformed request: {e}"),
                 )),
-                Ok(envelope) if envelope.version != API_VERSION => Response::Error(ApiError::new(
-                    ErrorKind::InvalidArgument,
-                    format!("API version {} is not supported", envelope.version),
-                )),
-                Ok(envelope) => match peer_may_run(&envelope.request) {
-                    Err(reason) => {
-                        Response::Error(ApiError::new(ErrorKind::InvalidArgument, reason))
+                // Its own task: a peer that hangs up must not cancel a create halfway.
+                Ok(envelope) => {
+                    match tokio::spawn(router::from_peer(host, peer, envelope)).await {
+                        Ok(Ok(reply)) => Response::Ok(reply),
+                        Ok(Err(error)) => Response::Error(error),
+                        Err(e) => Response::Error(ApiError::new(
+                            ErrorKind::Internal,
+                            format!("request handler failed: {e}"),
+                        )),
                     }
-                    // Its own task: a peer that hangs up must not cancel a create halfway.
-                    Ok(()) => {
-                        match tokio::spawn(async move { host.handle(envelope.request).await }).await
-                        {
-                            Ok(Ok(reply)) => Response::Ok(reply),
-                            Ok(Err(error)) => Response::Error(error.into()),
-                            Err(e) => Response::Error(ApiError::new(
-                                ErrorKind::Internal,
-                                format!("request handler failed: {e}"),
-                            )),
-                        }
-                    }
-                },
+                }
             };
             FleetResponse::Api(
                 serde_json::to_string(&response).expect("responses always serialize"),
@@ -383,21 +352,5 @@ fn fleet_host(member: Member) -> FleetHost {
         leased: view.leased,
         vms: view.vms,
         version: view.version,
-    }
-}
-
-/// Routes a local-API request: to the fleet when it involves other hosts, else to this host.
-pub async fn dispatch(
-    host: &Arc<Host>,
-    fleet: Option<&Arc<Fleet>>,
-    request: Request,
-) -> Result<Reply, ApiError> {
-    match (fleet, request) {
-        (Some(fleet), request) => fleet.handle(request).await,
-        (None, Request::FleetList) => Ok(Reply::FleetVms {
-            vms: host.list(),
-            unreachable: Vec::new(),
-        }),
-        (None, request) => host.handle(request).await.map_err(Into::into),
     }
 }

@@ -1,15 +1,22 @@
 //! vmhostd: runs the VMs of one host. See the README for its config and operation.
 
+mod admission;
 mod agent_task;
 mod api;
 mod config;
+mod error;
 mod events;
 mod fleet;
-mod guest_link;
 mod host;
+mod lifecycle;
+mod migration;
 mod net;
 mod prometheus;
+mod resize;
+mod router;
 mod store;
+mod validate;
+mod vm_table;
 
 use anyhow::Context;
 use clap::Parser;
@@ -65,7 +72,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let api_socket = config.api_socket.clone();
     let metrics = config.metrics.clone();
-    let host = host::Host::recover(config, accel).await?;
+    let hypervisor = std::sync::Arc::new(vmm::Qemu {
+        binary: config.qemu_binary.clone(),
+        qmp_timeout: config.timeouts.qmp(),
+    });
+    let host = host::Host::recover(config, accel, hypervisor).await?;
     let listener = api::bind(&api_socket)?;
     if metrics.enabled {
         let tcp = tokio::net::TcpListener::bind(metrics.listen)

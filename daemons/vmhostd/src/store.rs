@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use vmhost_api::{ComputeUnits, CuShape, ImageRef};
-use vmhost_gossip::ledger::Ledger;
+use vmhost_capacity::ledger::Ledger;
 
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
@@ -20,8 +20,13 @@ const ARRIVAL_FILE: &str = "arrival.json";
 pub enum Marker {
     /// Its migration away has begun and not ended.
     Leaving,
-    /// The QEMU had a vCPU unplugged (see `begin_outgoing`); a fresh QEMU has none.
+    /// The QEMU had a vCPU unplugged (see `migration::outgoing`); a fresh QEMU has none.
     VcpuUnplugged,
+    /// Source: the target runs the VM now. This copy is stale and never runs again.
+    HandedOver,
+    /// Target: the migration switched over. From then on this folder holds the only
+    /// up-to-date disk and is never removed for a failed arrival.
+    SwitchedOver,
 }
 
 impl Marker {
@@ -29,6 +34,8 @@ impl Marker {
         match self {
             Marker::Leaving => "leaving",
             Marker::VcpuUnplugged => "vcpu-unplugged",
+            Marker::HandedOver => "handed-over",
+            Marker::SwitchedOver => "switched-over",
         }
     }
 }
@@ -72,14 +79,23 @@ fn create_sparse(path: &Path, bytes: u64) -> Result<(), StoreError> {
         .map_err(io_error("cannot create disk", path))
 }
 
-/// Write, fsync, rename: a crash leaves the old file or the new one, never half of one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Write, fsync, rename, fsync the folder: a crash leaves the old file or the new one,
+/// never half of one, and the rename itself survives a power loss.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp).map_err(io_error("cannot write", &tmp))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(io_error("cannot write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_error("cannot replace", path))
+    std::fs::rename(&tmp, path).map_err(io_error("cannot replace", path))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir).map_err(io_error("cannot sync", dir)),
+        None => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// What must survive a restart of vmhostd, for one VM.
@@ -116,6 +132,15 @@ pub struct VmSpec {
 
 fn yes() -> bool {
     true
+}
+
+impl VmSpec {
+    /// The memory and vCPUs its QEMU was started with, which no later bounds change moves:
+    /// hotplug sizes are counted from there.
+    pub fn boot_resources(&self) -> vmhost_api::Resources {
+        let (min, _) = self.launched_bounds.unwrap_or((self.min_cu, self.max_cu));
+        self.cu_shape.resources(min)
+    }
 }
 
 /// Resolved at creation, so a later change of the config's images does not change a VM.
@@ -230,13 +255,15 @@ impl Store {
         Ok(())
     }
 
-    /// Sets or clears one of a VM's markers.
+    /// Sets or clears one of a VM's markers, durably: markers decide what a restarted
+    /// vmhostd may do with a VM's QEMU and disk.
     pub fn set_marker(&self, name: &str, marker: Marker, on: bool) -> Result<(), StoreError> {
         let path = self.vm_dir(name).join(marker.file());
         match on {
-            true => File::create(&path).map(drop),
+            true => File::create(&path).and_then(|file| file.sync_all()),
             false => remove_if_present(&path),
         }
+        .and_then(|()| sync_dir(&self.vm_dir(name)))
         .map_err(io_error("cannot mark", &path))
     }
 
@@ -334,10 +361,10 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec(name: &str) -> VmSpec {
+    pub(crate) fn spec(name: &str) -> VmSpec {
         VmSpec {
             name: name.into(),
             image: ImageRef::Named("test".into()),

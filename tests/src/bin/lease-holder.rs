@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 use vmhost_api::Resources;
-use vmhost_gossip::lease::{LeaseRequest, LeaseResponse};
-use vmhost_gossip::pki::Identity;
+use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
 use vmhost_gossip::quic::{FleetEndpoint, FleetRequest, FleetResponse};
+use vmhost_pki::Identity;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

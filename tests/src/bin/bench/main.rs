@@ -270,16 +270,16 @@ fn agent_cpu(vms: usize, window: Duration) {
 const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A fleet CA in `dir/ca` and loopback hosts it certified.
-fn fleet_identities(dir: &Path, hosts: &[&str]) -> Vec<vmhost_gossip::pki::Identity> {
-    vmhost_gossip::pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
+fn fleet_identities(dir: &Path, hosts: &[&str]) -> Vec<vmhost_pki::Identity> {
+    vmhost_pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
 }
 
 /// Lease reserve→grant round trips between two hosts on loopback (QUIC, mutual TLS),
 /// against a bare request/response (`Ping`) on the same connection, alternating batches.
 async fn lease_rtt(round_trips: usize) {
     use std::sync::{Arc, Mutex};
-    use vmhost_gossip::lease::{self, LeaseRequest};
-    use vmhost_gossip::ledger::Ledger;
+    use vmhost_capacity::lease::{self, LeaseRequest};
+    use vmhost_capacity::ledger::Ledger;
     use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
     let dir = tempfile::tempdir().unwrap();
     let ids = fleet_identities(dir.path(), &["host-a", "host-b"]);
@@ -317,7 +317,7 @@ async fn lease_rtt(round_trips: usize) {
             let granted = a.call(to, "host-b", &reserve).await.unwrap();
             assert!(matches!(
                 granted,
-                FleetResponse::Lease(vmhost_gossip::lease::LeaseResponse::Granted(_))
+                FleetResponse::Lease(vmhost_capacity::lease::LeaseResponse::Granted(_))
             ));
         }
         ours += started.elapsed();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 use vmhost_tests::{HostOptions, Limits, TestHost, DIRTIER_MIB};
 use vmm::qmp::MigrateSetParameters;
-use vmm::{Accel, Machine};
+use vmm::{Accel, Machine, MigrationStatus};
 
 fn wait_dirtying(serial: &Path) {
     wait_until(Duration::from_secs(180), "the workload to run", || {
@@ -91,16 +91,16 @@ async fn raw_once(image: &Path, accel: Accel) -> (f64, f64) {
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let info = src.migration_info().await.unwrap();
-        match info.status.as_deref() {
-            Some("completed") => {
+        match info.status {
+            MigrationStatus::Completed => {
                 assert!(switched);
                 return (
                     info.downtime.unwrap_or(0) as f64,
                     info.total_time.unwrap_or(0) as f64,
                 );
             }
-            Some("failed") | Some("cancelled") => panic!("raw migration failed: {info:?}"),
-            Some("active")
+            MigrationStatus::Failed | MigrationStatus::Cancelled => panic!("raw migration failed: {info:?}"),
+            MigrationStatus::Active
                 if !switched && info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) =>
             {
                 src.start_postcopy().await.unwrap();
@@ -113,7 +113,7 @@ async fn raw_once(image: &Path, accel: Accel) -> (f64, f64) {
 
 pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
     let pki = tempfile::tempdir().unwrap();
-    vmhost_gossip::pki::one_machine_fleet(pki.path(), &["a", "b"], crate::LOCALHOST).unwrap();
+    vmhost_pki::one_machine_fleet(pki.path(), &["a", "b"], crate::LOCALHOST).unwrap();
     let hosts = [
         fleet_host(pki.path(), "a", 7201),
         fleet_host(pki.path(), "b", 7202),

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use vmhost_gossip::pki::{one_machine_fleet, Identity};
 use vmhost_gossip::quic::{
     answer, splice, tls_client_config, tls_server_config, FleetEndpoint, FleetResponse,
 };
+use vmhost_pki::{one_machine_fleet, Identity};
 use vmhost_tests::netns::{Lab, FLEET_PORT};
 
 const ROUNDS: u32 = 3;

@@ -4,8 +4,18 @@
 //!
 //! The guest is untrusted. Frames are length-limited, malformed messages get an error reply
 //! and count against a bound, traffic past a token bucket is dropped, and past any bound
-//! the connection is closed. Nothing the guest sends can panic or block vmhostd, and every
-//! log line it can trigger is rate-limited.
+//! the connection is closed. Nothing the guest sends can panic or block vmhostd.
+//!
+//! All of that state belongs to the VM's [`GuestLink`], not to one connection: the token
+//! bucket, the strike counts that close the connection, and the limiter every guest-triggered
+//! log line goes through (`guest_log`). A guest that redials finds them as it left them; the
+//! bucket refills and strikes are forgiven with time only. The crate's `clippy.toml` forbids
+//! the `tracing` macros outside that limiter.
+
+#![warn(missing_docs)]
+
+mod bucket;
+mod guest_log;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,6 +28,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmhost_api::GuestInfo;
+
+use bucket::{Strikes, TokenBucket};
+use guest_log::GuestLog;
 use vmhost_guest_protocol::{
     self as protocol, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
 };
@@ -29,28 +42,40 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 /// Messages per second a guest may send on average, and in a burst.
 const RATE_PER_SEC: f64 = 20.0;
 const BURST: f64 = 60.0;
-/// Past these, the connection is closed.
+/// Past these, the connection is closed (and the next one, until enough is forgiven).
 const MAX_PROTOCOL_ERRORS: u64 = 10;
 const MAX_DROPPED: u64 = 500;
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// One malformed message is forgiven per this long: a guest that hit the bound has to behave
+/// for about five minutes to earn it back in full.
+const PROTOCOL_ERROR_FORGIVENESS: Duration = Duration::from_secs(30);
+/// One dropped message is forgiven per this long, so a guest a little over its rate is only
+/// dropped, while a flood is cut off.
+const DROP_FORGIVENESS: Duration = Duration::from_secs(1);
 
 /// An upscale request as received, for the host to act on.
 #[derive(Debug, Clone, Copy)]
 pub struct UpscaleRequest {
+    /// The guest's request id, repeated in the [`GuestLink::notify_upscale`] that answers it.
     pub id: u64,
+    /// When vmhostd received it.
     pub received: Instant,
     /// How long before sending the guest detected the pressure (as the guest says; capped).
     pub pressure_age: Duration,
 }
 
+/// Called (on the link's task; it must not block) for each upscale request the guest sends.
 pub type UpscaleHandler = Arc<dyn Fn(UpscaleRequest) + Send + Sync>;
 
+/// Why [`GuestLink::ask_downscale`] did not get a yes.
 #[derive(Debug, thiserror::Error)]
 pub enum DownscaleError {
+    /// The monitor said no, for this reason (as the guest says; truncated).
     #[error("guest monitor refused: {0}")]
     Refused(String),
+    /// No monitor is connected, or it went away before answering.
     #[error("guest monitor is not connected")]
     NotConnected,
+    /// The monitor did not answer in time.
     #[error("guest monitor did not answer within {0:?}")]
     NoAnswer(Duration),
 }
@@ -65,8 +90,19 @@ struct Status {
     protocol_errors: u64,
 }
 
+/// What bounds the guest's traffic. One per VM link, shared by its successive connections.
+struct Limits {
+    bucket: TokenBucket,
+    /// Malformed messages.
+    protocol_errors: Strikes,
+    /// Messages dropped by the bucket.
+    dropped: Strikes,
+}
+
 struct Shared {
-    vm: String,
+    /// Every log line the guest can trigger goes through this.
+    log: GuestLog,
+    limits: Mutex<Limits>,
     status: Mutex<Status>,
     outbox: Mutex<Option<mpsc::Sender<HostMessage>>>,
     downscales: Mutex<HashMap<u64, oneshot::Sender<(bool, String)>>>,
@@ -74,58 +110,8 @@ struct Shared {
     on_upscale: UpscaleHandler,
 }
 
-/// Guest-triggered log lines pass through this: at most one per interval per link.
-struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    fn new() -> Self {
-        RateLimitedLog {
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    fn warn(&mut self, vm: &str, message: &str) {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now - last < LOG_INTERVAL) {
-            self.suppressed += 1;
-            return;
-        }
-        tracing::warn!(vm, suppressed = self.suppressed, "guest link: {message}");
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-}
-
-/// A token bucket over wall time.
-struct TokenBucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-impl TokenBucket {
-    fn new(now: Instant) -> Self {
-        TokenBucket {
-            tokens: BURST,
-            updated: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        self.tokens = (self.tokens + (now - self.updated).as_secs_f64() * RATE_PER_SEC).min(BURST);
-        self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
+/// vmhostd's end of one VM's guest channel. Dropping it stops listening and closes the
+/// guest's connection.
 pub struct GuestLink {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
@@ -146,8 +132,14 @@ impl GuestLink {
     ) -> std::io::Result<GuestLink> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
+        let now = Instant::now();
         let shared = Arc::new(Shared {
-            vm: vm.to_string(),
+            log: GuestLog::new(vm),
+            limits: Mutex::new(Limits {
+                bucket: TokenBucket::new(BURST, RATE_PER_SEC, now),
+                protocol_errors: Strikes::new(PROTOCOL_ERROR_FORGIVENESS, now),
+                dropped: Strikes::new(DROP_FORGIVENESS, now),
+            }),
             status: Mutex::new(Status::default()),
             outbox: Mutex::new(None),
             downscales: Mutex::new(HashMap::new()),
@@ -158,6 +150,7 @@ impl GuestLink {
         Ok(GuestLink { shared, task })
     }
 
+    /// The guest's connection, health and latest metrics, for the API.
     pub fn info(&self) -> GuestInfo {
         let status = self.shared.status.lock().unwrap();
         let now = Instant::now();
@@ -231,7 +224,7 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
-                tracing::warn!(vm = %shared.vm, %error, "guest link: accept failed");
+                shared.log.warn(format_args!("accept failed: {error}"));
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -242,9 +235,8 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         }
         let shared = shared.clone();
         current = Some(tokio::spawn(async move {
-            let mut log = RateLimitedLog::new();
-            if let Err(reason) = serve_connection(stream, &shared, &mut log).await {
-                log.warn(&shared.vm, &format!("connection closed: {reason}"));
+            if let Err(reason) = serve_connection(stream, &shared).await {
+                shared.log.warn(format_args!("connection closed: {reason}"));
             }
             let mut status = shared.status.lock().unwrap();
             status.connected = false;
@@ -275,11 +267,7 @@ async fn next_message(
     }
 }
 
-async fn serve_connection(
-    stream: UnixStream,
-    shared: &Shared,
-    log: &mut RateLimitedLog,
-) -> Result<(), String> {
+async fn serve_connection(stream: UnixStream, shared: &Shared) -> Result<(), String> {
     let (mut reader, mut writer) = stream.into_split();
     let mut decoder = FrameDecoder::new();
     let write =
@@ -333,9 +321,11 @@ async fn serve_connection(
         status.protocol_version = Some(version);
         status.last_seen = Some(Instant::now());
     }
-    tracing::info!(vm = %shared.vm, version, "guest monitor connected");
+    shared.log.info(format_args!(
+        "guest monitor connected (protocol version {version})"
+    ));
 
-    let result = message_loop(&mut reader, &mut decoder, &tx, shared, log).await;
+    let result = message_loop(&mut reader, &mut decoder, &tx, shared).await;
     // Let the last replies (an error saying why we close, typically) reach the guest.
     *shared.outbox.lock().unwrap() = None;
     drop(tx);
@@ -348,13 +338,10 @@ async fn message_loop(
     decoder: &mut FrameDecoder,
     tx: &mpsc::Sender<HostMessage>,
     shared: &Shared,
-    log: &mut RateLimitedLog,
 ) -> Result<(), String> {
-    let mut bucket = TokenBucket::new(Instant::now());
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
-    let mut errors = 0u64;
-    let mut dropped = 0u64;
     let mut health_id = 0u64;
+    let mut dropped_here = 0u64;
     loop {
         let message = tokio::select! {
             message = next_message(reader, decoder) => message,
@@ -363,7 +350,7 @@ async fn message_loop(
                 let _ = tx.try_send(HostMessage::HealthCheck { id: health_id });
                 let silent = shared.status.lock().unwrap().last_seen.is_none_or(|seen| seen.elapsed() >= SILENCE_LIMIT);
                 if silent {
-                    log.warn(&shared.vm, "guest silent for 20 s; marked unhealthy");
+                    shared.log.warn(format_args!("guest silent for {} s; marked unhealthy", SILENCE_LIMIT.as_secs()));
                 }
                 continue;
             }
@@ -377,10 +364,11 @@ async fn message_loop(
                     reason: error.to_string(),
                 });
                 shared.status.lock().unwrap().protocol_errors += 1;
+                shared.limits.lock().unwrap().protocol_errors.add(now);
                 return Err(error.to_string());
             }
             Err(ReadError::Frame(error)) => {
-                errors += 1;
+                let errors = shared.limits.lock().unwrap().protocol_errors.add(now);
                 shared.status.lock().unwrap().protocol_errors += 1;
                 let _ = tx.try_send(HostMessage::InvalidMessage {
                     reason: error.to_string(),
@@ -390,14 +378,22 @@ async fn message_loop(
                         "more than {MAX_PROTOCOL_ERRORS} malformed messages"
                     ));
                 }
-                log.warn(&shared.vm, &format!("malformed message: {error}"));
+                shared.log.warn(format_args!("malformed message: {error}"));
                 continue;
             }
         };
         shared.status.lock().unwrap().last_seen = Some(now);
-        if !bucket.take(now) {
-            dropped += 1;
-            if dropped == 1 || dropped.is_multiple_of(100) {
+        let dropped = {
+            let mut limits = shared.limits.lock().unwrap();
+            match limits.bucket.take(now) {
+                true => None,
+                false => Some(limits.dropped.add(now)),
+            }
+        };
+        if let Some(dropped) = dropped {
+            // Tell the guest on its first drop on this connection, then every 100th.
+            dropped_here += 1;
+            if dropped_here == 1 || dropped_here.is_multiple_of(100) {
                 let _ = tx.try_send(HostMessage::InvalidMessage {
                     reason: "rate limited".into(),
                 });
@@ -408,7 +404,9 @@ async fn message_loop(
                     "guest flooded the link ({dropped} messages dropped)"
                 ));
             }
-            log.warn(&shared.vm, "guest exceeds its message rate; dropping");
+            shared
+                .log
+                .warn(format_args!("guest exceeds its message rate; dropping"));
             continue;
         }
         match message {
@@ -433,10 +431,9 @@ async fn message_loop(
                         let reason: String = reason.chars().take(200).collect();
                         let _ = waiter.send((ok, reason));
                     }
-                    None => log.warn(
-                        &shared.vm,
-                        &format!("downscale answer for unknown request {id}"),
-                    ),
+                    None => shared
+                        .log
+                        .warn(format_args!("downscale answer for unknown request {id}")),
                 }
             }
             GuestMessage::HealthCheck { id } => {
@@ -450,7 +447,9 @@ async fn message_loop(
             }
             GuestMessage::InvalidMessage { reason } | GuestMessage::InternalError { reason } => {
                 let reason: String = reason.chars().take(200).collect();
-                log.warn(&shared.vm, &format!("guest reports an error: {reason}"));
+                shared
+                    .log
+                    .warn(format_args!("guest reports an error: {reason}"));
             }
         }
     }
@@ -458,15 +457,219 @@ async fn message_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! A fake guest on a real unix socket against a real link, in real time (the flood and
+    //! the redials take milliseconds; the log allowance and the bucket refill are counted in
+    //! seconds).
 
-    #[test]
-    fn token_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(start);
-        let burst = (0..100).filter(|_| bucket.take(start)).count();
-        assert_eq!(burst, BURST as usize);
-        assert!(!bucket.take(start));
-        assert!(bucket.take(start + Duration::from_millis(60)));
+    use super::*;
+    use guest_log::{LOG_BURST, LOG_INTERVAL};
+    use std::path::PathBuf;
+
+    struct FakeGuest {
+        stream: UnixStream,
+        decoder: FrameDecoder,
+    }
+
+    impl FakeGuest {
+        /// Connects and completes the handshake.
+        async fn hello(socket: &Path) -> FakeGuest {
+            let stream = UnixStream::connect(socket).await.unwrap();
+            let mut guest = FakeGuest {
+                stream,
+                decoder: FrameDecoder::new(),
+            };
+            guest
+                .send(&GuestMessage::Hello {
+                    min_version: *protocol::VERSIONS.start(),
+                    max_version: *protocol::VERSIONS.end(),
+                })
+                .await;
+            let welcome = guest.receive().await;
+            assert!(
+                matches!(welcome, Some(HostMessage::Welcome { .. })),
+                "{welcome:?}"
+            );
+            guest
+        }
+
+        async fn send(&mut self, message: &GuestMessage) {
+            self.send_raw(&protocol::encode(message).unwrap()).await;
+        }
+
+        async fn send_raw(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+
+        /// Says it has nothing more to send.
+        async fn finish(&mut self) {
+            self.stream.shutdown().await.unwrap();
+        }
+
+        /// The next message, or None once the host closed the connection. Panics after 5 s.
+        async fn receive(&mut self) -> Option<HostMessage> {
+            tokio::time::timeout(Duration::from_secs(5), self.receive_or_wait())
+                .await
+                .expect("the host neither answered nor closed within 5 s")
+        }
+
+        async fn receive_or_wait(&mut self) -> Option<HostMessage> {
+            loop {
+                if let Some(body) = self.decoder.next_frame().unwrap() {
+                    return Some(protocol::decode(&body).unwrap());
+                }
+                let mut buf = [0u8; 4096];
+                match self.stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.decoder.push(&buf[..n]),
+                }
+            }
+        }
+
+        /// Everything the host says until it closes the connection. Panics unless it closes
+        /// within 5 s.
+        async fn drain(&mut self) -> Vec<HostMessage> {
+            let mut said = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(message) = self.receive_or_wait().await {
+                    said.push(message);
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the host did not close within 5 s; it said {said:?}"));
+            said
+        }
+    }
+
+    fn listen(dir: &tempfile::TempDir) -> (GuestLink, PathBuf) {
+        let socket = dir.path().join("guest.sock_1024");
+        let link = GuestLink::listen("victim", &socket, Arc::new(|_| {})).unwrap();
+        (link, socket)
+    }
+
+    fn is_invalid(message: &HostMessage) -> bool {
+        matches!(message, HostMessage::InvalidMessage { .. })
+    }
+
+    fn is_rate_limited(message: &HostMessage) -> bool {
+        matches!(message, HostMessage::InvalidMessage { reason } if reason == "rate limited")
+    }
+
+    fn health_checks(ids: std::ops::Range<u64>) -> Vec<u8> {
+        ids.flat_map(|id| protocol::encode(&GuestMessage::HealthCheck { id }).unwrap())
+            .collect()
+    }
+
+    fn replies(said: &[HostMessage]) -> usize {
+        said.iter()
+            .filter(|m| matches!(m, HostMessage::HealthCheckReply { .. }))
+            .count()
+    }
+
+    /// A body that frames fine but decodes to nothing.
+    const MALFORMED: [u8; 7] = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+
+    #[tokio::test]
+    async fn a_flooding_guest_that_redials_gets_no_more_than_the_log_allowance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, socket) = listen(&dir);
+        let started = Instant::now();
+
+        // First connection: each malformed message gets an error reply, and past the bound
+        // the connection is closed, as it always was.
+        let mut guest = FakeGuest::hello(&socket).await;
+        for _ in 0..20 {
+            guest.send_raw(&MALFORMED).await;
+        }
+        let said = guest.drain().await;
+        assert_eq!(
+            said.iter().filter(|m| is_invalid(m)).count(),
+            MAX_PROTOCOL_ERRORS as usize + 1,
+            "{said:?}"
+        );
+
+        // Redialing does not wipe the slate: the very next malformed message closes it.
+        const REDIALS: usize = 30;
+        for _ in 0..REDIALS {
+            let mut guest = FakeGuest::hello(&socket).await;
+            for _ in 0..20 {
+                guest.send_raw(&MALFORMED).await;
+            }
+            let said = guest.drain().await;
+            assert_eq!(said.iter().filter(|m| is_invalid(m)).count(), 1, "{said:?}");
+        }
+        // Let the last connection's task log its close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let log = &link.shared.log;
+        let allowance = u64::from(LOG_BURST)
+            + (started.elapsed().as_secs_f64() / LOG_INTERVAL.as_secs_f64()) as u64;
+        // Each connection tried at least its "connected" line.
+        let tried = log.emitted_lines() + log.suppressed_lines();
+        assert!(tried > REDIALS as u64, "only {tried} lines tried");
+        assert!(
+            log.emitted_lines() <= allowance,
+            "{} lines logged, allowance {allowance}",
+            log.emitted_lines()
+        );
+        assert_eq!(
+            link.info().protocol_errors,
+            MAX_PROTOCOL_ERRORS + 1 + REDIALS as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redial_does_not_refill_the_token_bucket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, socket) = listen(&dir);
+
+        // Empty the bucket: the burst is answered, the rest dropped.
+        let mut guest = FakeGuest::hello(&socket).await;
+        guest.send_raw(&health_checks(0..BURST as u64 + 40)).await;
+        guest.finish().await;
+        let said = guest.drain().await;
+        let emptied = Instant::now();
+        assert!(said.iter().any(is_rate_limited), "{said:?}");
+        assert!(replies(&said) <= BURST as usize + 1, "{said:?}");
+
+        // A fresh connection finds the bucket as the last one left it: it holds only what
+        // refilled since, not another burst.
+        let mut guest = FakeGuest::hello(&socket).await;
+        const SENT: usize = 30;
+        guest
+            .send_raw(&health_checks(1000..1000 + SENT as u64))
+            .await;
+        guest.finish().await;
+        let said = guest.drain().await;
+        let refilled = emptied.elapsed().as_secs_f64() * RATE_PER_SEC;
+        assert!(said.iter().any(is_rate_limited), "{said:?}");
+        assert!(
+            replies(&said) as f64 <= refilled + 1.0,
+            "{} of {SENT} answered; only {refilled:.1} tokens refilled",
+            replies(&said)
+        );
+        assert!(link.shared.limits.lock().unwrap().bucket.tokens() < 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_redial_does_not_reset_the_drop_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_link, socket) = listen(&dir);
+
+        // Most of the way to the bound: dropped, but not cut off.
+        let mut guest = FakeGuest::hello(&socket).await;
+        guest
+            .send_raw(&health_checks(0..BURST as u64 + MAX_DROPPED - 100))
+            .await;
+        guest.finish().await;
+        let said = guest.drain().await;
+        assert!(said.iter().any(is_rate_limited), "{said:?}");
+
+        // Another 200 on a new connection: together past the bound, so this one is cut off
+        // (a fresh count would have let it stay).
+        let mut guest = FakeGuest::hello(&socket).await;
+        guest.send_raw(&health_checks(0..200)).await;
+        // (`drain` panics unless the host closes the connection.)
+        let said = guest.drain().await;
+        assert!(said.iter().any(is_rate_limited), "{said:?}");
     }
 }

@@ -6,12 +6,12 @@
 //! Checked after every step: no host has allocated + leased above capacity, and no VM is
 //! allocated on two hosts. Checked at the end: every lease was committed, released or expired.
 //!
-//! `VMHOST_SIM_SEEDS=1000 cargo test -p vmhost-gossip --test lease_simulation` runs more seeds.
+//! `VMHOST_SIM_SEEDS=1000 cargo test -p vmhost-capacity --test lease_simulation` runs more seeds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use vmhost_api::Resources;
-use vmhost_gossip::lease::{self, LeaseRequest, LeaseResponse};
-use vmhost_gossip::ledger::{LeaseId, Ledger};
+use vmhost_capacity::lease::{self, LeaseRequest, LeaseResponse};
+use vmhost_capacity::ledger::{LeaseId, Ledger};
 
 const HOSTS: usize = 50;
 const HOLDERS: usize = 120;

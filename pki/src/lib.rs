@@ -145,3 +145,38 @@ impl Identity {
         })
     }
 }
+
+/// The host a certificate names: its first DNS subject alternative name, else its common
+/// name. `None` if it does not parse or names no host.
+pub fn host_name(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    let dns = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                GeneralName::DNSName(dns) => Some(dns.to_string()),
+                _ => None,
+            })
+        });
+    dns.or_else(|| {
+        let common_name = cert.subject().iter_common_name().next()?;
+        common_name.as_str().ok().map(str::to_string)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_certificate_names_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = one_machine_fleet(dir.path(), &["host-a"], IpAddr::from([127, 0, 0, 1])).unwrap();
+        assert_eq!(host_name(&ids[0].cert).as_deref(), Some("host-a"));
+        assert_eq!(host_name(&ids[0].ca), Some("vmhost fleet CA".to_string()));
+        assert_eq!(host_name(&CertificateDer::from_slice(&[1, 2, 3])), None);
+    }
+}

@@ -1,0 +1,747 @@
+//! The source's side: a VM leaving this host. It is detached, streamed through the
+//! target's tunnel, switched to post-copy after the first pass, recovered when the link
+//! breaks in post-copy, and handed over; or, when it fails before the switchover, it runs
+//! on here.
+
+use super::{Phase, SourcePhase, TargetHost, TaskGuard, OUTGOING_DISK_SOCKET, OUTGOING_SOCKET};
+use crate::error::{error_chain, internal, vmm_error, HostError};
+use crate::host::Host;
+use crate::resize;
+use crate::store::{Departure, Marker, VmSpec};
+use crate::vm_table::{Action, VmSlot};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use vmhost_api::{
+    ApiError, CreateVm, ErrorKind, IncomingMigration, MigrationProgress, MigrationSummary,
+    Resources, VmState, MIGRATION_VERSION,
+};
+use vmm::qmp::{MigrateSetParameters, MigrationInfo, RamStats};
+use vmm::{MigrationStatus, Vm};
+
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const RECOVER_RETRY: Duration = Duration::from_secs(1);
+const RECOVER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target may take to bring the arrived VM up (vsock, memory) after the stream.
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// QEMU's default cap (128 MiB/s) would hold every migration below the link's speed.
+const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
+/// A migration still in QEMU's setup this long after it was started is stuck. Counted
+/// from the `migrate` command, so a long disk copy before it never counts.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest is paused while the disk mirror takes its last writes: a few blocks at most,
+/// since the mirror copies each write as it happens.
+const DISK_FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Post-copy starts once QEMU has synced the dirty bitmap this often: after the first pass.
+const POSTCOPY_AFTER_SYNCS: u64 = 2;
+/// The guest must eject its vsock device (ACPI) within this time.
+const VSOCK_EJECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a cancelled migration may take to wind down.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the operator asked of the migration.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    pub postcopy: bool,
+    pub max_downtime_ms: Option<u64>,
+    pub bandwidth_mib: Option<u64>,
+}
+
+/// A VM leaving this host: it owns the VM's QEMU until the migration ends.
+pub struct Departing {
+    pub spec: VmSpec,
+    machine: Arc<dyn Vm>,
+    /// What it holds now; the target's lease is for this.
+    pub size: Resources,
+    /// Its plugged virtio-mem memory, plugged again on the target.
+    hotplug_memory_bytes: u64,
+    /// Where its QEMU sends the migration stream.
+    socket: PathBuf,
+    /// Where its QEMU mirrors its disk, if it has one.
+    disk_socket: Option<PathBuf>,
+    /// It switches to post-copy after the first pass.
+    postcopy: bool,
+    /// Its guest's devices were taken away for the move (`detach`).
+    detached: bool,
+    pub phase: Phase<SourcePhase>,
+}
+
+/// How a migration failed.
+enum Failure {
+    /// Before the switchover: the source still runs the VM.
+    BeforeSwitchover(ApiError),
+    /// During post-copy, unrecovered: the guest's state is split between the hosts and it
+    /// stays paused until an operator resumes the migration.
+    Stranded(ApiError),
+}
+
+impl Departing {
+    /// The migration's start message: what the target needs to receive the VM.
+    fn incoming(
+        &self,
+        lease: u64,
+        tunnel: u64,
+        disk_tunnel: Option<u64>,
+        postcopy: bool,
+    ) -> IncomingMigration {
+        let spec = &self.spec;
+        let (min_cu, max_cu) = spec.launched_bounds.unwrap_or((spec.min_cu, spec.max_cu));
+        IncomingMigration {
+            version: MIGRATION_VERSION,
+            vm: CreateVm {
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                min_cu,
+                max_cu,
+                cu: Some(spec.cu),
+                autoscale: spec.autoscale,
+                agent: spec.agent.clone(),
+                lease: Some(lease),
+                disk_gib: spec.disk_gib,
+            },
+            bounds: (spec.min_cu, spec.max_cu),
+            vcpus: self.size.vcpus,
+            restore_hotplug_memory_bytes: self.hotplug_memory_bytes,
+            postcopy,
+            tunnel,
+            disk_tunnel,
+        }
+    }
+
+    fn go(&mut self, to: SourcePhase) -> Result<(), ApiError> {
+        self.phase
+            .go(to)
+            .map_err(|e| internal(e.to_string()))
+    }
+}
+
+/// Sends a migration's phase and stream counters to whoever follows it.
+fn reporter<'a>(
+    progress: &'a mpsc::Sender<MigrationProgress>,
+    vm: &'a str,
+    target: &'a str,
+    started: Instant,
+) -> impl Fn(&str, Option<&RamStats>) + Sync + 'a {
+    move |phase, stream| {
+        let ram = stream.cloned().unwrap_or_default();
+        let _ = progress.try_send(MigrationProgress {
+            vm: vm.to_string(),
+            target: target.to_string(),
+            phase: phase.to_string(),
+            transferred_bytes: ram.transferred,
+            remaining_bytes: ram.remaining,
+            total_bytes: ram.total,
+            rate_mbps: ram.mbps,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+impl Host {
+    /// Marks a running VM as leaving. From now on scaling, stopping, deleting and a second
+    /// migration are refused, and its agent is stopped.
+    pub async fn begin_departure(&self, name: &str) -> Result<Departing, HostError> {
+        let slot = self.slot(name)?;
+        let _operation = slot.operation.lock().await;
+        let mut record = slot.record();
+        let machine = record.machine_for(Action::Migrate)?;
+        if self.accel.accel == vmm::Accel::Tcg && self.store.has_marker(name, Marker::VcpuUnplugged)
+        {
+            return Err(HostError::Invalid(format!(
+                "VM '{name}' had a vCPU unplugged in its current QEMU process; under TCG, QEMU 10.0 \
+                 then hangs in the setup of any migration. Stop and start the VM, then migrate it"
+            )));
+        }
+        self.store.set_marker(name, Marker::Leaving, true)?;
+        record
+            .become_(VmState::Migrating)
+            .map_err(|e| HostError::Invalid(e.to_string()))?;
+        record.agent = None;
+        record.goal = None;
+        Ok(self.departing(&record.spec, machine, record.applied, SourcePhase::Prepared))
+    }
+
+    fn departing(
+        &self,
+        spec: &VmSpec,
+        machine: Arc<dyn Vm>,
+        size: Resources,
+        phase: SourcePhase,
+    ) -> Departing {
+        let dir = self.store.vm_dir(&spec.name);
+        let boot = spec.boot_resources();
+        Departing {
+            spec: spec.clone(),
+            machine,
+            size,
+            hotplug_memory_bytes: size.memory_bytes.saturating_sub(boot.memory_bytes),
+            socket: dir.join(OUTGOING_SOCKET),
+            disk_socket: spec.disk_gib.map(|_| dir.join(OUTGOING_DISK_SOCKET)),
+            postcopy: true,
+            detached: true,
+            phase: Phase::new(&spec.name, phase, super::SOURCE_TRANSITIONS),
+        }
+    }
+
+    /// A VM whose post-copy migration was left paused, with where it was going: the
+    /// migration can be resumed from here.
+    pub async fn stranded_departure(
+        &self,
+        name: &str,
+    ) -> Result<(Departing, Departure), HostError> {
+        let slot = self.slot(name)?;
+        let (spec, machine, size) = {
+            let record = slot.record();
+            let machine = record.machine_for(Action::ResumeMigration)?;
+            if record.spec.incoming {
+                return Err(HostError::Invalid(format!(
+                    "VM '{name}' is arriving here; its migration is resumed from its source"
+                )));
+            }
+            (record.spec.clone(), machine, record.applied)
+        };
+        let not_stranded = |why: String| {
+            HostError::Invalid(format!(
+                "VM '{name}' has no paused post-copy migration to resume: {why}"
+            ))
+        };
+        let departure = self
+            .store
+            .departure(name)?
+            .ok_or_else(|| not_stranded("its target was never chosen".into()))?;
+        let status = machine
+            .migration_info()
+            .await
+            .map_err(vmm_error(name, "read its migration"))?
+            .status;
+        if status != MigrationStatus::PostcopyPaused {
+            return Err(not_stranded(format!("its migration is {status}")));
+        }
+        Ok((
+            self.departing(&spec, machine, size, SourcePhase::Stranded),
+            departure,
+        ))
+    }
+
+    /// After a restart, for a VM that was leaving: before the switchover its migration
+    /// lost its stream and orchestration, so it is cancelled and the VM runs on here (the
+    /// target drops its copy once the lease is no longer renewed). In post-copy the running
+    /// copy is the target's, which still needs pages from here: both stay as they are.
+    pub async fn resume_interrupted_departure(self: &Arc<Self>, slot: &Arc<VmSlot>) {
+        let (spec, machine) = {
+            let record = slot.record();
+            let Some(machine) = record.machine.clone() else {
+                return;
+            };
+            (record.spec.clone(), machine)
+        };
+        let name = spec.name.as_str();
+        let status = |info: Result<MigrationInfo, vmm::VmmError>| {
+            info.map(|i| i.status).unwrap_or(MigrationStatus::None)
+        };
+        let now = status(machine.migration_info().await);
+        if now.is_postcopy() {
+            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
+            return;
+        }
+        tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
+        let mut events = machine.migration_events();
+        let _ = machine.cancel_migration().await;
+        let deadline = Instant::now() + CANCEL_TIMEOUT;
+        while status(machine.migration_info().await).is_unfinished_precopy()
+            && Instant::now() < deadline
+        {
+            events.next_change(POLL_INTERVAL).await;
+        }
+        let size = spec.cu_shape.resources(spec.cu);
+        let departing = self.departing(&spec, machine, size, SourcePhase::Prepared);
+        self.abandon_departure(departing).await;
+    }
+
+    /// Ends a departure before the stream started: the VM runs on here.
+    pub async fn abandon_departure(self: &Arc<Self>, mut departing: Departing) {
+        let _ = departing.go(SourcePhase::Abandoned);
+        self.run_on_here(&departing).await;
+    }
+
+    /// Migrates a departing VM to `target` under `lease`, reporting progress as it goes.
+    /// A failure before the switchover leaves the VM running here; one in post-copy leaves
+    /// it paused on both hosts, to be resumed.
+    pub async fn migrate_out(
+        self: &Arc<Self>,
+        mut departing: Departing,
+        target: &dyn TargetHost,
+        lease: u64,
+        options: MigrationOptions,
+        progress: &mpsc::Sender<MigrationProgress>,
+    ) -> Result<MigrationSummary, ApiError> {
+        let name = departing.spec.name.clone();
+        let started = Instant::now();
+        let report = reporter(progress, &name, target.name(), started);
+        let _renewal = target.keep_lease(lease);
+        tracing::info!(vm = %name, target = %target.name(), lease, "migrating VM");
+        let prepared = self
+            .start_stream(&mut departing, target, lease, &options, &report)
+            .await;
+        let outcome = match prepared {
+            Ok(forwarders) => {
+                let outcome = self
+                    .follow(&mut departing, target, lease, started, &report)
+                    .await;
+                drop(forwarders);
+                outcome
+            }
+            Err(error) => {
+                target.release_lease(lease).await;
+                Err(Failure::BeforeSwitchover(error))
+            }
+        };
+        self.conclude(departing, outcome).await
+    }
+
+    /// Finishes a post-copy migration left paused, toward the host it was going to: the
+    /// link is recovered and the migration followed to its end as if it had never stopped.
+    pub async fn resume_departure(
+        self: &Arc<Self>,
+        mut departing: Departing,
+        departure: Departure,
+        target: &dyn TargetHost,
+        progress: &mpsc::Sender<MigrationProgress>,
+    ) -> Result<MigrationSummary, ApiError> {
+        let name = departing.spec.name.clone();
+        let started = Instant::now();
+        let report = reporter(progress, &name, target.name(), started);
+        tracing::info!(vm = %name, target = %target.name(), "resuming a paused post-copy migration");
+        let _forwarder = target.forward(&departing.socket, departure.tunnel)?;
+        departing.go(SourcePhase::PostcopyPaused)?;
+        let outcome = self
+            .follow(&mut departing, target, departure.lease, started, &report)
+            .await;
+        self.conclude(departing, outcome).await
+    }
+
+    async fn conclude(
+        self: &Arc<Self>,
+        mut departing: Departing,
+        outcome: Result<MigrationSummary, Failure>,
+    ) -> Result<MigrationSummary, ApiError> {
+        match outcome {
+            Ok(summary) => Ok(summary),
+            Err(Failure::BeforeSwitchover(error)) => {
+                self.abandon_departure(departing).await;
+                Err(error)
+            }
+            Err(Failure::Stranded(error)) => {
+                let _ = departing.go(SourcePhase::Stranded);
+                tracing::error!(vm = %departing.spec.name, error = %error.message, "VM is paused in the middle of a post-copy migration");
+                Err(error)
+            }
+        }
+    }
+
+    /// Up to the `migrate` command: records the departure, detaches the guest's devices,
+    /// has the target listen, copies the disk, and starts QEMU's stream.
+    async fn start_stream(
+        &self,
+        departing: &mut Departing,
+        target: &dyn TargetHost,
+        lease: u64,
+        options: &MigrationOptions,
+        report: &(impl Fn(&str, Option<&RamStats>) + Sync),
+    ) -> Result<Vec<TaskGuard>, ApiError> {
+        let name = departing.spec.name.clone();
+        departing.postcopy = options.postcopy;
+        let tunnel = random_id();
+        let disk_tunnel = departing.disk_socket.as_ref().map(|_| random_id());
+        let departure = Departure {
+            target: target.name().to_string(),
+            tunnel,
+            lease,
+        };
+        self.store.record_departure(&name, &departure).map_err(HostError::from)?;
+        report("detaching the guest channel", None);
+        self.detach(departing).await?;
+        departing.go(SourcePhase::Detached)?;
+        report("starting the target", None);
+        target
+            .prepare(departing.incoming(lease, tunnel, disk_tunnel, options.postcopy))
+            .await?;
+        let bandwidth = options
+            .bandwidth_mib
+            .map_or(UNCAPPED_BYTES_PER_SEC, |mib| mib << 20);
+        departing
+            .machine
+            .prepare_migration(
+                options.postcopy,
+                MigrateSetParameters {
+                    downtime_limit: options.max_downtime_ms,
+                    max_bandwidth: Some(bandwidth),
+                    max_postcopy_bandwidth: Some(bandwidth),
+                },
+            )
+            .await
+            .map_err(|e| internal(format!("cannot set up the migration: {}", error_chain(&e))))?;
+        let mut forwarders = Vec::new();
+        if let (Some(socket), Some(id)) = (departing.disk_socket.clone(), disk_tunnel) {
+            forwarders.push(target.forward(&socket, id)?);
+            departing.go(SourcePhase::CopyingDisk)?;
+            self.copy_disk(departing, &socket, report).await?;
+        }
+        forwarders.push(target.forward(&departing.socket, tunnel)?);
+        departing
+            .machine
+            .migrate_to(&departing.socket, false)
+            .await
+            .map_err(|e| internal(format!("QEMU refused to migrate: {}", error_chain(&e))))?;
+        departing.go(SourcePhase::Streaming)?;
+        Ok(forwarders)
+    }
+
+    /// Gets a leaving VM ready for the stream. Under TCG its virtio-mem memory is unplugged
+    /// first, with the monitor's consent: QEMU 9 and later abort while migrating a TCG guest
+    /// whose virtio-mem memory is plugged. Then the vsock device goes, which cannot migrate.
+    async fn detach(&self, departing: &mut Departing) -> Result<(), HostError> {
+        let name = departing.spec.name.as_str();
+        let slot = self.slot(name)?;
+        departing.detached = true;
+        if self.accel.accel == vmm::Accel::Tcg && departing.hotplug_memory_bytes > 0 {
+            let guest = slot.record().guest.clone();
+            let boot = Resources {
+                vcpus: departing.size.vcpus,
+                memory_bytes: departing.size.memory_bytes - departing.hotplug_memory_bytes,
+            };
+            let timeout = Duration::from_secs(self.config.guest.downscale_answer_secs);
+            resize::ask_guest(name, guest.as_ref(), boot, timeout).await?;
+            departing
+                .machine
+                .set_hotplug_memory(0, self.config.timeouts.hotplug())
+                .await
+                .map_err(vmm_error(name, "unplug its memory for the move"))?;
+        }
+        departing
+            .machine
+            .unplug_vsock(VSOCK_EJECT_TIMEOUT)
+            .await
+            .map_err(vmm_error(name, "unplug its vsock device"))?;
+        slot.record().guest = None;
+        self.hypervisor.stop_vsock(&self.paths(name).vsock);
+        Ok(())
+    }
+
+    /// Mirrors the VM's disk to the target through `socket` until the copy has caught up;
+    /// from then on the mirror takes every guest write until the switchover.
+    async fn copy_disk(
+        &self,
+        departing: &Departing,
+        socket: &Path,
+        report: &(impl Fn(&str, Option<&RamStats>) + Sync),
+    ) -> Result<(), HostError> {
+        let name = departing.spec.name.as_str();
+        let machine = &departing.machine;
+        machine
+            .pause_before_switchover()
+            .await
+            .map_err(vmm_error(name, "prepare the copy of its disk"))?;
+        machine
+            .start_disk_mirror(socket)
+            .await
+            .map_err(vmm_error(name, "start copying its disk"))?;
+        loop {
+            let progress = machine
+                .disk_mirror_progress()
+                .await
+                .map_err(vmm_error(name, "copy its disk"))?;
+            let copied = RamStats {
+                transferred: progress.copied_bytes,
+                remaining: progress.total_bytes.saturating_sub(progress.copied_bytes),
+                total: progress.total_bytes,
+                ..Default::default()
+            };
+            report("copying the disk", Some(&copied));
+            if progress.ready {
+                tracing::info!(vm = %name, bytes = progress.total_bytes, "disk copied; the mirror follows the guest's writes");
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Follows QEMU's migration to its end: switches to post-copy after the first pass,
+    /// completes the disk at the pause before the switchover, recovers a post-copy link
+    /// that breaks; then hands the VM over to the target.
+    async fn follow(
+        &self,
+        departing: &mut Departing,
+        target: &dyn TargetHost,
+        lease: u64,
+        started: Instant,
+        report: &(impl Fn(&str, Option<&RamStats>) + Sync),
+    ) -> Result<MigrationSummary, Failure> {
+        let name = departing.spec.name.clone();
+        let name = name.as_str();
+        let machine = departing.machine.clone();
+        let stream_started = Instant::now();
+        let mut postcopy_asked = false;
+        let mut disk_finished = departing.disk_socket.is_none();
+        let mut recoveries = 0;
+        let mut events = machine.migration_events();
+        let switched = |d: &Departing| {
+            matches!(
+                d.phase.now(),
+                SourcePhase::PostcopyActive | SourcePhase::PostcopyPaused
+            )
+        };
+        let mut went_postcopy = switched(departing);
+        let info = loop {
+            // Woken early by a status change, so the pause for a disk is short.
+            events.next_change(POLL_INTERVAL).await;
+            let info = match machine.migration_info().await {
+                Ok(info) => info,
+                Err(error) if machine.exited_now() => {
+                    let message = internal(format!(
+                        "the source QEMU of VM '{name}' exited during the migration: {}",
+                        error_chain(&error)
+                    ));
+                    return Err(if switched(departing) {
+                        Failure::Stranded(message)
+                    } else {
+                        self.abandon(departing, target, lease, message).await
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(vm = %name, error = %error_chain(&error), "cannot read the migration's progress");
+                    continue;
+                }
+            };
+            let status = info.status.clone();
+            report(status.as_str(), info.ram.as_ref());
+            if status.is_postcopy() && departing.phase.now() == SourcePhase::Streaming {
+                let _ = departing.go(SourcePhase::PostcopyActive);
+            }
+            went_postcopy |= switched(departing);
+            match status {
+                MigrationStatus::Completed => {
+                    let _ = departing.go(SourcePhase::Completed);
+                    break info;
+                }
+                MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                    let reason = info.error_desc.clone().unwrap_or_else(|| status.to_string());
+                    let message = internal(format!(
+                        "migration of VM '{name}' to host '{}' {status}: {reason}",
+                        target.name()
+                    ));
+                    if switched(departing) {
+                        return Err(Failure::Stranded(message));
+                    }
+                    return Err(self.abandon(departing, target, lease, message).await);
+                }
+                MigrationStatus::Active
+                    if departing.postcopy
+                        && !postcopy_asked
+                        && departing.phase.now() == SourcePhase::Streaming
+                        && info.ram.as_ref().map_or(0, |r| r.dirty_sync_count)
+                            >= POSTCOPY_AFTER_SYNCS =>
+                {
+                    postcopy_asked = true;
+                    tracing::info!(vm = %name, "first pass done; switching to post-copy");
+                    if let Err(error) = machine.start_postcopy().await {
+                        // Still pre-copy: the guest runs here until QEMU switches over.
+                        tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");
+                    } else {
+                        let _ = departing.go(SourcePhase::PostcopyActive);
+                    }
+                }
+                MigrationStatus::Setup if stream_started.elapsed() > SETUP_TIMEOUT => {
+                    let error = internal(format!(
+                        "migration of VM '{name}' was still in QEMU's setup after {} s; cancelled",
+                        SETUP_TIMEOUT.as_secs()
+                    ));
+                    return Err(self.abandon(departing, target, lease, error).await);
+                }
+                // Only a VM with a disk pauses here, its guest stopped: the mirror takes
+                // the last writes, then the switchover goes on.
+                MigrationStatus::PreSwitchover if !disk_finished => {
+                    report("finishing the disk copy", info.ram.as_ref());
+                    if let Err(error) = self.finish_disk(departing).await {
+                        return Err(self.abandon(departing, target, lease, error.into()).await);
+                    }
+                    disk_finished = true;
+                }
+                MigrationStatus::PostcopyPaused => {
+                    let _ = departing.go(SourcePhase::PostcopyPaused);
+                    report("paused: link broken, recovering", info.ram.as_ref());
+                    self.recover_link(departing, target).await?;
+                    let _ = departing.go(SourcePhase::PostcopyActive);
+                    recoveries += 1;
+                }
+                _ => {}
+            }
+        };
+        self.hand_over(departing).await;
+        self.await_arrival(target, name).await;
+        let ram = info.ram.clone().unwrap_or_default();
+        tracing::info!(vm = %name, target = %target.name(), downtime_ms = info.downtime.unwrap_or(0), total_ms = started.elapsed().as_millis() as u64, "VM migrated");
+        Ok(MigrationSummary {
+            vm: name.to_string(),
+            from: self.name().to_string(),
+            to: target.name().to_string(),
+            downtime_ms: info.downtime.unwrap_or(0),
+            total_ms: started.elapsed().as_millis() as u64,
+            transferred_bytes: ram.transferred,
+            postcopy: went_postcopy,
+            recoveries,
+        })
+    }
+
+    /// At the switchover, the guest paused: completes the disk copy, then lets QEMU go on.
+    async fn finish_disk(&self, departing: &Departing) -> Result<(), HostError> {
+        let name = departing.spec.name.as_str();
+        departing
+            .machine
+            .finish_disk_mirror(DISK_FINISH_TIMEOUT)
+            .await
+            .map_err(vmm_error(name, "finish copying its disk"))?;
+        departing
+            .machine
+            .continue_switchover()
+            .await
+            .map_err(vmm_error(name, "go on with the switchover"))
+    }
+
+    /// Ends a migration that has not switched over: QEMU cancels it; the target's lease
+    /// goes.
+    async fn abandon(
+        &self,
+        departing: &Departing,
+        target: &dyn TargetHost,
+        lease: u64,
+        error: ApiError,
+    ) -> Failure {
+        let _ = departing.machine.cancel_migration().await;
+        target.release_lease(lease).await;
+        Failure::BeforeSwitchover(error)
+    }
+
+    /// Brings a post-copy migration whose link broke back: the target listens again, and
+    /// the source resumes into it. Retries until the link returns or the window closes.
+    async fn recover_link(&self, departing: &Departing, target: &dyn TargetHost) -> Result<(), Failure> {
+        let name = departing.spec.name.as_str();
+        tracing::error!(vm = %name, target = %target.name(), "the link broke during post-copy; the guest waits until it returns");
+        let window = Duration::from_secs(
+            self.config
+                .fleet
+                .as_ref()
+                .map_or(60, |f| f.migration_recover_secs),
+        );
+        let deadline = Instant::now() + window;
+        loop {
+            match tokio::time::timeout(RECOVER_CALL_TIMEOUT, target.listen_again(name)).await {
+                Ok(Ok(())) => match departing.machine.migrate_to(&departing.socket, true).await {
+                    Ok(()) => {
+                        tracing::info!(vm = %name, "post-copy migration resumed");
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        tracing::warn!(vm = %name, error = %error_chain(&error), "cannot resume the migration yet")
+                    }
+                },
+                Ok(Err(error)) => {
+                    tracing::warn!(vm = %name, error = %error.message, "target not ready to recover yet")
+                }
+                Err(_) => tracing::warn!(vm = %name, "target did not answer the recovery"),
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Stranded(internal(format!(
+                    "VM '{name}' is paused mid post-copy: the link to host '{}' stayed down for {} s. \
+                     Its memory is split between the hosts, so both QEMUs are kept, paused; \
+                     once the link is back, `vmctl migrate {name} --resume` finishes the migration",
+                    target.name(),
+                    window.as_secs()
+                ))));
+            }
+            tokio::time::sleep(RECOVER_RETRY).await;
+        }
+    }
+
+    /// The target runs the VM now. That is recorded first, so that a vmhostd that dies
+    /// before the end never runs this stale copy again; then this QEMU ends and the VM
+    /// leaves this host.
+    async fn hand_over(&self, departing: &mut Departing) {
+        let name = departing.spec.name.clone();
+        let name = name.as_str();
+        if let Err(error) = self.store.set_marker(name, Marker::HandedOver, true) {
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot record the hand-over; ending the stale copy anyway");
+        }
+        let _ = departing.go(SourcePhase::HandedOver);
+        let Ok(slot) = self.slot(name) else { return };
+        // Cleared first, so the exit watcher does not take the end for a crash.
+        slot.record().machine = None;
+        if let Err(error) = departing.machine.terminate().await {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "the migrated-away QEMU did not end cleanly");
+        }
+        self.set_down(&mut slot.record(), VmState::Stopped);
+        self.forget(name, &slot);
+    }
+
+    /// Waits until the target reports the VM running, so the fleet's list shows it there
+    /// when the migration returns.
+    async fn await_arrival(&self, target: &dyn TargetHost, name: &str) {
+        let deadline = Instant::now() + ARRIVAL_TIMEOUT;
+        while Instant::now() < deadline {
+            if target.runs(name).await {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        tracing::warn!(vm = %name, target = %target.name(), "the target has not reported the VM running yet");
+    }
+
+    /// The migration failed before the target took over: the VM runs on here, and gets
+    /// its vsock device, its memory and its agent back.
+    async fn run_on_here(self: &Arc<Self>, departing: &Departing) {
+        let name = departing.spec.name.as_str();
+        if departing.disk_socket.is_some() {
+            departing.machine.abandon_disk_mirror().await;
+        }
+        if departing.detached {
+            self.replug_devices(name, departing.machine.as_ref(), departing.hotplug_memory_bytes)
+                .await;
+        }
+        let applied = self.measure(&departing.spec, departing.machine.as_ref()).await;
+        let Ok(slot) = self.slot(name) else { return };
+        let mut record = slot.record();
+        if record.state() != VmState::Migrating || record.machine.is_none() {
+            return;
+        }
+        if let Ok(applied) = applied {
+            let _ = self.admission.set(name, applied);
+            record.applied = applied;
+        }
+        let _ = record.become_(VmState::Running);
+        if record.guest.is_none() {
+            record.guest = self.open_guest_link(name);
+        }
+        record.agent = self.start_agent(&record.spec);
+        if let Err(error) = self.store.set_marker(name, Marker::Leaving, false) {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one still leaving");
+        }
+        tracing::info!(vm = %name, "VM runs on here after the failed migration");
+    }
+}
+
+/// The error a failed migration gives an operator.
+pub fn capacity_refusal(target: &str, vm: &str, size: Resources, reason: String) -> ApiError {
+    ApiError::new(
+        ErrorKind::CapacityExceeded,
+        format!("host '{target}' has no room for VM '{vm}' ({size}): {reason}"),
+    )
+}

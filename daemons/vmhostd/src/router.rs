@@ -1,0 +1,152 @@
+//! Who may ask what, decided in one place. Operators reach this host through the local
+//! socket (`api`); other hosts through the fleet endpoint (`fleet`), either forwarding an
+//! operator's request about this host's own VMs or asking their own (the target's side of
+//! a migration). An operator cannot send a peer's request: it does not parse as one.
+
+use crate::error::HostError;
+use crate::fleet::Fleet;
+use crate::host::Host;
+use std::sync::Arc;
+use vmhost_api::{
+    ApiError, ErrorKind, PeerCall, PeerEnvelope, PeerRequest, Reply, Request, PEER_API_VERSION,
+    PEER_API_VERSION_MIN,
+};
+use vmhost_gossip::quic::Peer;
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidArgument, message)
+}
+
+/// An operator's request on the local socket (a streamed one, `Migrate` or followed
+/// `Events`, is served by `api` itself).
+pub async fn from_operator(
+    host: &Arc<Host>,
+    fleet: Option<&Arc<Fleet>>,
+    request: Request,
+) -> Result<Reply, ApiError> {
+    match (fleet, request) {
+        (_, Request::Migrate(_)) => Err(invalid(
+            "a migration reports its progress as it goes; it needs a streaming connection",
+        )),
+        (Some(fleet), Request::Create(create)) => fleet.create(create).await,
+        (Some(fleet), Request::FleetList) => Ok(fleet.list().await),
+        (Some(fleet), Request::Hosts) => Ok(fleet.hosts().await),
+        (Some(fleet), Request::OnHost { host: name, request }) => {
+            forwardable(&request).map_err(invalid)?;
+            fleet.on_host(&name, *request).await
+        }
+        (None, Request::FleetList) => Ok(Reply::FleetVms {
+            vms: host.list(),
+            unreachable: Vec::new(),
+        }),
+        (None, request) if request.fans_out() => Err(invalid(
+            "this host is not part of a fleet ([fleet] is not in its config)",
+        )),
+        (_, request) => on_this_host(host, request).await,
+    }
+}
+
+/// A call from another host of the fleet, in a version this host still speaks.
+pub async fn from_peer(
+    host: Arc<Host>,
+    peer: Peer,
+    envelope: PeerEnvelope,
+) -> Result<Reply, ApiError> {
+    if !(PEER_API_VERSION_MIN..=PEER_API_VERSION).contains(&envelope.version) {
+        return Err(invalid(format!(
+            "host '{}' sent a version {} request; this host speaks {PEER_API_VERSION_MIN} to {PEER_API_VERSION}",
+            peer.name, envelope.version
+        )));
+    }
+    tracing::debug!(peer = %peer.name, version = envelope.version, call = ?envelope.call, "peer request");
+    let vm = |info| Reply::Vm(Box::new(info));
+    match envelope.call {
+        PeerCall::Forwarded(request) => {
+            forwardable(&request).map_err(invalid)?;
+            on_this_host(&host, request).await
+        }
+        PeerCall::Peer(PeerRequest::MigrateIn(incoming)) => host
+            .prepare_arrival(*incoming)
+            .await
+            .map(vm)
+            .map_err(Into::into),
+        PeerCall::Peer(PeerRequest::MigrateRecover { name }) => host
+            .recover_arrival(&name)
+            .await
+            .map(vm)
+            .map_err(Into::into),
+    }
+}
+
+/// What may be run on another host for an operator: requests about that host's own VMs,
+/// nothing that fans out again or streams.
+fn forwardable(request: &Request) -> Result<(), &'static str> {
+    match request {
+        Request::OnHost { .. } | Request::FleetList | Request::Hosts => {
+            Err("fleet-wide requests cannot be run on another host")
+        }
+        Request::Migrate(_) => {
+            Err("a migration is run on the VM's own host: vmctl there, without --host")
+        }
+        Request::Events { follow: true, .. } => {
+            Err("events cannot be followed on another host; run vmctl there")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A request about this host's own VMs.
+pub async fn on_this_host(host: &Arc<Host>, request: Request) -> Result<Reply, ApiError> {
+    let vm = |info| Reply::Vm(Box::new(info));
+    let reply = match request {
+        Request::Create(create) => host.create(create).await.map(vm),
+        Request::List => Ok(Reply::Vms(host.list())),
+        Request::Show { name } => host.show(&name).await.map(vm),
+        Request::Scale { name, cu, force } => host.scale(&name, cu, force).await.map(vm),
+        Request::Stop { name } => host.stop(&name).await.map(vm),
+        Request::Start { name } => host.start(&name).await.map(vm),
+        Request::Delete { name } => host.delete(&name).await.map(|()| Reply::Deleted { name }),
+        Request::Host => Ok(Reply::Host(host.host_info())),
+        Request::Bounds {
+            name,
+            min_cu,
+            max_cu,
+        } => host.bounds(&name, min_cu, max_cu).await.map(vm),
+        Request::Events { name, .. } => match &name {
+            Some(vm) => host.slot(vm).map(|_| ()),
+            None => Ok(()),
+        }
+        .map(|()| Reply::Events(host.events.snapshot(name.as_deref()).0)),
+        Request::FleetList | Request::Hosts | Request::OnHost { .. } | Request::Migrate(_) => {
+            Err(HostError::Invalid(
+                "this request involves other hosts; it is not run on one host".into(),
+            ))
+        }
+    };
+    reply.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fan_out_and_streams_are_not_forwarded() {
+        let show = Request::Show { name: "a".into() };
+        assert!(forwardable(&show).is_ok());
+        for refused in [
+            Request::FleetList,
+            Request::Hosts,
+            Request::OnHost {
+                host: "b".into(),
+                request: Box::new(show.clone()),
+            },
+            Request::Events {
+                name: None,
+                follow: true,
+            },
+        ] {
+            assert!(forwardable(&refused).is_err(), "{refused:?} forwarded");
+        }
+    }
+}

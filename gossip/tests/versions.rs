@@ -1,0 +1,390 @@
+//! Fleet protocol versions across a rolling upgrade, over real QUIC and mutual TLS on
+//! loopback: a host of the previous release (an endpoint bound with only version 1) still
+//! pings, leases and gossips with a current one; current hosts negotiate the current
+//! version; a peer speaking only versions nobody knows is refused in the handshake.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmhost_api::Resources;
+use vmhost_capacity::lease::{self, LeaseRequest, LeaseResponse};
+use vmhost_capacity::ledger::{Lease, Ledger};
+use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
+use vmhost_gossip::quic::{
+    alpn_id, answer, version_of_alpn, FleetEndpoint, FleetRequest, FleetResponse, Peer, QuicError,
+    FLEET_PROTOCOL_VERSION, PREVIOUS_FLEET_PROTOCOL_VERSION, SUPPORTED_FLEET_PROTOCOL_VERSIONS,
+};
+use vmhost_pki::Identity;
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Far beyond a loopback handshake, far below anything that looks like a hang.
+const QUICK: Duration = Duration::from_secs(5);
+
+fn any_port() -> SocketAddr {
+    SocketAddr::new(LOCALHOST, 0)
+}
+
+fn fleet(dir: &std::path::Path, hosts: &[&str]) -> Vec<Identity> {
+    vmhost_pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
+}
+
+/// A granter speaking `versions` that records who asked it what.
+fn granter(identity: &Identity, versions: &[u32]) -> (FleetEndpoint, Arc<Mutex<Vec<Peer>>>) {
+    let endpoint = FleetEndpoint::bind_with_versions(any_port(), identity, versions).unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::new(Resources {
+        vcpus: 4,
+        memory_bytes: 4 << 30,
+    })));
+    let askers = Arc::new(Mutex::new(Vec::new()));
+    let seen = askers.clone();
+    endpoint.serve_peers(Arc::new(move |peer, request| {
+        seen.lock().unwrap().push(peer);
+        answer(match request {
+            FleetRequest::Lease(request) => {
+                FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
+            }
+            _ => FleetResponse::Pong,
+        })
+    }));
+    (endpoint, askers)
+}
+
+/// Pings, then reserves, renews and releases a lease, each answered as a v1 host expects.
+async fn ping_and_lease(client: &FleetEndpoint, server: SocketAddr, name: &str) -> Vec<Peer> {
+    let mut peers = Vec::new();
+    let mut call = async |request: FleetRequest| {
+        let (peer, response) =
+            tokio::time::timeout(QUICK, client.call_peer(server, name, &request))
+                .await
+                .expect("the call finishes")
+                .unwrap();
+        peers.push(peer);
+        response
+    };
+    assert_eq!(call(FleetRequest::Ping).await, FleetResponse::Pong);
+    let reserve = LeaseRequest::Reserve {
+        vm: "db1".into(),
+        holder: "host-a".into(),
+        resources: Resources {
+            vcpus: 2,
+            memory_bytes: 1 << 30,
+        },
+        ttl_ms: 10_000,
+    };
+    let id = match call(FleetRequest::Lease(reserve)).await {
+        FleetResponse::Lease(LeaseResponse::Granted(Lease { id, .. })) => id,
+        other => panic!("not granted: {other:?}"),
+    };
+    let renew = LeaseRequest::Renew { id, ttl_ms: 20_000 };
+    let renewed = call(FleetRequest::Lease(renew)).await;
+    assert!(
+        matches!(renewed, FleetResponse::Lease(LeaseResponse::Renewed(ref l)) if l.id == id),
+        "{renewed:?}"
+    );
+    let released = call(FleetRequest::Lease(LeaseRequest::Release { id })).await;
+    assert_eq!(released, FleetResponse::Lease(LeaseResponse::Released));
+    peers
+}
+
+#[tokio::test]
+async fn current_hosts_negotiate_the_current_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet(dir.path(), &["host-a", "host-b"]);
+    let (b, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
+    assert_eq!(a.versions(), [2, 1]);
+    assert_eq!(a.peer_version(b.local_addr(), "host-b").await, None);
+    let peer = a.connect(b.local_addr(), "host-b").await.unwrap();
+    assert_eq!(
+        peer,
+        Peer {
+            name: "host-b".into(),
+            addr: b.local_addr(),
+            version: FLEET_PROTOCOL_VERSION
+        }
+    );
+    for peer in ping_and_lease(&a, b.local_addr(), "host-b").await {
+        assert_eq!(peer.version, 2);
+    }
+    assert_eq!(a.peer_version(b.local_addr(), "host-b").await, Some(2));
+    let askers = askers.lock().unwrap();
+    assert_eq!(askers.len(), 4);
+    for asker in askers.iter() {
+        assert_eq!((asker.name.as_str(), asker.version), ("host-a", 2));
+        assert_eq!(asker.addr, a.local_addr());
+    }
+}
+
+#[tokio::test]
+async fn a_previous_version_host_pings_and_leases_with_a_current_one_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet(dir.path(), &["old", "new"]);
+    let previous = [PREVIOUS_FLEET_PROTOCOL_VERSION];
+    // The old host asks the new one.
+    let (new, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    let old = FleetEndpoint::bind_with_versions(any_port(), &ids[0], &previous).unwrap();
+    for peer in ping_and_lease(&old, new.local_addr(), "new").await {
+        assert_eq!((peer.name.as_str(), peer.version), ("new", 1));
+    }
+    assert_eq!(old.peer_version(new.local_addr(), "new").await, Some(1));
+    let seen: Vec<_> = askers.lock().unwrap().iter().map(|p| p.version).collect();
+    assert_eq!(seen, [1, 1, 1, 1], "the new host saw the old one speak v1");
+    // The new host asks the old one.
+    let (old_granter, old_askers) = granter(&ids[0], &previous);
+    let client = FleetEndpoint::bind(any_port(), &ids[1]).unwrap();
+    for peer in ping_and_lease(&client, old_granter.local_addr(), "old").await {
+        assert_eq!((peer.name.as_str(), peer.version), ("old", 1));
+    }
+    let seen: Vec<_> = old_askers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.version)
+        .collect();
+    assert_eq!(seen, [1, 1, 1, 1]);
+}
+
+async fn gossiping_host(
+    name: &str,
+    identity: &Identity,
+    versions: &[u32],
+    seeds: Vec<SocketAddr>,
+) -> (Arc<FleetEndpoint>, Membership) {
+    let endpoint =
+        Arc::new(FleetEndpoint::bind_with_versions(any_port(), identity, versions).unwrap());
+    endpoint.serve(Arc::new(|_| answer(FleetResponse::Pong)));
+    let view = HostView {
+        name: name.into(),
+        addr: endpoint.local_addr(),
+        cu_shape: Default::default(),
+        capacity: Resources {
+            vcpus: 4,
+            memory_bytes: 4 << 30,
+        },
+        allocated: Resources::default(),
+        leased: Resources::default(),
+        watermark_memory_bytes: 4 << 30,
+        vms: 0,
+        version: "test".into(),
+    };
+    let config = MembershipConfig {
+        cluster: "test-fleet".into(),
+        name: name.into(),
+        advertise: endpoint.local_addr(),
+        seeds,
+        gossip_interval: Duration::from_millis(100),
+        dead_host_grace: Duration::from_secs(3600),
+    };
+    let membership = Membership::start(endpoint.clone(), config, &view)
+        .await
+        .unwrap();
+    (endpoint, membership)
+}
+
+fn live(members: &[Member]) -> Vec<&str> {
+    let mut names: Vec<_> = members
+        .iter()
+        .filter(|m| m.live)
+        .map(|m| m.view.name.as_str())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_version_host_gossips_with_a_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet(dir.path(), &["old", "new"]);
+    let (new, new_members) =
+        gossiping_host("new", &ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS, vec![]).await;
+    let (old, old_members) = gossiping_host(
+        "old",
+        &ids[0],
+        &[PREVIOUS_FLEET_PROTOCOL_VERSION],
+        vec![new.local_addr()],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (seen_by_new, seen_by_old) = (new_members.members().await, old_members.members().await);
+        if live(&seen_by_new) == ["new", "old"] && live(&seen_by_old) == ["new", "old"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no shared membership: new sees {seen_by_new:#?}, old sees {seen_by_old:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Gossip dials by IP; each direction's connection negotiated v1.
+    let ip = LOCALHOST.to_string();
+    assert_eq!(old.peer_version(new.local_addr(), &ip).await, Some(1));
+    assert_eq!(new.peer_version(old.local_addr(), &ip).await, Some(1));
+}
+
+#[tokio::test]
+async fn a_peer_speaking_only_unknown_versions_is_refused_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet(dir.path(), &["host-a", "host-b", "stranger"]);
+    let (b, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    for unknown in [0, 3] {
+        // A client that offers only `unknown`.
+        let stranger = FleetEndpoint::bind_with_versions(any_port(), &ids[2], &[unknown]).unwrap();
+        let refused = tokio::time::timeout(
+            QUICK,
+            stranger.call(b.local_addr(), "host-b", &FleetRequest::Ping),
+        )
+        .await
+        .expect("refused, not left hanging");
+        match refused {
+            Err(QuicError::NoCommonVersion { peer, offered }) => {
+                assert_eq!((peer.as_str(), offered), ("host-b", vec![unknown]));
+            }
+            other => panic!("expected no common version, got {other:?}"),
+        }
+        let message = stranger
+            .connect(b.local_addr(), "host-b")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("speaks none of the fleet protocol versions"),
+            "{message}"
+        );
+        // A server that accepts only `unknown` refuses a current client the same way.
+        let (odd, _) = granter(&ids[2], &[unknown]);
+        let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
+        let refused = tokio::time::timeout(QUICK, a.connect(odd.local_addr(), "stranger"))
+            .await
+            .expect("refused, not left hanging");
+        assert!(
+            matches!(&refused, Err(QuicError::NoCommonVersion { offered, .. }) if offered == &[2, 1]),
+            "{refused:?}"
+        );
+    }
+    assert!(
+        askers.lock().unwrap().is_empty(),
+        "nothing reached the handler"
+    );
+    // The host keeps serving those who speak its versions.
+    let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
+    assert_eq!(
+        a.call(b.local_addr(), "host-b", &FleetRequest::Ping)
+            .await
+            .unwrap(),
+        FleetResponse::Pong
+    );
+}
+
+#[test]
+fn versions_are_named_by_alpn_ids() {
+    assert_eq!(alpn_id(FLEET_PROTOCOL_VERSION), b"vmhost/2");
+    assert_eq!(alpn_id(PREVIOUS_FLEET_PROTOCOL_VERSION), b"vmhost/1");
+    assert_eq!(version_of_alpn(b"vmhost/1"), Some(1));
+    assert_eq!(version_of_alpn(b"vmhost/x"), None);
+    assert_eq!(version_of_alpn(b"h3"), None);
+    assert_eq!(SUPPORTED_FLEET_PROTOCOL_VERSIONS, [2, 1]);
+}
+
+/// Version 1's messages as a v1 host encodes them (taken from the release before
+/// negotiation): a current host must send and accept exactly these bytes.
+#[test]
+fn version_1_messages_keep_their_encoding() {
+    let r = Resources {
+        vcpus: 2,
+        memory_bytes: 1 << 30,
+    };
+    let lease = Lease {
+        id: 7,
+        vm: "db1".into(),
+        holder: "a".into(),
+        resources: r,
+        expires_at_ms: 1_000,
+    };
+    let lease_bytes = [7, 3, 100, 98, 49, 1, 97, 2, 128, 128, 128, 128, 4, 232, 7];
+    let requests: Vec<(FleetRequest, Vec<u8>)> = vec![
+        (FleetRequest::Ping, vec![0]),
+        (
+            FleetRequest::Lease(LeaseRequest::Reserve {
+                vm: "db1".into(),
+                holder: "a".into(),
+                resources: r,
+                ttl_ms: 10_000,
+            }),
+            vec![
+                1, 0, 3, 100, 98, 49, 1, 97, 2, 128, 128, 128, 128, 4, 144, 78,
+            ],
+        ),
+        (
+            FleetRequest::Lease(LeaseRequest::Renew {
+                id: 7,
+                ttl_ms: 5_000,
+            }),
+            vec![1, 1, 7, 136, 39],
+        ),
+        (
+            FleetRequest::Lease(LeaseRequest::Commit { id: 7 }),
+            vec![1, 2, 7],
+        ),
+        (
+            FleetRequest::Lease(LeaseRequest::Release { id: 7 }),
+            vec![1, 3, 7],
+        ),
+        (FleetRequest::Api("{}".into()), vec![2, 2, 123, 125]),
+        (FleetRequest::Tunnel { id: 300 }, vec![3, 172, 2]),
+    ];
+    for (request, bytes) in requests {
+        assert_eq!(request.since(), 1, "{request:?}");
+        assert_eq!(postcard::to_stdvec(&request).unwrap(), bytes, "{request:?}");
+        assert_eq!(
+            postcard::from_bytes::<FleetRequest>(&bytes).unwrap(),
+            request
+        );
+    }
+    let with_lease = |tag: u8| [&[1, tag][..], &lease_bytes[..]].concat();
+    let responses: Vec<(FleetResponse, Vec<u8>)> = vec![
+        (FleetResponse::Pong, vec![0]),
+        (
+            FleetResponse::Lease(LeaseResponse::Granted(lease.clone())),
+            with_lease(0),
+        ),
+        (
+            FleetResponse::Lease(LeaseResponse::Renewed(lease.clone())),
+            with_lease(1),
+        ),
+        (
+            FleetResponse::Lease(LeaseResponse::Committed(lease)),
+            with_lease(2),
+        ),
+        (FleetResponse::Lease(LeaseResponse::Released), vec![1, 3]),
+        (
+            FleetResponse::Lease(LeaseResponse::Refused {
+                reason: "x".into(),
+                free: r,
+            }),
+            vec![1, 4, 1, 120, 2, 128, 128, 128, 128, 4],
+        ),
+        (
+            FleetResponse::Lease(LeaseResponse::Unknown { id: 7 }),
+            vec![1, 5, 7],
+        ),
+        (
+            FleetResponse::Lease(LeaseResponse::Invalid { reason: "x".into() }),
+            vec![1, 6, 1, 120],
+        ),
+        (FleetResponse::Api("{}".into()), vec![2, 2, 123, 125]),
+        (FleetResponse::Error { reason: "x".into() }, vec![3, 1, 120]),
+    ];
+    for (response, bytes) in responses {
+        assert_eq!(response.since(), 1, "{response:?}");
+        assert_eq!(
+            postcard::to_stdvec(&response).unwrap(),
+            bytes,
+            "{response:?}"
+        );
+        assert_eq!(
+            postcard::from_bytes::<FleetResponse>(&bytes).unwrap(),
+            response
+        );
+    }
+}
