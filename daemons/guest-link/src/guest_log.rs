@@ -6,8 +6,10 @@
 //! through, then one line per [`LOG_INTERVAL`], counts what it holds back and reports that count
 //! (`suppressed=N`) on the next line it lets through.
 //!
-//! The crate's `clippy.toml` forbids the `tracing` macros everywhere else, so a new log line
-//! cannot bypass this by accident (Firecracker does the same with its `rate_limited` logger).
+//! The crate's `clippy.toml` forbids the `tracing` macros (and `println!`/`eprintln!`) in this
+//! crate, and the calls that dispatch an event by hand everywhere but [`GuestLog::emit`], so a
+//! new log line cannot bypass the limiter by accident (Firecracker does the same with its
+//! `rate_limited` logger).
 
 use crate::bucket::TokenBucket;
 use std::fmt;

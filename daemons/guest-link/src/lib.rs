@@ -28,12 +28,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmhost_api::GuestInfo;
-
-use bucket::{Strikes, TokenBucket};
-use guest_log::GuestLog;
 use vmhost_guest_protocol::{
     self as protocol, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
 };
+
+use bucket::{Strikes, TokenBucket};
+use guest_log::GuestLog;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -42,7 +42,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 /// Messages per second a guest may send on average, and in a burst.
 const RATE_PER_SEC: f64 = 20.0;
 const BURST: f64 = 60.0;
-/// Past these, the connection is closed (and the next one, until enough is forgiven).
+/// Past these, the connection is closed. The counts outlive it: until enough is forgiven, a
+/// new connection is closed at its first offence.
 const MAX_PROTOCOL_ERRORS: u64 = 10;
 const MAX_DROPPED: u64 = 500;
 /// One malformed message is forgiven per this long: a guest that hit the bound has to behave
@@ -350,7 +351,8 @@ async fn message_loop(
                 let _ = tx.try_send(HostMessage::HealthCheck { id: health_id });
                 let silent = shared.status.lock().unwrap().last_seen.is_none_or(|seen| seen.elapsed() >= SILENCE_LIMIT);
                 if silent {
-                    shared.log.warn(format_args!("guest silent for {} s; marked unhealthy", SILENCE_LIMIT.as_secs()));
+                    let secs = SILENCE_LIMIT.as_secs();
+                    shared.log.warn(format_args!("guest silent for {secs} s; marked unhealthy"));
                 }
                 continue;
             }

@@ -1,6 +1,7 @@
 //! vmctl: operate the VMs of a vmhost host through its local vmhostd.
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use vmhost_api::units::format_bytes;
@@ -8,6 +9,46 @@ use vmhost_api::{
     ClientError, ComputeUnits, CreateVm, FleetHost, HostInfo, ImageRef, MigrateVm, Reply, Request,
     VmInfo,
 };
+
+// A CLI in a pipe must stop quietly when its reader goes away (`vmctl list | head -1`), but
+// std's print macros panic when a write fails, EPIPE included. These four shadow them for
+// this whole file: a closed stdout or stderr ends vmctl the way it ends `ls`, killed by
+// SIGPIPE, and any other output error (`> file` on a full disk) is a one-line error, not a
+// panic. Restoring SIGPIPE's default at start would fix the pipe case alone, and for every
+// pipe the process ever writes, not only its output; this keeps the decision at the output.
+macro_rules! print {
+    ($($arg:tt)*) => { write_or_exit(std::io::stdout().lock(), format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { print!("\n") };
+    ($($arg:tt)*) => { print!("{}\n", format_args!($($arg)*)) };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => { write_or_exit(std::io::stderr().lock(), format_args!($($arg)*)) };
+}
+macro_rules! eprintln {
+    () => { eprint!("\n") };
+    ($($arg:tt)*) => { eprint!("{}\n", format_args!($($arg)*)) };
+}
+
+/// Writes output. A reader that has gone away ends vmctl by SIGPIPE; any other failure ends
+/// it with an error (on stderr, if that still works) instead of a panic.
+fn write_or_exit(mut out: impl std::io::Write, args: std::fmt::Arguments<'_>) {
+    let Err(error) = out.write_fmt(args) else {
+        return;
+    };
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        use nix::sys::signal::{raise, signal, SigHandler, Signal};
+        // SAFETY: this installs the default disposition, not a handler; no code of ours runs
+        // in signal context.
+        let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+        let _ = raise(Signal::SIGPIPE);
+        // Only if the signal did not end us: the shell's code for it.
+        std::process::exit(128 + Signal::SIGPIPE as i32);
+    }
+    let _ = writeln!(std::io::stderr(), "vmctl: cannot write output: {error}");
+    std::process::exit(1);
+}
 
 /// Creating or resizing a guest under emulation can take a while; give up after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);

@@ -15,6 +15,8 @@ mod prometheus;
 mod resize;
 mod router;
 mod store;
+#[cfg(test)]
+mod testing;
 mod validate;
 mod vm_table;
 

@@ -365,3 +365,67 @@ impl AgentPort for Host {
         self.events.record(vm, kind, message);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{cu, TestHost};
+    use vmhost_api::{Resources, VmState};
+    use vmm::{Accel, Step, Vm};
+
+    /// What the fake QEMU really holds, from the sizes it was started with.
+    async fn held(host: &TestHost, vm: &str) -> Resources {
+        let machine = host.machine(vm);
+        Resources {
+            vcpus: machine.vcpus().await.unwrap(),
+            memory_bytes: machine.spec().boot_memory_bytes + machine.hotplug_memory().await.unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn raising_the_minimum_moves_the_vm_up_and_the_ledger_keeps_to_what_qemu_holds() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 3).await;
+        host.host.bounds("a", cu(2), cu(3)).await.unwrap();
+        let info = host.host.show("a").await.unwrap();
+        assert_eq!(info.cu, cu(2), "left below its new minimum");
+        assert_eq!(held(&host, "a").await.vcpus, 2);
+        // Hotplug sizes count from the memory QEMU booted with, not from the new minimum.
+        host.host.scale("a", cu(3), false).await.unwrap();
+        let real = held(&host, "a").await;
+        assert_eq!(real.memory_bytes, 3 << 30);
+        assert_eq!(host.allocated(), real);
+        assert_eq!(host.host.show("a").await.unwrap().memory_bytes, real.memory_bytes);
+    }
+
+    #[tokio::test]
+    async fn lowering_the_maximum_below_the_size_needs_the_monitor_and_keeps_the_bounds_if_refused() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 3).await;
+        host.host.scale("a", cu(3), true).await.unwrap();
+        // No monitor is connected, so the shrink is refused, and so is the change.
+        let error = host.host.bounds("a", cu(1), cu(2)).await.unwrap_err();
+        assert!(error.to_string().contains("cannot shrink"), "{error}");
+        let info = host.host.show("a").await.unwrap();
+        assert_eq!((info.cu, info.max_cu), (cu(3), cu(3)));
+    }
+
+    #[tokio::test]
+    async fn a_refused_upscale_leaves_qemu_and_the_ledger_as_they_were() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 3).await;
+        let machine = host.machine("a");
+        machine.fail_next(Step::SetVcpus);
+        assert!(host.host.scale("a", cu(2), false).await.is_err());
+        assert_eq!(host.allocated(), held(&host, "a").await);
+        assert_eq!(host.state("a"), Some(VmState::Running));
+    }
+
+    #[tokio::test]
+    async fn a_scale_waits_for_the_vm_table_phase() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 3).await;
+        host.host.stop("a").await.unwrap();
+        let error = host.host.scale("a", cu(2), false).await.unwrap_err();
+        assert_eq!(error.to_string(), "VM 'a' is stopped; cannot scale it");
+    }
+}

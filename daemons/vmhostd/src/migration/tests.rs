@@ -1,1 +1,389 @@
-//! Placeholder
+//! Both ends of a migration against fake QEMUs: every phase transition and failure branch,
+//! and the data-safety rules (one running copy, no lost disk, ledger = real sizes).
+
+use super::*;
+use crate::testing::{cu, LocalTarget, TestHost};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use vmhost_api::{MigrationSummary, Resources, VmState, MIGRATION_VERSION};
+use vmm::disk_mirror::MirrorProgress;
+use vmm::{Accel, FakeMachine, MigrationStatus, Step};
+
+fn options() -> MigrationOptions {
+    MigrationOptions {
+        postcopy: true,
+        max_downtime_ms: None,
+        bandwidth_mib: None,
+    }
+}
+
+/// A source with VM "a" (1 to 3 CU, at 2), a target, and the migration started in a task.
+struct Move {
+    source: TestHost,
+    target: TestHost,
+    lease: u64,
+    task: tokio::task::JoinHandle<Result<MigrationSummary, vmhost_api::ApiError>>,
+}
+
+async fn start_move(disk: Option<u32>, accel: Accel) -> Move {
+    let source = TestHost::new("host-a", accel).await;
+    let target = TestHost::new("host-b", accel).await;
+    let mut request = TestHost::request("a", 1, 3, disk);
+    request.cu = Some(cu(2));
+    source.host.create(request).await.unwrap();
+    let departing = source.host.begin_departure("a").await.unwrap();
+    let lease = target.lease("a", departing.size);
+    let host = source.host.clone();
+    let to = LocalTarget {
+        target: target.host.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let (progress, _reports) = mpsc::channel(1024);
+        host.migrate_out(departing, &to, lease, options(), &progress)
+            .await
+    });
+    Move {
+        source,
+        target,
+        lease,
+        task,
+    }
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// Drives the source to post-copy and the target to the switchover.
+async fn into_postcopy(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    let dst = m.target.machine("a");
+    src.set_dirty_sync_count(2);
+    src.set_migration_status(MigrationStatus::Active);
+    src.wait_for_call(Step::StartPostcopy).await;
+    dst.set_migration_status(MigrationStatus::PostcopyActive);
+    let dir = m.target.vm_dir("a");
+    until("the target records the switchover", || {
+        dir.join("switched-over").exists()
+    })
+    .await;
+    (src, dst)
+}
+
+#[test]
+fn every_phase_change_follows_the_tables() {
+    let mut source = Phase::new("a", SourcePhase::Prepared, SOURCE_TRANSITIONS);
+    for next in [
+        SourcePhase::Detached,
+        SourcePhase::Streaming,
+        SourcePhase::PostcopyActive,
+        SourcePhase::PostcopyPaused,
+        SourcePhase::Stranded,
+        SourcePhase::PostcopyPaused,
+        SourcePhase::PostcopyActive,
+        SourcePhase::Completed,
+        SourcePhase::HandedOver,
+    ] {
+        source.go(next).unwrap();
+    }
+    // Nothing leaves the end states, and post-copy never goes back to running here.
+    assert!(source.go(SourcePhase::Abandoned).is_err());
+    let mut paused = Phase::new("a", SourcePhase::PostcopyPaused, SOURCE_TRANSITIONS);
+    assert!(paused.go(SourcePhase::Abandoned).is_err());
+    let mut target = Phase::new("a", TargetPhase::SwitchedOver, TARGET_TRANSITIONS);
+    assert!(target.go(TargetPhase::Abandoned).is_err());
+    target.go(TargetPhase::Crashed).unwrap();
+    assert!(target.go(TargetPhase::Arrived).is_err());
+}
+
+#[tokio::test]
+async fn a_postcopy_migration_hands_the_vm_over_and_it_arrives_whole() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    let committed = m.target.allocated();
+    assert_eq!(committed, cu_size(2));
+    src.complete_migration();
+    dst.complete_migration();
+    let summary = m.task.await.unwrap().unwrap();
+    assert!(summary.postcopy);
+    assert!(src.exited_now(), "the source QEMU ended");
+    assert!(m.source.state("a").is_none());
+    assert!(!m.source.vm_dir("a").exists());
+    assert_eq!(m.source.allocated(), Resources::default());
+    until("the target runs the VM", || {
+        m.target.state("a") == Some(VmState::Running)
+    })
+    .await;
+    assert!(dst.vsock_plugged());
+    assert_eq!(dst.hotplug_memory().await.unwrap(), 1 << 30);
+    assert!(!m.target.vm_dir("a").join("switched-over").exists());
+    assert_eq!(m.target.allocated(), cu_size(2));
+    let _ = m.lease;
+}
+
+fn cu_size(n: u32) -> Resources {
+    Resources {
+        vcpus: n,
+        memory_bytes: u64::from(n) << 30,
+    }
+}
+
+#[tokio::test]
+async fn the_source_records_the_hand_over_before_its_qemu_ends_and_never_runs_it_again() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    src.stall(Step::Terminate);
+    src.complete_migration();
+    dst.complete_migration();
+    src.wait_for_call(Step::Terminate).await;
+    assert!(m.source.vm_dir("a").join("handed-over").exists());
+    // vmhostd dies here, before the stale copy is gone; a new one must not run it.
+    let restarted = m.source.on_copy().await;
+    assert!(restarted.state("a").is_none(), "the stale copy is listed");
+    assert!(!restarted.vm_dir("a").exists(), "the stale disk is kept");
+    src.release(Step::Terminate);
+    m.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_arrival_that_fails_after_the_switchover_keeps_its_disk_and_starts_cold() {
+    let m = start_move(Some(1), Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::StartDiskMirror).await;
+    let (_, dst) = {
+        src.wait_for_call(Step::MigrateTo).await;
+        let dst = m.target.machine("a");
+        src.set_dirty_sync_count(2);
+        src.set_migration_status(MigrationStatus::Active);
+        src.wait_for_call(Step::StartPostcopy).await;
+        dst.set_migration_status(MigrationStatus::PostcopyActive);
+        (src.clone(), dst)
+    };
+    let dir = m.target.vm_dir("a");
+    until("the switchover is recorded", || dir.join("switched-over").exists()).await;
+    dst.crash();
+    until("the arrival is crashed", || {
+        m.target.state("a") == Some(VmState::Crashed)
+    })
+    .await;
+    assert!(dir.join("disk.raw").exists(), "the only up-to-date disk was removed");
+    assert_eq!(m.target.allocated(), Resources::default());
+    m.target.host.start("a").await.unwrap();
+    assert_eq!(m.target.state("a"), Some(VmState::Running));
+    assert!(!m.target.machine("a").spec().incoming);
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_target_keeps_a_switched_over_arrival_whose_qemu_is_gone() {
+    let m = start_move(Some(1), Accel::Kvm).await;
+    let _ = into_postcopy(&m).await;
+    let restarted = m.target.on_copy().await;
+    assert_eq!(restarted.state("a"), Some(VmState::Crashed));
+    assert!(restarted.vm_dir("a").join("disk.raw").exists());
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_target_drops_an_arrival_that_had_not_switched_over() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").wait_for_call(Step::MigrateTo).await;
+    let restarted = m.target.on_copy().await;
+    assert!(restarted.state("a").is_none());
+    assert!(!restarted.vm_dir("a").exists());
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn migrate_in_never_removes_a_folder_it_did_not_create() {
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let dir = target.vm_dir("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("spec.json"), b"{corrupt").unwrap();
+    std::fs::write(dir.join("disk.raw"), b"data").unwrap();
+    let size = cu_size(1);
+    let lease = target.lease("a", size);
+    let mut vm = TestHost::request("a", 1, 1, None);
+    vm.lease = Some(lease);
+    let incoming = IncomingMigration {
+        version: MIGRATION_VERSION,
+        vm,
+        bounds: (cu(1), cu(1)),
+        vcpus: 1,
+        restore_hotplug_memory_bytes: 0,
+        postcopy: true,
+        tunnel: 1,
+        disk_tunnel: None,
+    };
+    assert!(target.host.prepare_arrival(incoming).await.is_err());
+    assert_eq!(std::fs::read(dir.join("disk.raw")).unwrap(), b"data");
+    assert!(target.state("a").is_none());
+}
+
+#[tokio::test]
+async fn a_start_message_of_an_unknown_version_is_refused() {
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let incoming = IncomingMigration {
+        version: MIGRATION_VERSION + 1,
+        vm: TestHost::request("a", 1, 1, None),
+        bounds: (cu(1), cu(1)),
+        vcpus: 1,
+        restore_hotplug_memory_bytes: 0,
+        postcopy: true,
+        tunnel: 1,
+        disk_tunnel: None,
+    };
+    let error = target.host.prepare_arrival(incoming).await.unwrap_err();
+    assert!(error.to_string().contains("version"), "{error}");
+}
+
+#[tokio::test]
+async fn a_failed_switch_to_postcopy_stays_precopy_and_a_failure_then_keeps_the_vm_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    src.fail_next(Step::StartPostcopy);
+    src.set_dirty_sync_count(2);
+    src.set_migration_status(MigrationStatus::Active);
+    src.wait_for_call(Step::StartPostcopy).await;
+    src.fail_migration("the target went away");
+    let error = m.task.await.unwrap().unwrap_err();
+    assert!(error.message.contains("failed"), "{}", error.message);
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+    assert!(src.vsock_plugged(), "the guest got its vsock device back");
+    assert!(!m.source.vm_dir("a").join("leaving").exists());
+    assert!(!m.target.host.admission.holds_lease(m.lease));
+}
+
+#[tokio::test]
+async fn a_broken_postcopy_link_is_recovered() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    src.break_link();
+    dst.wait_for_call(Step::RecoverIncoming).await;
+    src.wait_for_calls(Step::MigrateTo, 2).await;
+    dst.set_migration_status(MigrationStatus::PostcopyActive);
+    src.complete_migration();
+    dst.complete_migration();
+    let summary = m.task.await.unwrap().unwrap();
+    assert_eq!(summary.recoveries, 1);
+}
+
+#[tokio::test]
+async fn an_unrecovered_link_strands_both_halves_and_resume_finishes_later() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.fail_always(Step::RecoverIncoming);
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    src.break_link();
+    let error = m.task.await.unwrap().unwrap_err();
+    assert!(error.message.contains("--resume"), "{}", error.message);
+    assert_eq!(m.source.state("a"), Some(VmState::Migrating));
+    assert!(!src.exited_now() && !dst.exited_now(), "a half was ended");
+    dst.heal(Step::RecoverIncoming);
+    let (departing, departure) = m.source.host.stranded_departure("a").await.unwrap();
+    let to = LocalTarget {
+        target: m.target.host.clone(),
+    };
+    let host = m.source.host.clone();
+    let resumed = tokio::spawn(async move {
+        let (progress, _reports) = mpsc::channel(1024);
+        host.resume_departure(departing, departure, &to, &progress)
+            .await
+    });
+    src.wait_for_calls(Step::MigrateTo, 2).await;
+    src.complete_migration();
+    dst.complete_migration();
+    resumed.await.unwrap().unwrap();
+    assert!(m.source.state("a").is_none());
+}
+
+#[tokio::test]
+async fn a_source_qemu_that_exits_before_the_switchover_leaves_the_vm_crashed_and_the_lease_free()
+{
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    src.crash();
+    assert!(m.task.await.unwrap().is_err());
+    assert_eq!(m.source.state("a"), Some(VmState::Crashed));
+    assert!(!m.target.host.admission.holds_lease(m.lease));
+}
+
+#[tokio::test]
+async fn a_source_restarted_before_the_switchover_cancels_and_runs_the_vm_on() {
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    m.task.abort();
+    let _ = m.task.await;
+    let restarted = m.source.restart().await;
+    assert_eq!(restarted.state("a"), Some(VmState::Running));
+    assert!(src.count(Step::CancelMigration) >= 1);
+    assert!(src.vsock_plugged());
+}
+
+#[tokio::test]
+async fn a_lease_that_ends_before_the_switchover_drops_the_arrival() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").wait_for_call(Step::MigrateTo).await;
+    let dst = m.target.machine("a");
+    m.target.host.admission.release_lease(m.lease);
+    until("the arrival is dropped", || m.target.state("a").is_none()).await;
+    assert!(dst.exited_now());
+    assert!(!m.target.vm_dir("a").exists());
+    m.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
+    let source = TestHost::new("host-a", Accel::Kvm).await;
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    source
+        .host
+        .create(TestHost::request("a", 1, 1, Some(1)))
+        .await
+        .unwrap();
+    let src = source.machine("a");
+    src.set_mirror_progress(MirrorProgress {
+        copied_bytes: 0,
+        total_bytes: 1 << 30,
+        ready: false,
+    });
+    let departing = source.host.begin_departure("a").await.unwrap();
+    let lease = target.lease("a", departing.size);
+    let host = source.host.clone();
+    let to = LocalTarget {
+        target: target.host.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let (progress, _reports) = mpsc::channel(4096);
+        host.migrate_out(departing, &to, lease, options(), &progress)
+            .await
+    });
+    src.wait_for_call(Step::StartDiskMirror).await;
+    // A disk copy longer than the setup timeout.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    src.set_mirror_progress(MirrorProgress {
+        copied_bytes: 1 << 30,
+        total_bytes: 1 << 30,
+        ready: true,
+    });
+    src.wait_for_call(Step::MigrateTo).await;
+    src.set_migration_status(MigrationStatus::Setup);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(src.count(Step::CancelMigration), 0, "cancelled too early");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(src.count(Step::CancelMigration) >= 1, "a stuck setup was kept");
+    assert!(task.await.unwrap().is_err());
+    assert_eq!(source.state("a"), Some(VmState::Running));
+}
