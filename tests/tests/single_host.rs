@@ -87,6 +87,20 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
     );
     host.vmctl_ok(&["delete", "db1"]);
     assert!(!host.state_dir().join("vms/db1").exists());
+
+    // A scale asked for the moment `create` returns, while the guest still boots, waits
+    // until the guest can take the vCPU, and the guest then sees its new size.
+    host.vmctl_ok(&["create", "db2", "--min-cu", "1", "--max-cu", "2"]);
+    host.vmctl_ok(&["scale", "db2", "--cu", "2"]);
+    assert_eq!(host.show("db2")["vcpus"], 2);
+    host.wait_guest_view_within(
+        "db2",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB,
+        },
+        64 * 1024,
+    );
 }
 
 #[test]

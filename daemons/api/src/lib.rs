@@ -182,7 +182,9 @@ impl PeerEnvelope {
     pub fn from_json(json: &str) -> Result<PeerEnvelope, serde_json::Error> {
         let value: serde_json::Value = serde_json::from_str(json)?;
         let version = serde_json::from_value(value["version"].clone())?;
-        let peer_only = value["op"].as_str().is_some_and(|op| PEER_ONLY_OPS.contains(&op));
+        let peer_only = value["op"]
+            .as_str()
+            .is_some_and(|op| PEER_ONLY_OPS.contains(&op));
         let call = if peer_only {
             PeerCall::Peer(serde_json::from_value(value)?)
         } else {
@@ -608,7 +610,10 @@ mod tests {
         };
         assert_eq!(incoming.version, 1);
         // Operators cannot send a peer's request.
-        assert!(serde_json::from_str::<Envelope>(r#"{"version":1,"op":"migrate_recover","name":"a"}"#).is_err());
+        assert!(serde_json::from_str::<Envelope>(
+            r#"{"version":1,"op":"migrate_recover","name":"a"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -1,7 +1,5 @@
-//! Budgets that refill with time and forgive with time: the guest's message rate, its log
-//! lines, and the strikes that close its connection.
+//! A budget that refills with time: the guest's message rate and its log lines.
 
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// A token bucket: `capacity` at once, then `per_sec` on average.
@@ -42,61 +40,10 @@ impl TokenBucket {
     }
 }
 
-/// A count of offences that forgives one per `period`: past misbehaviour weighs on a guest for
-/// a while, whatever it does (redialing included), but not forever.
-pub(crate) struct Strikes {
-    count: u64,
-    /// When the oldest unforgiven period started.
-    since: Instant,
-    period: Duration,
-}
-
-impl Strikes {
-    pub(crate) fn new(period: Duration, now: Instant) -> Self {
-        Strikes {
-            count: 0,
-            since: now,
-            period,
-        }
-    }
-
-    /// Records one offence; returns the count including it.
-    pub(crate) fn add(&mut self, now: Instant) -> u64 {
-        self.forgive(now);
-        self.count += 1;
-        self.count
-    }
-
-    #[cfg(test)]
-    pub(crate) fn count(&mut self, now: Instant) -> u64 {
-        self.forgive(now);
-        self.count
-    }
-
-    fn forgive(&mut self, now: Instant) {
-        if self.count == 0 {
-            self.since = self.since.max(now);
-            return;
-        }
-        let elapsed = now.saturating_duration_since(self.since);
-        let periods =
-            (elapsed.as_nanos() / self.period.as_nanos().max(1)).min(u128::from(self.count));
-        // `periods` ≤ `count`, a u64.
-        let periods = periods as u64;
-        self.count -= periods;
-        if self.count == 0 {
-            self.since = self.since.max(now);
-        } else {
-            self.since += self
-                .period
-                .saturating_mul(u32::try_from(periods).unwrap_or(u32::MAX));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn token_bucket_allows_a_burst_then_the_rate() {
@@ -107,26 +54,5 @@ mod tests {
         assert!(!bucket.take(start));
         assert!(bucket.take(start + Duration::from_millis(60)));
         assert!(!bucket.take(start + Duration::from_millis(60)));
-    }
-
-    #[test]
-    fn strikes_are_forgiven_one_per_period() {
-        let start = Instant::now();
-        let period = Duration::from_secs(30);
-        let mut strikes = Strikes::new(period, start);
-        for _ in 0..10 {
-            strikes.add(start);
-        }
-        assert_eq!(strikes.count(start + period - Duration::from_millis(1)), 10);
-        assert_eq!(strikes.count(start + period), 9);
-        assert_eq!(strikes.count(start + period * 3 + period / 2), 7);
-        assert_eq!(strikes.add(start + period * 4), 7);
-        assert_eq!(strikes.count(start + period * 100), 0);
-        // Forgiveness does not bank up while the count is zero.
-        assert_eq!(strikes.add(start + period * 100), 1);
-        assert_eq!(
-            strikes.count(start + period * 101 - Duration::from_millis(1)),
-            1
-        );
     }
 }

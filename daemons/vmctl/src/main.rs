@@ -11,24 +11,24 @@ use vmhost_api::{
 };
 
 // A CLI in a pipe must stop quietly when its reader goes away (`vmctl list | head -1`), but
-// std's print macros panic when a write fails, EPIPE included. These four shadow them for
-// this whole file: a closed stdout or stderr ends vmctl the way it ends `ls`, killed by
-// SIGPIPE, and any other output error (`> file` on a full disk) is a one-line error, not a
-// panic. Restoring SIGPIPE's default at start would fix the pipe case alone, and for every
-// pipe the process ever writes, not only its output; this keeps the decision at the output.
-macro_rules! print {
+// std's print macros panic when a write fails, EPIPE included, so vmctl prints through these
+// four instead (clippy.toml bans std's): a closed stdout or stderr ends vmctl the way it ends
+// `ls`, killed by SIGPIPE, and any other output error (`> file` on a full disk) is a one-line
+// error, not a panic. Restoring SIGPIPE's default at start would fix the pipe case alone,
+// and for every pipe the process ever writes; this keeps the decision at the output.
+macro_rules! out {
     ($($arg:tt)*) => { write_or_exit(std::io::stdout().lock(), format_args!($($arg)*)) };
 }
-macro_rules! println {
-    () => { print!("\n") };
-    ($($arg:tt)*) => { print!("{}\n", format_args!($($arg)*)) };
+macro_rules! outln {
+    () => { out!("\n") };
+    ($($arg:tt)*) => { out!("{}\n", format_args!($($arg)*)) };
 }
-macro_rules! eprint {
+macro_rules! err {
     ($($arg:tt)*) => { write_or_exit(std::io::stderr().lock(), format_args!($($arg)*)) };
 }
-macro_rules! eprintln {
-    () => { eprint!("\n") };
-    ($($arg:tt)*) => { eprint!("{}\n", format_args!($($arg)*)) };
+macro_rules! errln {
+    () => { err!("\n") };
+    ($($arg:tt)*) => { err!("{}\n", format_args!($($arg)*)) };
 }
 
 /// Writes output. A reader that has gone away ends vmctl by SIGPIPE; any other failure ends
@@ -194,7 +194,7 @@ impl FleetCommand {
         match self {
             FleetCommand::InitCa { dir } => {
                 vmhost_pki::init_ca(&dir)?;
-                println!("fleet CA created in {}", dir.display());
+                outln!("fleet CA created in {}", dir.display());
             }
             FleetCommand::IssueCert {
                 ca,
@@ -203,7 +203,7 @@ impl FleetCommand {
                 out,
             } => {
                 vmhost_pki::issue_cert(&ca, &host, addr, &out)?;
-                println!(
+                outln!(
                     "certificate for {host} ({addr}) written to {}",
                     out.display()
                 );
@@ -290,7 +290,7 @@ fn main() {
             // One line, not clap's usage block.
             let message = error.to_string();
             let first = message.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vmctl: {}", first.trim_start_matches("error: "));
+            errln!("vmctl: {}", first.trim_start_matches("error: "));
             std::process::exit(2);
         }
         Err(help) => help.exit(),
@@ -298,7 +298,7 @@ fn main() {
     let json = cli.json;
     if let Command::Fleet(fleet) = cli.command {
         if let Err(error) = fleet.run() {
-            eprintln!("vmctl: {error}");
+            errln!("vmctl: {error}");
             std::process::exit(1);
         }
         return;
@@ -338,7 +338,7 @@ fn main() {
                 });
             if !json {
                 // End the progress line.
-                eprintln!();
+                errln!();
             }
             result.and_then(|()| match finished {
                 true => Ok(()),
@@ -362,7 +362,7 @@ fn main() {
     match result {
         Ok(()) => {}
         Err(error) => {
-            eprintln!("vmctl: {error}");
+            errln!("vmctl: {error}");
             std::process::exit(match &error {
                 ClientError::Api(api) => api.kind.exit_code(),
                 _ => 1,
@@ -386,7 +386,7 @@ fn print_reply(reply: &Reply, json: bool) {
             Reply::Events(events) => {
                 // One JSON object per line, the same as a followed stream.
                 for event in events {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string(event).expect("events serialize")
                     );
@@ -394,7 +394,7 @@ fn print_reply(reply: &Reply, json: bool) {
                 return;
             }
             Reply::Event(event) => {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(event).expect("events serialize")
                 );
@@ -402,14 +402,14 @@ fn print_reply(reply: &Reply, json: bool) {
             }
             // One object per line, like events, the summary last.
             Reply::MigrationProgress(progress) => {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(progress).expect("progress serializes")
                 );
                 return;
             }
             Reply::Migrated(summary) => {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(summary).expect("summaries serialize")
                 );
@@ -417,7 +417,7 @@ fn print_reply(reply: &Reply, json: bool) {
             }
         }
         .expect("replies always serialize");
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&value).expect("JSON values always print")
         );
@@ -432,7 +432,7 @@ fn print_reply(reply: &Reply, json: bool) {
         }
         Reply::Host(host) => print_host(host),
         Reply::Hosts(hosts) => print_hosts(hosts),
-        Reply::Deleted { name } => println!("deleted {name}"),
+        Reply::Deleted { name } => outln!("deleted {name}"),
         Reply::Events(events) => events.iter().for_each(print_event),
         Reply::Event(event) => print_event(event),
         Reply::MigrationProgress(progress) => print_progress(progress),
@@ -455,7 +455,7 @@ fn print_progress(p: &vmhost_api::MigrationProgress) {
     } else {
         "-".into()
     };
-    eprint!(
+    err!(
         "\r{} -> {} [{}{}] {} MiB sent, {:.0} MiB/s, {}, ETA {}\x1b[K",
         p.vm,
         p.target,
@@ -469,7 +469,7 @@ fn print_progress(p: &vmhost_api::MigrationProgress) {
 }
 
 fn print_summary(s: &vmhost_api::MigrationSummary) {
-    println!(
+    outln!(
         "migrated {} from {} to {}: downtime {} ms, total {:.1} s, {} MiB sent{}{}",
         s.vm,
         s.from,
@@ -493,7 +493,7 @@ fn print_summary(s: &vmhost_api::MigrationSummary) {
 fn print_event(event: &vmhost_api::Event) {
     let secs = event.unix_ms / 1000;
     let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    println!(
+    outln!(
         "{h:02}:{m:02}:{s:02}.{:03}Z  {:<16} {:<18} {}",
         event.unix_ms % 1000,
         event.vm,
@@ -510,15 +510,24 @@ fn top(socket: &std::path::Path, count: Option<u64>) -> Result<(), ClientError> 
             return Ok(());
         };
         // Clear the screen and go home, then draw.
-        print!("\x1b[H\x1b[2J");
-        println!(
+        out!("\x1b[H\x1b[2J");
+        outln!(
             "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
-            "NAME", "STATE", "CU", "GOAL", "VCPUS", "MEMORY", "LOAD1", "LOAD5", "USED", "WORKLOAD"
+            "NAME",
+            "STATE",
+            "CU",
+            "GOAL",
+            "VCPUS",
+            "MEMORY",
+            "LOAD1",
+            "LOAD5",
+            "USED",
+            "WORKLOAD"
         );
         for vm in &vms {
             let metrics = vm.guest.as_ref().and_then(|g| g.metrics);
             let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-            println!(
+            outln!(
                 "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
                 vm.name,
                 vm.state.to_string(),
@@ -575,13 +584,16 @@ fn print_vm(vm: &VmInfo) {
         ),
     ];
     for (key, value) in rows {
-        println!("{key:<11}{value}");
+        outln!("{key:<11}{value}");
     }
 }
 
 fn describe_guest(guest: &vmhost_api::GuestInfo) -> String {
     if !guest.connected {
-        return "not connected".into();
+        return match guest.protocol_version {
+            None => "not up yet (its monitor has not connected)".into(),
+            Some(_) => "not connected (its monitor went away)".into(),
+        };
     }
     let mut text = format!(
         "connected (protocol {}{})",
@@ -603,12 +615,18 @@ fn describe_guest(guest: &vmhost_api::GuestInfo) -> String {
 }
 
 fn print_table(vms: &[VmInfo]) {
-    println!(
+    outln!(
         "{:<20} {:<9} {:>5} {:>5} {:>5} {:>6} {:>10}  HOST",
-        "NAME", "STATE", "CU", "MIN", "MAX", "VCPUS", "MEMORY"
+        "NAME",
+        "STATE",
+        "CU",
+        "MIN",
+        "MAX",
+        "VCPUS",
+        "MEMORY"
     );
     for vm in vms {
-        println!(
+        outln!(
             "{:<20} {:<9} {:>5} {:>5} {:>5} {:>6} {:>10}  {}",
             vm.name,
             vm.state.to_string(),
@@ -624,7 +642,7 @@ fn print_table(vms: &[VmInfo]) {
 
 fn warn_unreachable(hosts: &[String]) {
     if !hosts.is_empty() {
-        eprintln!(
+        errln!(
             "vmctl: VMs of these hosts are missing: {}",
             hosts.join(", ")
         );
@@ -632,13 +650,19 @@ fn warn_unreachable(hosts: &[String]) {
 }
 
 fn print_hosts(hosts: &[FleetHost]) {
-    println!(
+    outln!(
         "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
-        "HOST", "ADDRESS", "LIVE", "CAPACITY", "ALLOCATED", "LEASED", "VMS"
+        "HOST",
+        "ADDRESS",
+        "LIVE",
+        "CAPACITY",
+        "ALLOCATED",
+        "LEASED",
+        "VMS"
     );
     let short = |r: vmhost_api::Resources| format!("{}/{}", r.vcpus, format_bytes(r.memory_bytes));
     for host in hosts {
-        println!(
+        outln!(
             "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
             host.name,
             host.addr,
@@ -652,17 +676,17 @@ fn print_hosts(hosts: &[FleetHost]) {
 }
 
 fn print_host(host: &HostInfo) {
-    println!("host       {}", host.name);
-    println!("accel      {} ({})", host.accel, host.accel_reason);
-    println!(
+    outln!("host       {}", host.name);
+    outln!("accel      {} ({})", host.accel, host.accel_reason);
+    outln!(
         "1 CU       {} vCPU, {}",
         host.cu_shape.vcpus_per_cu,
         format_bytes(host.cu_shape.memory_per_cu_bytes)
     );
-    println!("capacity   {}", host.capacity);
-    println!("allocated  {}", host.allocated);
-    println!("leased     {}", host.leased);
-    println!("vms        {}", host.vms);
+    outln!("capacity   {}", host.capacity);
+    outln!("allocated  {}", host.allocated);
+    outln!("leased     {}", host.leased);
+    outln!("vms        {}", host.vms);
 }
 
 #[cfg(test)]

@@ -2,12 +2,12 @@
 //! the guest's metrics every poll interval and with monitor requests at once, and carries
 //! out what it decides through the host (ledger, vmm, guest link).
 
-use vmhost_guest_link::UpscaleRequest;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use vmhost_agent::{Action, Agent, AgentConfig, Decision, Outcome};
 use vmhost_api::{ComputeUnits, CuShape, EventKind};
+use vmhost_guest_link::UpscaleRequest;
 
 /// What the agent needs of the host: its VM's view, and a way to act and to be heard.
 #[async_trait::async_trait]

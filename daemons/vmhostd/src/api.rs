@@ -218,7 +218,11 @@ mod tests {
     fn a_peer_request_on_the_operator_socket_is_refused() {
         let error = parse(r#"{"version":1,"op":"migrate_recover","name":"a"}"#).unwrap_err();
         assert_eq!(error.kind, ErrorKind::InvalidArgument);
-        assert!(error.message.contains("not by operators"), "{}", error.message);
+        assert!(
+            error.message.contains("not by operators"),
+            "{}",
+            error.message
+        );
         assert!(parse(r#"{"version":1,"op":"show","name":"a"}"#).is_ok());
     }
 }

@@ -75,7 +75,10 @@ impl From<HostError> for ApiError {
 }
 
 /// Maps a QEMU failure while doing `action` to VM `name`.
-pub fn vmm_error<'a>(name: &'a str, action: &'static str) -> impl FnOnce(VmmError) -> HostError + 'a {
+pub fn vmm_error<'a>(
+    name: &'a str,
+    action: &'static str,
+) -> impl FnOnce(VmmError) -> HostError + 'a {
     move |source| HostError::Vmm {
         name: name.into(),
         action,

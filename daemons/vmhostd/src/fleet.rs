@@ -5,8 +5,8 @@
 use crate::config::FleetConfig;
 use crate::error::HostError;
 use crate::host::Host;
-use crate::router;
 use anyhow::Context;
+use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use vmhost_api::{
@@ -26,6 +26,10 @@ const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// A request run on another host may boot a guest under emulation.
 const PEER_API_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Runs the calls peers make of this host (the router decides what each may ask).
+pub type PeerCalls =
+    Arc<dyn Fn(Peer, PeerEnvelope) -> BoxFuture<'static, Result<Reply, ApiError>> + Send + Sync>;
+
 pub struct Fleet {
     host: Arc<Host>,
     endpoint: Arc<FleetEndpoint>,
@@ -37,7 +41,7 @@ pub struct Fleet {
 
 impl Fleet {
     /// Joins the fleet named in the config, if any.
-    pub async fn start(host: Arc<Host>) -> anyhow::Result<Option<Arc<Fleet>>> {
+    pub async fn start(host: Arc<Host>, calls: PeerCalls) -> anyhow::Result<Option<Arc<Fleet>>> {
         let Some(config) = host.config.fleet.clone() else {
             return Ok(None);
         };
@@ -50,7 +54,7 @@ impl Fleet {
         migration::take_tunnels(&endpoint, host.clone());
         let served = host.clone();
         endpoint.serve_peers(Arc::new(move |peer, request| {
-            serve_peer(served.clone(), peer, request)
+            serve_peer(&served, calls.clone(), peer, request)
         }));
         let membership = Membership::start(
             endpoint.clone(),
@@ -223,11 +227,8 @@ impl Fleet {
         Reply::FleetVms { vms, unreachable }
     }
 
-    /// Runs an operator's request on the named host.
+    /// Runs an operator's request on another host, named.
     pub async fn on_host(&self, name: &str, request: Request) -> Result<Reply, ApiError> {
-        if name == self.host.name() {
-            return router::on_this_host(&self.host, request).await;
-        }
         let members = self.membership.members().await;
         let Some(target) = members.iter().find(|m| m.view.name == name) else {
             let known: Vec<_> = members.iter().map(|m| m.view.name.as_str()).collect();
@@ -290,7 +291,7 @@ impl Fleet {
 
 /// A peer's request. The peer is a fleet host (the endpoint checked its certificate), but
 /// its bytes are still checked like anyone's.
-fn serve_peer(host: Arc<Host>, peer: Peer, request: FleetRequest) -> quic::Reply {
+fn serve_peer(host: &Host, calls: PeerCalls, peer: Peer, request: FleetRequest) -> quic::Reply {
     match request {
         FleetRequest::Ping => quic::answer(FleetResponse::Pong),
         // The endpoint hands tunnels to `take_tunnels`; one never reaches here.
@@ -307,16 +308,14 @@ fn serve_peer(host: Arc<Host>, peer: Peer, request: FleetRequest) -> quic::Reply
                     format!("malformed request: {e}"),
                 )),
                 // Its own task: a peer that hangs up must not cancel a create halfway.
-                Ok(envelope) => {
-                    match tokio::spawn(router::from_peer(host, peer, envelope)).await {
-                        Ok(Ok(reply)) => Response::Ok(reply),
-                        Ok(Err(error)) => Response::Error(error),
-                        Err(e) => Response::Error(ApiError::new(
-                            ErrorKind::Internal,
-                            format!("request handler failed: {e}"),
-                        )),
-                    }
-                }
+                Ok(envelope) => match tokio::spawn(calls(peer, envelope)).await {
+                    Ok(Ok(reply)) => Response::Ok(reply),
+                    Ok(Err(error)) => Response::Error(error),
+                    Err(e) => Response::Error(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("request handler failed: {e}"),
+                    )),
+                },
             };
             FleetResponse::Api(
                 serde_json::to_string(&response).expect("responses always serialize"),

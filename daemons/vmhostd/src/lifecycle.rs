@@ -22,7 +22,9 @@ const SPARE_ROOT_PORTS: u32 = 4;
 pub enum StartAs {
     Boot,
     /// As the target of a migration of a VM with this many vCPUs and its boot memory.
-    Incoming { vcpus: u32 },
+    Incoming {
+        vcpus: u32,
+    },
 }
 
 impl Host {
@@ -208,14 +210,18 @@ impl Host {
             serial_log: paths.serial_log,
             pidfile: paths.pidfile,
         };
-        let machine = self.hypervisor.launch(&machine_spec).await.map_err(|source| {
-            self.hypervisor.stop_vsock(&paths.vsock);
-            HostError::Vmm {
-                name: spec.name.clone(),
-                action: "start QEMU",
-                source,
-            }
-        })?;
+        let machine = self
+            .hypervisor
+            .launch(&machine_spec)
+            .await
+            .map_err(|source| {
+                self.hypervisor.stop_vsock(&paths.vsock);
+                HostError::Vmm {
+                    name: spec.name.clone(),
+                    action: "start QEMU",
+                    source,
+                }
+            })?;
         tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
         Ok((machine, budget))
     }
@@ -441,7 +447,9 @@ impl Host {
     pub fn save_plug_budget(&self, name: &str, budget: Option<u32>) -> Result<(), StoreError> {
         match budget {
             None => Ok(()),
-            Some(left) => write_atomically(&self.plug_budget_file(name), left.to_string().as_bytes()),
+            Some(left) => {
+                write_atomically(&self.plug_budget_file(name), left.to_string().as_bytes())
+            }
         }
     }
 

@@ -17,6 +17,7 @@ mod router;
 mod store;
 #[cfg(test)]
 mod testing;
+mod tunnels;
 mod validate;
 mod vm_table;
 
@@ -91,7 +92,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             std::sync::Arc::new(move || prometheus::render(&scraped.stats, &scraped.gauges())),
         ));
     }
-    let fleet = fleet::Fleet::start(host.clone()).await?;
+    let fleet = fleet::Fleet::start(host.clone(), router::peer_calls(host.clone())).await?;
     tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog();

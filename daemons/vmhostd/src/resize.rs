@@ -74,7 +74,12 @@ async fn await_guest_up(guest: Option<&Arc<GuestLink>>, timeout: Duration) {
 
 impl Host {
     /// An operator's resize: exactly `cu`, with the monitor's approval unless forced.
-    pub async fn scale(&self, name: &str, cu: ComputeUnits, force: bool) -> Result<VmInfo, HostError> {
+    pub async fn scale(
+        &self,
+        name: &str,
+        cu: ComputeUnits,
+        force: bool,
+    ) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
         let _operation = slot.operation.lock().await;
         let info = self.resize(&slot, cu, Resize::exact(!force)).await?;
@@ -377,7 +382,8 @@ mod tests {
         let machine = host.machine(vm);
         Resources {
             vcpus: machine.vcpus().await.unwrap(),
-            memory_bytes: machine.spec().boot_memory_bytes + machine.hotplug_memory().await.unwrap(),
+            memory_bytes: machine.spec().boot_memory_bytes
+                + machine.hotplug_memory().await.unwrap(),
         }
     }
 
@@ -394,11 +400,15 @@ mod tests {
         let real = held(&host, "a").await;
         assert_eq!(real.memory_bytes, 3 << 30);
         assert_eq!(host.allocated(), real);
-        assert_eq!(host.host.show("a").await.unwrap().memory_bytes, real.memory_bytes);
+        assert_eq!(
+            host.host.show("a").await.unwrap().memory_bytes,
+            real.memory_bytes
+        );
     }
 
     #[tokio::test]
-    async fn lowering_the_maximum_below_the_size_needs_the_monitor_and_keeps_the_bounds_if_refused() {
+    async fn lowering_the_maximum_below_the_size_needs_the_monitor_and_keeps_the_bounds_if_refused()
+    {
         let host = TestHost::new("host-a", Accel::Kvm).await;
         host.create("a", 1, 3).await;
         host.host.scale("a", cu(3), true).await.unwrap();

@@ -31,7 +31,23 @@ pub async fn from_operator(
         (Some(fleet), Request::Create(create)) => fleet.create(create).await,
         (Some(fleet), Request::FleetList) => Ok(fleet.list().await),
         (Some(fleet), Request::Hosts) => Ok(fleet.hosts().await),
-        (Some(fleet), Request::OnHost { host: name, request }) => {
+        (
+            _,
+            Request::OnHost {
+                host: name,
+                request,
+            },
+        ) if name == host.name() => {
+            forwardable(&request).map_err(invalid)?;
+            on_this_host(host, *request).await
+        }
+        (
+            Some(fleet),
+            Request::OnHost {
+                host: name,
+                request,
+            },
+        ) => {
             forwardable(&request).map_err(invalid)?;
             fleet.on_host(&name, *request).await
         }
@@ -46,12 +62,13 @@ pub async fn from_operator(
     }
 }
 
+/// What the fleet endpoint runs for peers.
+pub fn peer_calls(host: Arc<Host>) -> crate::fleet::PeerCalls {
+    Arc::new(move |peer, envelope| Box::pin(from_peer(host.clone(), peer, envelope)))
+}
+
 /// A call from another host of the fleet, in a version this host still speaks.
-pub async fn from_peer(
-    host: Arc<Host>,
-    peer: Peer,
-    envelope: PeerEnvelope,
-) -> Result<Reply, ApiError> {
+async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Result<Reply, ApiError> {
     if !(PEER_API_VERSION_MIN..=PEER_API_VERSION).contains(&envelope.version) {
         return Err(invalid(format!(
             "host '{}' sent a version {} request; this host speaks {PEER_API_VERSION_MIN} to {PEER_API_VERSION}",
@@ -129,6 +146,41 @@ pub async fn on_this_host(host: &Arc<Host>, request: Request) -> Result<Reply, A
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestHost;
+
+    fn peer(version: u32) -> Peer {
+        Peer {
+            name: "host-b".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            version,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_previous_version_peer_is_served_and_an_unknown_version_refused() {
+        let host = TestHost::new("host-a", vmm::Accel::Kvm).await;
+        host.create("a", 1, 1).await;
+        let calls = peer_calls(host.host.clone());
+        let show = |version| PeerEnvelope {
+            version,
+            call: PeerCall::Forwarded(Request::Show { name: "a".into() }),
+        };
+        let reply = calls(peer(1), show(PEER_API_VERSION_MIN)).await.unwrap();
+        assert!(matches!(reply, Reply::Vm(vm) if vm.name == "a"));
+        assert!(calls(peer(2), show(PEER_API_VERSION)).await.is_ok());
+        let error = calls(peer(2), show(PEER_API_VERSION + 1))
+            .await
+            .unwrap_err();
+        assert!(error.message.contains("version"), "{}", error.message);
+        let fan_out = PeerEnvelope {
+            version: PEER_API_VERSION,
+            call: PeerCall::Forwarded(Request::Hosts),
+        };
+        assert_eq!(
+            calls(peer(2), fan_out).await.unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+    }
 
     #[test]
     fn fan_out_and_streams_are_not_forwarded() {

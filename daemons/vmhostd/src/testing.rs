@@ -54,8 +54,22 @@ pub fn cu(n: u32) -> ComputeUnits {
 
 impl TestHost {
     pub async fn new(name: &str, accel: Accel) -> TestHost {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = FakeHypervisor::new();
+        TestHost::open(
+            tempfile::tempdir().unwrap(),
+            name,
+            accel,
+            FakeHypervisor::new(),
+        )
+        .await
+    }
+
+    /// A vmhostd on `dir`'s state directory, with the QEMUs `qemu` runs.
+    async fn open(
+        dir: tempfile::TempDir,
+        name: &str,
+        accel: Accel,
+        qemu: Arc<FakeHypervisor>,
+    ) -> TestHost {
         let host = Host::recover(config(dir.path(), name), decision(accel), qemu.clone())
             .await
             .unwrap();
@@ -79,15 +93,7 @@ impl TestHost {
         drop(host);
         // The old host's tasks let go of it once they next run.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let host = Host::recover(config(dir.path(), &name), decision(accel), qemu.clone())
-            .await
-            .unwrap();
-        TestHost {
-            host,
-            qemu,
-            dir,
-            accel,
-        }
+        TestHost::open(dir, &name, accel, qemu).await
     }
 
     /// A vmhostd restarted on a copy of this host's state directory (sockets left out),
@@ -95,20 +101,7 @@ impl TestHost {
     pub async fn on_copy(&self) -> TestHost {
         let dir = tempfile::tempdir().unwrap();
         copy_files(&self.host.config.state_dir, &dir.path().join("state"));
-        let qemu = FakeHypervisor::new();
-        let host = Host::recover(
-            config(dir.path(), self.host.name()),
-            decision(self.accel),
-            qemu.clone(),
-        )
-        .await
-        .unwrap();
-        TestHost {
-            host,
-            qemu,
-            dir,
-            accel: self.accel,
-        }
+        TestHost::open(dir, self.host.name(), self.accel, FakeHypervisor::new()).await
     }
 
     pub fn request(name: &str, min: u32, max: u32, disk_gib: Option<u32>) -> CreateVm {

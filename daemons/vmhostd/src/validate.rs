@@ -66,8 +66,9 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
             }
         }
         ImageRef::Path(dir) => {
-            let dir = std::path::absolute(dir)
-                .map_err(|e| HostError::Invalid(format!("bad image path {}: {e}", dir.display())))?;
+            let dir = std::path::absolute(dir).map_err(|e| {
+                HostError::Invalid(format!("bad image path {}: {e}", dir.display()))
+            })?;
             let initrd = dir.join("initrd.img");
             BootSource {
                 kernel: dir.join("vmlinuz"),

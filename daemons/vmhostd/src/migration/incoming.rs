@@ -241,8 +241,12 @@ impl Host {
                 tracing::warn!(vm = %name, error = %error_chain(&error), "cannot stop exporting the arrived VM's disk");
             }
         }
-        self.replug_devices(name, machine.as_ref(), incoming.restore_hotplug_memory_bytes)
-            .await;
+        self.replug_devices(
+            name,
+            machine.as_ref(),
+            incoming.restore_hotplug_memory_bytes,
+        )
+        .await;
         let applied = self
             .measure(&spec, machine.as_ref())
             .await

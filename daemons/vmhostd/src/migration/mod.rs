@@ -8,6 +8,7 @@
 
 mod incoming;
 mod outgoing;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -15,9 +16,7 @@ pub use outgoing::{capacity_refusal, Departing, MigrationOptions};
 
 use crate::error::{error_chain, vmm_error};
 use crate::host::Host;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 use vmhost_api::{ApiError, IncomingMigration};
 use vmm::Vm;
 
@@ -169,38 +168,6 @@ pub struct TaskGuard(pub tokio::task::JoinHandle<()>);
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Where the tunnel of each arriving migration is delivered: the unix socket its QEMU
-/// listens on.
-#[derive(Default)]
-pub struct TunnelTargets(Mutex<HashMap<u64, PathBuf>>);
-
-impl TunnelTargets {
-    pub fn get(&self, id: u64) -> Option<PathBuf> {
-        self.lock().get(&id).cloned()
-    }
-
-    /// Routes an arrival's tunnels: its stream to `socket`, its disk to `disk_socket`.
-    fn open(&self, incoming: &IncomingMigration, socket: PathBuf, disk_socket: PathBuf) {
-        let mut tunnels = self.lock();
-        tunnels.insert(incoming.tunnel, socket);
-        if let Some(disk_tunnel) = incoming.disk_tunnel {
-            tunnels.insert(disk_tunnel, disk_socket);
-        }
-    }
-
-    fn close(&self, incoming: &IncomingMigration) {
-        let mut tunnels = self.lock();
-        tunnels.remove(&incoming.tunnel);
-        if let Some(disk_tunnel) = incoming.disk_tunnel {
-            tunnels.remove(&disk_tunnel);
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, PathBuf>> {
-        self.0.lock().expect("tunnel table lock poisoned")
     }
 }
 

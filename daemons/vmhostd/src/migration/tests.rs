@@ -32,6 +32,11 @@ async fn start_move(disk: Option<u32>, accel: Accel) -> Move {
     let mut request = TestHost::request("a", 1, 3, disk);
     request.cu = Some(cu(2));
     source.host.create(request).await.unwrap();
+    begin_move(source, target).await
+}
+
+/// Starts moving VM "a" from `source` to `target` in a task.
+async fn begin_move(source: TestHost, target: TestHost) -> Move {
     let departing = source.host.begin_departure("a").await.unwrap();
     let lease = target.lease("a", departing.size);
     let host = source.host.clone();
@@ -39,7 +44,7 @@ async fn start_move(disk: Option<u32>, accel: Accel) -> Move {
         target: target.host.clone(),
     };
     let task = tokio::spawn(async move {
-        let (progress, _reports) = mpsc::channel(1024);
+        let (progress, _reports) = mpsc::channel(4096);
         host.migrate_out(departing, &to, lease, options(), &progress)
             .await
     });
@@ -168,13 +173,19 @@ async fn an_arrival_that_fails_after_the_switchover_keeps_its_disk_and_starts_co
         (src.clone(), dst)
     };
     let dir = m.target.vm_dir("a");
-    until("the switchover is recorded", || dir.join("switched-over").exists()).await;
+    until("the switchover is recorded", || {
+        dir.join("switched-over").exists()
+    })
+    .await;
     dst.crash();
     until("the arrival is crashed", || {
         m.target.state("a") == Some(VmState::Crashed)
     })
     .await;
-    assert!(dir.join("disk.raw").exists(), "the only up-to-date disk was removed");
+    assert!(
+        dir.join("disk.raw").exists(),
+        "the only up-to-date disk was removed"
+    );
     assert_eq!(m.target.allocated(), Resources::default());
     m.target.host.start("a").await.unwrap();
     assert_eq!(m.target.state("a"), Some(VmState::Running));
@@ -308,8 +319,7 @@ async fn an_unrecovered_link_strands_both_halves_and_resume_finishes_later() {
 }
 
 #[tokio::test]
-async fn a_source_qemu_that_exits_before_the_switchover_leaves_the_vm_crashed_and_the_lease_free()
-{
+async fn a_source_qemu_that_exits_before_the_switchover_leaves_the_vm_crashed_and_the_lease_free() {
     let m = start_move(None, Accel::Kvm).await;
     let src = m.source.machine("a");
     src.wait_for_call(Step::MigrateTo).await;
@@ -359,17 +369,7 @@ async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
         total_bytes: 1 << 30,
         ready: false,
     });
-    let departing = source.host.begin_departure("a").await.unwrap();
-    let lease = target.lease("a", departing.size);
-    let host = source.host.clone();
-    let to = LocalTarget {
-        target: target.host.clone(),
-    };
-    let task = tokio::spawn(async move {
-        let (progress, _reports) = mpsc::channel(4096);
-        host.migrate_out(departing, &to, lease, options(), &progress)
-            .await
-    });
+    let m = begin_move(source, target).await;
     src.wait_for_call(Step::StartDiskMirror).await;
     // A disk copy longer than the setup timeout.
     tokio::time::sleep(Duration::from_secs(90)).await;
@@ -383,7 +383,10 @@ async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(src.count(Step::CancelMigration), 0, "cancelled too early");
     tokio::time::sleep(Duration::from_secs(40)).await;
-    assert!(src.count(Step::CancelMigration) >= 1, "a stuck setup was kept");
-    assert!(task.await.unwrap().is_err());
-    assert_eq!(source.state("a"), Some(VmState::Running));
+    assert!(
+        src.count(Step::CancelMigration) >= 1,
+        "a stuck setup was kept"
+    );
+    assert!(m.task.await.unwrap().is_err());
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
 }

@@ -99,7 +99,9 @@ async fn raw_once(image: &Path, accel: Accel) -> (f64, f64) {
                     info.total_time.unwrap_or(0) as f64,
                 );
             }
-            MigrationStatus::Failed | MigrationStatus::Cancelled => panic!("raw migration failed: {info:?}"),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                panic!("raw migration failed: {info:?}")
+            }
             MigrationStatus::Active
                 if !switched && info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) =>
             {
