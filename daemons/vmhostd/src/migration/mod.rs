@@ -43,7 +43,7 @@ pub enum SourcePhase {
     PostcopyPaused,
     /// QEMU completed the migration.
     Completed,
-    /// Recorded on disk: the target runs the VM; this copy never runs again.
+    /// Recorded on disk: the VM is the target's now; this copy never runs again.
     HandedOver,
     /// Failed before the switchover: the VM runs on here.
     Abandoned,
@@ -72,6 +72,9 @@ const SOURCE_TRANSITIONS: &[(SourcePhase, SourcePhase)] = &[
     (S::PostcopyPaused, S::Stranded),
     (S::Stranded, S::PostcopyPaused),
     (S::Completed, S::HandedOver),
+    // The source's QEMU died in post-copy: what is left of the VM is the target's.
+    (S::PostcopyActive, S::HandedOver),
+    (S::PostcopyPaused, S::HandedOver),
 ];
 
 /// Where the target's arrival stands.

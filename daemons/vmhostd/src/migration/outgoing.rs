@@ -63,6 +63,8 @@ pub(super) enum Failure {
     /// During post-copy, unrecovered: the guest's state is split between the hosts and it
     /// stays paused until an operator resumes the migration.
     Stranded(ApiError),
+    /// During post-copy, the source's QEMU died: this host has let go of the VM.
+    Lost(ApiError),
 }
 
 impl Departing {
@@ -324,6 +326,10 @@ impl Host {
             Ok(summary) => Ok(summary),
             Err(Failure::BeforeSwitchover(error)) => {
                 self.abandon_departure(departing).await;
+                Err(error)
+            }
+            Err(Failure::Lost(error)) => {
+                tracing::error!(vm = %departing.spec.name, error = %error.message, "VM lost its source half during post-copy");
                 Err(error)
             }
             Err(Failure::Stranded(error)) => {

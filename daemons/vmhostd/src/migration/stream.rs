@@ -59,16 +59,25 @@ impl Host {
             events.next_change(POLL_INTERVAL).await;
             let info = match machine.migration_info().await {
                 Ok(info) => info,
+                Err(error) if machine.exited_now() && switched(departing) => {
+                    // The pages still here are lost, and the target's copy (its disk
+                    // included) is the only one left: this host lets go of the VM, so
+                    // that it can never be started twice.
+                    self.hand_over(departing).await;
+                    return Err(Failure::Lost(internal(format!(
+                        "the source QEMU of VM '{name}' exited during post-copy: {}. The \
+                         guest's memory is lost; host '{}' keeps the VM and its disk, and \
+                         `vmctl start {name}` there boots it once it is listed crashed",
+                        error_chain(&error),
+                        target.name()
+                    ))));
+                }
                 Err(error) if machine.exited_now() => {
                     let message = internal(format!(
                         "the source QEMU of VM '{name}' exited during the migration: {}",
                         error_chain(&error)
                     ));
-                    return Err(if switched(departing) {
-                        Failure::Stranded(message)
-                    } else {
-                        self.abandon(departing, target, lease, message).await
-                    });
+                    return Err(self.abandon(departing, target, lease, message).await);
                 }
                 Err(error) => {
                     tracing::warn!(vm = %name, error = %error_chain(&error), "cannot read the migration's progress");

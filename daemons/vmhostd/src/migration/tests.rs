@@ -56,6 +56,16 @@ async fn begin_move(source: TestHost, target: TestHost) -> Move {
     }
 }
 
+/// A migration's outcome, or a failed test if it takes longer than any fake one can.
+async fn finished(
+    task: tokio::task::JoinHandle<Result<MigrationSummary, vmhost_api::ApiError>>,
+) -> Result<MigrationSummary, vmhost_api::ApiError> {
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the migration did not end")
+        .unwrap()
+}
+
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
         if done() {
@@ -117,7 +127,7 @@ async fn a_postcopy_migration_hands_the_vm_over_and_it_arrives_whole() {
     assert_eq!(committed, cu_size(2));
     src.complete_migration();
     dst.complete_migration();
-    let summary = m.task.await.unwrap().unwrap();
+    let summary = finished(m.task).await.unwrap();
     assert!(summary.postcopy);
     assert!(src.exited_now(), "the source QEMU ended");
     assert!(m.source.state("a").is_none());
@@ -155,7 +165,7 @@ async fn the_source_records_the_hand_over_before_its_qemu_ends_and_never_runs_it
     assert!(restarted.state("a").is_none(), "the stale copy is listed");
     assert!(!restarted.vm_dir("a").exists(), "the stale disk is kept");
     src.release(Step::Terminate);
-    m.task.await.unwrap().unwrap();
+    finished(m.task).await.unwrap();
 }
 
 #[tokio::test]
@@ -266,7 +276,7 @@ async fn a_failed_switch_to_postcopy_stays_precopy_and_a_failure_then_keeps_the_
     src.set_migration_status(MigrationStatus::Active);
     src.wait_for_call(Step::StartPostcopy).await;
     src.fail_migration("the target went away");
-    let error = m.task.await.unwrap().unwrap_err();
+    let error = finished(m.task).await.unwrap_err();
     assert!(error.message.contains("failed"), "{}", error.message);
     assert_eq!(m.source.state("a"), Some(VmState::Running));
     assert!(src.vsock_plugged(), "the guest got its vsock device back");
@@ -285,7 +295,7 @@ async fn a_broken_postcopy_link_is_recovered() {
     dst.set_migration_status(MigrationStatus::PostcopyActive);
     src.complete_migration();
     dst.complete_migration();
-    let summary = m.task.await.unwrap().unwrap();
+    let summary = finished(m.task).await.unwrap();
     assert_eq!(summary.recoveries, 1);
 }
 
@@ -296,7 +306,7 @@ async fn an_unrecovered_link_strands_both_halves_and_resume_finishes_later() {
     dst.fail_always(Step::RecoverIncoming);
     dst.set_migration_status(MigrationStatus::PostcopyPaused);
     src.break_link();
-    let error = m.task.await.unwrap().unwrap_err();
+    let error = finished(m.task).await.unwrap_err();
     assert!(error.message.contains("--resume"), "{}", error.message);
     assert_eq!(m.source.state("a"), Some(VmState::Migrating));
     assert!(!src.exited_now() && !dst.exited_now(), "a half was ended");
@@ -314,7 +324,7 @@ async fn an_unrecovered_link_strands_both_halves_and_resume_finishes_later() {
     src.wait_for_calls(Step::MigrateTo, 2).await;
     src.complete_migration();
     dst.complete_migration();
-    resumed.await.unwrap().unwrap();
+    finished(resumed).await.unwrap();
     assert!(m.source.state("a").is_none());
 }
 
@@ -324,7 +334,7 @@ async fn a_source_qemu_that_exits_before_the_switchover_leaves_the_vm_crashed_an
     let src = m.source.machine("a");
     src.wait_for_call(Step::MigrateTo).await;
     src.crash();
-    assert!(m.task.await.unwrap().is_err());
+    assert!(finished(m.task).await.is_err());
     assert_eq!(m.source.state("a"), Some(VmState::Crashed));
     assert!(!m.target.host.admission.holds_lease(m.lease));
 }
@@ -387,6 +397,185 @@ async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
         src.count(Step::CancelMigration) >= 1,
         "a stuck setup was kept"
     );
-    assert!(m.task.await.unwrap().is_err());
+    assert!(finished(m.task).await.is_err());
     assert_eq!(m.source.state("a"), Some(VmState::Running));
+}
+
+/// The VM runs on at the source, whole: running, its vsock device and its memory back, no
+/// longer marked leaving, and the target's lease gone.
+async fn assert_runs_on_at_the_source(m: &Move) {
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+    let src = m.source.machine("a");
+    assert!(src.vsock_plugged(), "the guest has no vsock device");
+    assert_eq!(src.hotplug_memory().await.unwrap(), 1 << 30);
+    assert!(!m.source.vm_dir("a").join("leaving").exists());
+    assert!(!m.target.host.admission.holds_lease(m.lease));
+    assert!(m.source.host.slot("a").unwrap().record().guest.is_some());
+}
+
+#[tokio::test]
+async fn a_guest_channel_that_cannot_be_detached_keeps_the_vm_here() {
+    let source = TestHost::new("host-a", Accel::Kvm).await;
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let mut request = TestHost::request("a", 1, 3, None);
+    request.cu = Some(cu(2));
+    source.host.create(request).await.unwrap();
+    source.machine("a").fail_next(Step::UnplugVsock);
+    let m = begin_move(source, target).await;
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("vsock"), "{}", error.message);
+    let m = Move {
+        task: tokio::spawn(async { unreachable!() }),
+        ..m
+    };
+    assert_runs_on_at_the_source(&m).await;
+    assert!(m.target.state("a").is_none());
+}
+
+#[tokio::test]
+async fn a_tcg_guest_whose_monitor_does_not_give_back_its_memory_stays() {
+    let source = TestHost::new("host-a", Accel::Tcg).await;
+    let target = TestHost::new("host-b", Accel::Tcg).await;
+    let mut request = TestHost::request("a", 1, 3, None);
+    request.cu = Some(cu(2));
+    source.host.create(request).await.unwrap();
+    let src = source.machine("a");
+    let m = begin_move(source, target).await;
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("cannot shrink"), "{}", error.message);
+    assert_eq!(src.count(Step::UnplugVsock), 0);
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+    assert_eq!(src.hotplug_memory().await.unwrap(), 1 << 30);
+}
+
+#[tokio::test]
+async fn a_target_that_cannot_start_the_vm_leaves_it_running_here() {
+    let source = TestHost::new("host-a", Accel::Kvm).await;
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let mut request = TestHost::request("a", 1, 3, None);
+    request.cu = Some(cu(2));
+    source.host.create(request).await.unwrap();
+    target.qemu.fail_next(Step::Launch);
+    let Move {
+        source,
+        target,
+        lease,
+        task,
+    } = begin_move(source, target).await;
+    assert!(finished(task).await.is_err());
+    let m = Move {
+        source,
+        target,
+        lease,
+        task: tokio::spawn(async { unreachable!() }),
+    };
+    assert_runs_on_at_the_source(&m).await;
+    assert!(!m.target.vm_dir("a").exists());
+}
+
+#[tokio::test]
+async fn a_disk_copy_that_fails_leaves_the_vm_and_its_disk_here() {
+    let source = TestHost::new("host-a", Accel::Kvm).await;
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    source
+        .host
+        .create(TestHost::request("a", 1, 1, Some(1)))
+        .await
+        .unwrap();
+    let src = source.machine("a");
+    src.set_mirror_progress(MirrorProgress {
+        copied_bytes: 0,
+        total_bytes: 1 << 30,
+        ready: false,
+    });
+    let m = begin_move(source, target).await;
+    until("the mirror runs", || src.disk_mirror().is_some()).await;
+    src.fail_mirror("No space left on device");
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("disk"), "{}", error.message);
+    assert_eq!(src.count(Step::MigrateTo), 0);
+    assert!(src.disk_mirror().is_none(), "the mirror was kept");
+    assert!(m.source.vm_dir("a").join("disk.raw").exists());
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+}
+
+#[tokio::test]
+async fn a_disk_moves_with_its_vm_finished_at_the_pause_before_the_switchover() {
+    let m = start_move(Some(1), Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    let dst = m.target.machine("a");
+    assert!(dst.disk_export().is_some());
+    // Pre-copy to the end: QEMU pauses before the switchover, vmhostd finishes the disk.
+    src.complete_migration();
+    src.wait_for_call(Step::ContinueSwitchover).await;
+    let steps = src.steps();
+    let finish = steps.iter().position(|s| *s == Step::FinishDiskMirror);
+    let go_on = steps.iter().position(|s| *s == Step::ContinueSwitchover);
+    assert!(
+        finish < go_on,
+        "the switchover went on before the disk was complete"
+    );
+    dst.complete_migration();
+    finished(m.task).await.unwrap();
+    until("the target runs the VM", || {
+        m.target.state("a") == Some(VmState::Running)
+    })
+    .await;
+    assert!(
+        dst.disk_export().is_none(),
+        "the target still exports the disk"
+    );
+}
+
+#[tokio::test]
+async fn a_precopy_only_migration_never_switches_to_postcopy() {
+    let source = TestHost::new("host-a", Accel::Kvm).await;
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    source.create("a", 1, 1).await;
+    let departing = source.host.begin_departure("a").await.unwrap();
+    let lease = target.lease("a", departing.size);
+    let to = LocalTarget {
+        target: target.host.clone(),
+    };
+    let host = source.host.clone();
+    let src = source.machine("a");
+    let task = tokio::spawn(async move {
+        let (progress, _reports) = mpsc::channel(1024);
+        let options = MigrationOptions {
+            postcopy: false,
+            ..options()
+        };
+        host.migrate_out(departing, &to, lease, options, &progress)
+            .await
+    });
+    src.wait_for_call(Step::MigrateTo).await;
+    src.set_dirty_sync_count(5);
+    src.set_migration_status(MigrationStatus::Active);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(src.count(Step::StartPostcopy), 0);
+    assert_eq!(src.postcopy_capability(), Some(false));
+    src.complete_migration();
+    target.machine("a").complete_migration();
+    let summary = finished(task).await.unwrap();
+    assert!(!summary.postcopy);
+    assert!(source.state("a").is_none());
+}
+
+#[tokio::test]
+async fn a_source_qemu_lost_in_postcopy_leaves_the_vm_to_the_target_alone() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    src.crash();
+    let error = finished(m.task).await.unwrap_err();
+    assert!(
+        error.message.contains("memory is lost"),
+        "{}",
+        error.message
+    );
+    // The source's stale copy can never be started: only the target's is left.
+    assert!(m.source.state("a").is_none());
+    assert!(!m.source.vm_dir("a").exists());
+    assert!(!dst.exited_now(), "the target's half was ended");
+    assert_eq!(m.target.state("a"), Some(VmState::Migrating));
 }
