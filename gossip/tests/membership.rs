@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmhost_api::Resources;
 use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
-use vmhost_gossip::quic::{answer, FleetEndpoint, FleetResponse};
+use vmhost_gossip::quic::{
+    answer, FleetEndpoint, FleetResponse, PREVIOUS_FLEET_PROTOCOL_VERSION,
+    SUPPORTED_FLEET_PROTOCOL_VERSIONS,
+};
 use vmhost_pki::{self as pki, Identity};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -24,7 +27,20 @@ fn identities(dir: &Path, hosts: &[&str]) -> Vec<Identity> {
 }
 
 async fn start(name: &str, identity: &Identity, seeds: Vec<SocketAddr>) -> TestHost {
-    let endpoint = Arc::new(FleetEndpoint::bind(SocketAddr::new(LOCALHOST, 0), identity).unwrap());
+    start_speaking(name, identity, &SUPPORTED_FLEET_PROTOCOL_VERSIONS, seeds).await
+}
+
+/// A host whose endpoint offers only `versions` of the fleet protocol.
+async fn start_speaking(
+    name: &str,
+    identity: &Identity,
+    versions: &[u32],
+    seeds: Vec<SocketAddr>,
+) -> TestHost {
+    let endpoint = Arc::new(
+        FleetEndpoint::bind_with_versions(SocketAddr::new(LOCALHOST, 0), identity, versions)
+            .unwrap(),
+    );
     endpoint.serve(Arc::new(|_| answer(FleetResponse::Pong)));
     let view = HostView {
         name: name.into(),
@@ -184,4 +200,31 @@ async fn forged_and_unauthenticated_gossip_changes_nothing() {
     assert_eq!(rogue_knows, 1, "the UDP rogue learned of fleet hosts");
     let intruder_knows = intruder.membership.members().await;
     assert_eq!(names(&intruder_knows, true), ["intruder"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_version_host_gossips_with_a_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = identities(dir.path(), &["old", "new"]);
+    let new = start("new", &ids[1], vec![]).await;
+    let old = start_speaking(
+        "old",
+        &ids[0],
+        &[PREVIOUS_FLEET_PROTOCOL_VERSION],
+        vec![new.endpoint.local_addr()],
+    )
+    .await;
+    for host in [&new, &old] {
+        wait_for(host, "both hosts live", |m| {
+            let mut live = names(m, true);
+            live.sort();
+            live == ["new", "old"]
+        })
+        .await;
+    }
+    // Gossip dials by IP; each direction's connection negotiated version 1.
+    let ip = LOCALHOST.to_string();
+    let (old_addr, new_addr) = (old.endpoint.local_addr(), new.endpoint.local_addr());
+    assert_eq!(old.endpoint.peer_version(new_addr, &ip).await, Some(1));
+    assert_eq!(new.endpoint.peer_version(old_addr, &ip).await, Some(1));
 }

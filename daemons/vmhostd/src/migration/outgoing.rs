@@ -508,7 +508,7 @@ impl Host {
     }
 }
 
-/// The error a failed migration gives an operator.
+/// The error for a target that refuses to lease room for the VM.
 pub fn capacity_refusal(target: &str, vm: &str, size: Resources, reason: String) -> ApiError {
     ApiError::new(
         ErrorKind::CapacityExceeded,
