@@ -27,12 +27,18 @@ struct Move {
 }
 
 async fn start_move(disk: Option<u32>, accel: Accel) -> Move {
+    let (source, target) = two_hosts(disk, accel).await;
+    begin_move(source, target).await
+}
+
+/// A source with VM "a" (1 to 3 CU, at 2), and a target.
+async fn two_hosts(disk: Option<u32>, accel: Accel) -> (TestHost, TestHost) {
     let source = TestHost::new("host-a", accel).await;
     let target = TestHost::new("host-b", accel).await;
     let mut request = TestHost::request("a", 1, 3, disk);
     request.cu = Some(cu(2));
     source.host.create(request).await.unwrap();
-    begin_move(source, target).await
+    (source, target)
 }
 
 /// Starts moving VM "a" from `source` to `target` in a task.
@@ -364,8 +370,8 @@ async fn a_lease_that_ends_before_the_switchover_drops_the_arrival() {
     m.task.abort();
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
+/// Moving a VM whose disk copy does not catch up until the test says so.
+async fn move_with_a_slow_disk() -> (Move, Arc<FakeMachine>) {
     let source = TestHost::new("host-a", Accel::Kvm).await;
     let target = TestHost::new("host-b", Accel::Kvm).await;
     source
@@ -379,7 +385,12 @@ async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
         total_bytes: 1 << 30,
         ready: false,
     });
-    let m = begin_move(source, target).await;
+    (begin_move(source, target).await, src)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
+    let (m, src) = move_with_a_slow_disk().await;
     src.wait_for_call(Step::StartDiskMirror).await;
     // A disk copy longer than the setup timeout.
     tokio::time::sleep(Duration::from_secs(90)).await;
@@ -401,44 +412,40 @@ async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
     assert_eq!(m.source.state("a"), Some(VmState::Running));
 }
 
-/// The VM runs on at the source, whole: running, its vsock device and its memory back, no
-/// longer marked leaving, and the target's lease gone.
-async fn assert_runs_on_at_the_source(m: &Move) {
-    assert_eq!(m.source.state("a"), Some(VmState::Running));
-    let src = m.source.machine("a");
+/// The move ended with the VM running on at the source, whole: its vsock device and its
+/// memory back, no longer marked leaving, and the target's lease gone.
+/// Returns both hosts for further checks.
+async fn assert_runs_on_at_the_source(m: Move) -> (TestHost, TestHost) {
+    let Move {
+        source,
+        target,
+        lease,
+        task,
+    } = m;
+    assert!(finished(task).await.is_err());
+    assert_eq!(source.state("a"), Some(VmState::Running));
+    let src = source.machine("a");
     assert!(src.vsock_plugged(), "the guest has no vsock device");
     assert_eq!(src.hotplug_memory().await.unwrap(), 1 << 30);
-    assert!(!m.source.vm_dir("a").join("leaving").exists());
-    assert!(!m.target.host.admission.holds_lease(m.lease));
-    assert!(m.source.host.slot("a").unwrap().record().guest.is_some());
+    assert!(!source.vm_dir("a").join("leaving").exists());
+    assert!(!target.host.admission.holds_lease(lease));
+    assert!(source.host.slot("a").unwrap().record().guest.is_some());
+    (source, target)
 }
 
 #[tokio::test]
 async fn a_guest_channel_that_cannot_be_detached_keeps_the_vm_here() {
-    let source = TestHost::new("host-a", Accel::Kvm).await;
-    let target = TestHost::new("host-b", Accel::Kvm).await;
-    let mut request = TestHost::request("a", 1, 3, None);
-    request.cu = Some(cu(2));
-    source.host.create(request).await.unwrap();
-    source.machine("a").fail_next(Step::UnplugVsock);
-    let m = begin_move(source, target).await;
-    let error = finished(m.task).await.unwrap_err();
-    assert!(error.message.contains("vsock"), "{}", error.message);
-    let m = Move {
-        task: tokio::spawn(async { unreachable!() }),
-        ..m
-    };
-    assert_runs_on_at_the_source(&m).await;
-    assert!(m.target.state("a").is_none());
+    let (source, target) = two_hosts(None, Accel::Kvm).await;
+    let src = source.machine("a");
+    src.fail_next(Step::UnplugVsock);
+    let (_, target) = assert_runs_on_at_the_source(begin_move(source, target).await).await;
+    assert_eq!(src.count(Step::MigrateTo), 0);
+    assert!(target.state("a").is_none());
 }
 
 #[tokio::test]
 async fn a_tcg_guest_whose_monitor_does_not_give_back_its_memory_stays() {
-    let source = TestHost::new("host-a", Accel::Tcg).await;
-    let target = TestHost::new("host-b", Accel::Tcg).await;
-    let mut request = TestHost::request("a", 1, 3, None);
-    request.cu = Some(cu(2));
-    source.host.create(request).await.unwrap();
+    let (source, target) = two_hosts(None, Accel::Tcg).await;
     let src = source.machine("a");
     let m = begin_move(source, target).await;
     let error = finished(m.task).await.unwrap_err();
@@ -450,45 +457,15 @@ async fn a_tcg_guest_whose_monitor_does_not_give_back_its_memory_stays() {
 
 #[tokio::test]
 async fn a_target_that_cannot_start_the_vm_leaves_it_running_here() {
-    let source = TestHost::new("host-a", Accel::Kvm).await;
-    let target = TestHost::new("host-b", Accel::Kvm).await;
-    let mut request = TestHost::request("a", 1, 3, None);
-    request.cu = Some(cu(2));
-    source.host.create(request).await.unwrap();
+    let (source, target) = two_hosts(None, Accel::Kvm).await;
     target.qemu.fail_next(Step::Launch);
-    let Move {
-        source,
-        target,
-        lease,
-        task,
-    } = begin_move(source, target).await;
-    assert!(finished(task).await.is_err());
-    let m = Move {
-        source,
-        target,
-        lease,
-        task: tokio::spawn(async { unreachable!() }),
-    };
-    assert_runs_on_at_the_source(&m).await;
-    assert!(!m.target.vm_dir("a").exists());
+    let (_, target) = assert_runs_on_at_the_source(begin_move(source, target).await).await;
+    assert!(!target.vm_dir("a").exists());
 }
 
 #[tokio::test]
 async fn a_disk_copy_that_fails_leaves_the_vm_and_its_disk_here() {
-    let source = TestHost::new("host-a", Accel::Kvm).await;
-    let target = TestHost::new("host-b", Accel::Kvm).await;
-    source
-        .host
-        .create(TestHost::request("a", 1, 1, Some(1)))
-        .await
-        .unwrap();
-    let src = source.machine("a");
-    src.set_mirror_progress(MirrorProgress {
-        copied_bytes: 0,
-        total_bytes: 1 << 30,
-        ready: false,
-    });
-    let m = begin_move(source, target).await;
+    let (m, src) = move_with_a_slow_disk().await;
     until("the mirror runs", || src.disk_mirror().is_some()).await;
     src.fail_mirror("No space left on device");
     let error = finished(m.task).await.unwrap_err();
