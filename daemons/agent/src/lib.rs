@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use vmhost_api::{ComputeUnits, CuShape};
 
+/// The longest duration any agent setting may name.
+pub const MAX_SECS: u64 = 86_400;
+
 /// Every threshold and interval of the algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,6 +74,21 @@ impl AgentConfig {
                 "metrics_max_age_secs, retry_backoff_secs and metrics_pull_secs must be positive"
                     .into(),
             );
+        }
+        // Durations are added to instants; a bound keeps that arithmetic from overflowing.
+        for (name, secs) in [
+            ("metrics_max_age_secs", self.metrics_max_age_secs),
+            ("upscale_request_hold_secs", self.upscale_request_hold_secs),
+            ("downscale_cooldown_secs", self.downscale_cooldown_secs),
+            ("denied_retry_secs", self.denied_retry_secs),
+            ("retry_backoff_secs", self.retry_backoff_secs),
+            ("metrics_pull_secs", self.metrics_pull_secs),
+        ] {
+            if secs > MAX_SECS {
+                return Err(format!(
+                    "{name} must be at most {MAX_SECS} (a day), got {secs}"
+                ));
+            }
         }
         Ok(())
     }

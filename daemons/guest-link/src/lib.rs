@@ -352,17 +352,7 @@ async fn message_loop(
                 return Err(error.to_string());
             }
             Err(ReadError::Frame(error)) => {
-                errors_here += 1;
-                shared.status.lock().unwrap().protocol_errors += 1;
-                let _ = tx.try_send(HostMessage::InvalidMessage {
-                    reason: error.to_string(),
-                });
-                if errors_here > MAX_PROTOCOL_ERRORS {
-                    return Err(format!(
-                        "more than {MAX_PROTOCOL_ERRORS} malformed messages"
-                    ));
-                }
-                shared.log.warn(format_args!("malformed message: {error}"));
+                refuse(shared, tx, &mut errors_here, error.to_string())?;
                 continue;
             }
         };
@@ -388,9 +378,10 @@ async fn message_loop(
             continue;
         }
         match message {
-            GuestMessage::Metrics(metrics) => {
-                shared.status.lock().unwrap().metrics = Some((metrics, now))
-            }
+            GuestMessage::Metrics(metrics) => match metrics.check() {
+                Ok(()) => shared.status.lock().unwrap().metrics = Some((metrics, now)),
+                Err(reason) => refuse(shared, tx, &mut errors_here, reason)?,
+            },
             GuestMessage::UpscaleRequest {
                 id,
                 pressure_age_us,
@@ -431,6 +422,24 @@ async fn message_loop(
             }
         }
     }
+}
+
+/// Answers a malformed or invalid message with an error, and closes the connection past
+/// the bound.
+fn refuse(
+    shared: &Shared,
+    tx: &mpsc::Sender<HostMessage>,
+    errors_here: &mut u64,
+    reason: String,
+) -> Result<(), String> {
+    *errors_here += 1;
+    shared.status.lock().unwrap().protocol_errors += 1;
+    shared.log.warn(format_args!("invalid message: {reason}"));
+    let _ = tx.try_send(HostMessage::InvalidMessage { reason });
+    if *errors_here > MAX_PROTOCOL_ERRORS {
+        return Err(format!("more than {MAX_PROTOCOL_ERRORS} invalid messages"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -618,5 +627,33 @@ mod tests {
             replies(&said)
         );
         assert!(link.shared.bucket.lock().unwrap().tokens() < 1.0);
+    }
+
+    #[tokio::test]
+    async fn non_finite_metrics_are_refused_and_never_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, socket) = listen(&dir);
+        let mut guest = FakeGuest::hello(&socket).await;
+        let metrics = Metrics {
+            load1: f32::NAN,
+            load5: f32::INFINITY,
+            mem_total_bytes: 1 << 30,
+            mem_used_bytes: 1 << 20,
+            mem_cached_bytes: 0,
+            workload_mem_bytes: 0,
+            online_cpus: 1,
+        };
+        guest
+            .send_raw(&protocol::encode(&GuestMessage::Metrics(metrics)).unwrap())
+            .await;
+        guest.finish().await;
+        let said = guest.drain().await;
+        assert!(said.iter().any(is_invalid), "{said:?}");
+        assert!(link.latest_metrics().is_none());
+        let info = serde_json::to_value(link.info()).unwrap();
+        assert!(
+            info["metrics"].is_null() && info["protocol_errors"] == 1,
+            "{info}"
+        );
     }
 }

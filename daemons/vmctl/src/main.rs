@@ -220,6 +220,15 @@ fn parse_setting(text: &str) -> Result<(String, serde_json::Value), String> {
     Ok((key.to_string(), value))
 }
 
+/// An image named on the command line. A relative path is taken from where vmctl runs:
+/// vmhostd, elsewhere, could not know that directory.
+fn image_from_here(image: &str) -> ImageRef {
+    match ImageRef::parse(image) {
+        ImageRef::Path(dir) => ImageRef::Path(std::path::absolute(&dir).unwrap_or(dir)),
+        named => named,
+    }
+}
+
 impl Command {
     fn into_request(self) -> Request {
         match self {
@@ -234,7 +243,7 @@ impl Command {
                 disk_gib,
             } => Request::Create(CreateVm {
                 name,
-                image: ImageRef::parse(&image),
+                image: image_from_here(&image),
                 min_cu,
                 max_cu: max_cu.unwrap_or(min_cu),
                 cu,
@@ -710,6 +719,16 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_relative_image_path_is_taken_from_the_callers_directory() {
+        let cli = Cli::try_parse_from(["vmctl", "create", "db1", "--image", "./img"]).unwrap();
+        let Request::Create(create) = cli.command.into_request() else {
+            panic!("not a create");
+        };
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(create.image, ImageRef::Path(here.join("img")));
     }
 
     #[test]

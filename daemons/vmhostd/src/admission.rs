@@ -24,7 +24,17 @@ pub struct Totals {
 impl Admission {
     /// The ledger of `capacity`, with the leases granted before a restart.
     pub fn open(capacity: Resources, store: Arc<Store>) -> Result<Admission, StoreError> {
-        let ledger = match store.load_leases()? {
+        let saved = match store.load_leases() {
+            // Leases live two minutes at most, and a holder whose lease is gone gets a clear
+            // refusal; a daemon that cannot start at all would strand every VM instead.
+            Err(error @ StoreError::Corrupt { .. }) => {
+                let kept = store.set_aside_leases()?;
+                tracing::error!(error = %error_chain(&error), kept = %kept.display(), "the saved leases are unreadable; starting without them");
+                None
+            }
+            other => other?,
+        };
+        let ledger = match saved {
             Some(saved) => {
                 let ledger = Ledger::with_leases_from(capacity, saved);
                 tracing::info!(

@@ -260,5 +260,14 @@ mod tests {
         assert!(effective_config(&host, &overrides)
             .unwrap_err()
             .contains("memory_target"));
+        overrides.remove("memory_target");
+        // Seconds past any instant's range were accepted, and overflowed the agent's clock.
+        overrides.insert(
+            "upscale_request_hold_secs".to_string(),
+            serde_json::json!(u64::MAX),
+        );
+        assert!(effective_config(&host, &overrides)
+            .unwrap_err()
+            .contains("upscale_request_hold_secs"));
     }
 }

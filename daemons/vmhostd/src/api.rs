@@ -28,10 +28,20 @@ pub enum ApiServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("api_group: no group named '{0}' on this host")]
+    NoSuchGroup(String),
+    #[error("cannot give {path} to group '{group}'")]
+    Chown {
+        path: String,
+        group: String,
+        #[source]
+        source: nix::Error,
+    },
 }
 
-/// Binds the socket. A leftover socket file from a dead daemon is replaced; a live one is not.
-pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
+/// Binds the socket, for root and `group`. A leftover socket file from a dead daemon is
+/// replaced; a live one is not.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiServerError> {
     let bind_error = |source| ApiServerError::Bind {
         path: path.display().to_string(),
         source,
@@ -45,6 +55,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(bind_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
+    if let Some(group) = group {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ApiServerError::NoSuchGroup(group.into()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|source| ApiServerError::Chown {
+            path: path.display().to_string(),
+            group: group.into(),
+            source,
+        })?;
+    }
     Ok(listener)
 }
 
@@ -213,6 +235,23 @@ async fn respond(request: Request, host: Arc<Host>, fleet: Option<Arc<Fleet>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_socket_belongs_to_the_configured_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let daemon = nix::unistd::Group::from_name("daemon").unwrap().unwrap();
+        let _listener = bind(&path, Some("daemon")).unwrap();
+        let socket = std::fs::metadata(&path).unwrap();
+        assert_eq!(socket.gid(), daemon.gid.as_raw());
+        assert_eq!(socket.mode() & 0o777, 0o660);
+        let error = bind(&dir.path().join("b.sock"), Some("no-such-group")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "api_group: no group named 'no-such-group' on this host"
+        );
+    }
 
     #[test]
     fn a_peer_request_on_the_operator_socket_is_refused() {

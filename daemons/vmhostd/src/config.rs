@@ -18,6 +18,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
+    /// The group that may use the API socket (mode 0660); root's alone when absent.
+    #[serde(default)]
+    pub api_group: Option<String>,
     #[serde(default)]
     pub accel: AccelChoice,
     #[serde(default = "default_qemu_binary")]

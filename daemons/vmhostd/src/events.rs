@@ -1,22 +1,31 @@
 //! Scaling events: a bounded in-memory history plus a broadcast for followers.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 use vmhost_api::{Event, EventKind};
 
-const HISTORY: usize = 2000;
+/// Events kept per VM: one VM's flood (a guest asking for memory over and over) can push
+/// out only its own history, never another VM's.
+const HISTORY_PER_VM: usize = 500;
+
+#[derive(Default)]
+struct History {
+    /// Each VM's latest events, with the order they were recorded in across all VMs.
+    per_vm: BTreeMap<String, VecDeque<(u64, Event)>>,
+    recorded: u64,
+}
 
 pub struct EventLog {
-    history: Mutex<VecDeque<Event>>,
+    history: Mutex<History>,
     live: broadcast::Sender<Event>,
 }
 
 impl Default for EventLog {
     fn default() -> Self {
         EventLog {
-            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            history: Mutex::default(),
             live: broadcast::channel(256).0,
         }
     }
@@ -35,22 +44,31 @@ impl EventLog {
         };
         tracing::info!(vm, kind = %kind, "{}", event.message);
         let mut history = self.history.lock().unwrap();
-        if history.len() == HISTORY {
-            history.pop_front();
+        history.recorded += 1;
+        let seq = history.recorded;
+        let events = history.per_vm.entry(vm.to_string()).or_default();
+        if events.len() == HISTORY_PER_VM {
+            events.pop_front();
         }
-        history.push_back(event.clone());
+        events.push_back((seq, event.clone()));
         let _ = self.live.send(event);
     }
 
-    /// The history (of one VM, or all) and a receiver for what comes after it, taken
-    /// together so nothing falls between them.
+    /// Drops the history of a VM that left this host.
+    pub fn forget(&self, vm: &str) {
+        self.history.lock().unwrap().per_vm.remove(vm);
+    }
+
+    /// The history (of one VM, or all, in the order recorded) and a receiver for what comes
+    /// after it, taken together so nothing falls between them.
     pub fn snapshot(&self, vm: Option<&str>) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let history = self.history.lock().unwrap();
-        let events = history
-            .iter()
-            .filter(|e| vm.is_none_or(|vm| e.vm == vm))
-            .cloned()
-            .collect();
+        let mut events: Vec<&(u64, Event)> = match vm {
+            Some(vm) => history.per_vm.get(vm).into_iter().flatten().collect(),
+            None => history.per_vm.values().flatten().collect(),
+        };
+        events.sort_by_key(|(seq, _)| *seq);
+        let events = events.into_iter().map(|(_, e)| e.clone()).collect();
         (events, self.live.subscribe())
     }
 }
@@ -60,20 +78,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn history_is_bounded_filtered_and_followed() {
+    fn history_is_bounded_per_vm_ordered_and_followed() {
         let log = EventLog::default();
-        for i in 0..HISTORY + 5 {
-            log.record(
-                if i % 2 == 0 { "a" } else { "b" },
-                EventKind::Decision,
-                format!("{i}"),
-            );
+        log.record("b", EventKind::Scaled, "b before".into());
+        for i in 0..HISTORY_PER_VM + 5 {
+            log.record("a", EventKind::UpscaleRequested, format!("{i}"));
         }
+        log.record("b", EventKind::Scaled, "b after".into());
         let (all, mut live) = log.snapshot(None);
-        assert_eq!(all.len(), HISTORY);
-        assert_eq!(all[0].message, "5");
-        let (only_a, _) = log.snapshot(Some("a"));
-        assert!(only_a.iter().all(|e| e.vm == "a"));
+        assert_eq!(all.len(), HISTORY_PER_VM + 2);
+        assert_eq!(
+            all[0].message, "b before",
+            "a flood of VM a pushed out VM b's events"
+        );
+        assert_eq!(all[1].message, "5");
+        assert_eq!(all.last().unwrap().message, "b after");
+        let (only_b, _) = log.snapshot(Some("b"));
+        assert_eq!(only_b.len(), 2);
+        log.forget("a");
+        assert_eq!(log.snapshot(None).0.len(), 2);
         log.record("a", EventKind::Scaled, "next".into());
         assert_eq!(live.try_recv().unwrap().message, "next");
     }

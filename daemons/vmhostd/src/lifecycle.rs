@@ -6,7 +6,7 @@ use crate::config::NetworkConfig;
 use crate::error::{error_chain, vmm_error, HostError};
 use crate::host::Host;
 use crate::net;
-use crate::store::{write_atomically, Marker, StoreError, VmSpec};
+use crate::store::{write_atomically, Marker, StoreError, VmSpec, PRIVATE_FILE};
 use crate::validate;
 use crate::vm_table::{Action, VmRecord, VmSlot};
 use std::sync::Arc;
@@ -16,6 +16,17 @@ use vmm::{MachineSpec, Nic, Vm};
 
 /// Spare PCIe root ports for devices plugged at run time.
 const SPARE_ROOT_PORTS: u32 = 4;
+
+/// Creates `path` if missing, readable by root alone either way.
+fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(PRIVATE_FILE)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_FILE))
+}
 
 /// How `Host::launch` starts QEMU.
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +161,7 @@ impl Host {
         self.store.remove_vm(name)?;
         net::remove_tap(name);
         self.stats.forget(name);
+        self.events.forget(name);
         self.vms.remove(name, &slot);
         tracing::info!(vm = %name, "deleted VM");
         Ok(())
@@ -179,6 +191,12 @@ impl Host {
         for stale in [&paths.qmp_socket, &paths.pidfile] {
             let _ = std::fs::remove_file(stale);
         }
+        // QEMU keeps the mode of a console file that exists.
+        private_file(&paths.serial_log).map_err(|source| StoreError::Io {
+            action: "cannot create",
+            path: paths.serial_log.display().to_string(),
+            source,
+        })?;
         // An arriving VM gets its vsock device once it runs here (see `migration`).
         if !incoming {
             self.hypervisor.ensure_vsock(&paths.vsock).await?;
@@ -461,5 +479,45 @@ impl Host {
         }
         net::remove_tap(name);
         self.stats.forget(name);
+        self.events.forget(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::TestHost;
+    use std::os::unix::fs::PermissionsExt;
+    use vmhost_api::ImageRef;
+    use vmm::Accel;
+
+    #[tokio::test]
+    async fn a_vms_console_log_is_readable_by_root_alone() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 1).await;
+        let log = host.host.paths("a").serial_log;
+        let mode = std::fs::metadata(log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_relative_image_path_is_refused_not_taken_from_vmhostds_directory() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        let mut request = TestHost::request("a", 1, 1, None);
+        request.image = ImageRef::Path("images/test".into());
+        let error = host.host.create(request).await.unwrap_err();
+        assert!(error.to_string().contains("relative"), "{error}");
+        assert!(host.state("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn unreadable_saved_leases_are_set_aside_and_the_vms_still_come_back() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("a", 1, 1).await;
+        let leases = host.host.config.state_dir.join("leases.json");
+        std::fs::write(&leases, b"{torn").unwrap();
+        let restarted = host.restart().await;
+        assert_eq!(restarted.state("a"), Some(vmhost_api::VmState::Running));
+        let aside = restarted.host.config.state_dir.join("leases.json.corrupt");
+        assert_eq!(std::fs::read(aside).unwrap(), b"{torn");
     }
 }

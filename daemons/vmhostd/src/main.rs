@@ -74,13 +74,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let accel = vmm::accel::decide(config.accel, &vmm::HostFacts::probe())?;
     tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let api_socket = config.api_socket.clone();
+    let api_group = config.api_group.clone();
     let metrics = config.metrics.clone();
     let hypervisor = std::sync::Arc::new(vmm::Qemu {
         binary: config.qemu_binary.clone(),
         qmp_timeout: config.timeouts.qmp(),
     });
     let host = host::Host::recover(config, accel, hypervisor).await?;
-    let listener = api::bind(&api_socket)?;
+    let listener = api::bind(&api_socket, api_group.as_deref())?;
     if metrics.enabled {
         let tcp = tokio::net::TcpListener::bind(metrics.listen)
             .await

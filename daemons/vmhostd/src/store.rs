@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use vmhost_api::{ComputeUnits, CuShape, ImageRef};
 use vmhost_capacity::ledger::Ledger;
@@ -72,11 +73,23 @@ pub struct Departure {
     pub lease: u64,
 }
 
-/// A raw disk image of `bytes` that takes no room until written.
+/// A raw disk image of `bytes` that takes no room until written, readable by root alone.
 fn create_sparse(path: &Path, bytes: u64) -> Result<(), StoreError> {
-    File::create_new(path)
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE)
+        .open(path)
         .and_then(|file| file.set_len(bytes))
         .map_err(io_error("cannot create disk", path))
+}
+
+/// A guest's disk and console are its tenant's data: no other local user reads them.
+pub const PRIVATE_FILE: u32 = 0o600;
+const PRIVATE_DIR: u32 = 0o700;
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().mode(PRIVATE_DIR).create(path)
 }
 
 /// Write, fsync, rename, fsync the folder: a crash leaves the old file or the new one,
@@ -196,7 +209,12 @@ impl Store {
     /// Opens (creating if needed) and locks the state directory. The lock is released by the
     /// kernel when the process dies, so a SIGKILLed vmhostd never leaves it stale.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(root.join("vms")).map_err(io_error("cannot create", root))?;
+        let vms = root.join("vms");
+        std::fs::create_dir_all(&vms)
+            .and_then(|()| {
+                std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(PRIVATE_DIR))
+            })
+            .map_err(io_error("cannot create", root))?;
         let lock_path = root.join("vmhostd.lock");
         let lock = File::options()
             .create(true)
@@ -243,7 +261,7 @@ impl Store {
     /// folder exists, so two creates of one name cannot race.
     pub fn create_vm(&self, spec: &VmSpec) -> Result<(), StoreError> {
         let paths = self.vm_dir(&spec.name);
-        std::fs::create_dir(&paths).map_err(io_error("cannot create", &paths))?;
+        create_private_dir(&paths).map_err(io_error("cannot create", &paths))?;
         let created = self.save(spec).and_then(|()| match spec.disk_gib {
             Some(gib) => create_sparse(&self.disk_path(&spec.name), u64::from(gib) << 30),
             None => Ok(()),
@@ -326,6 +344,14 @@ impl Store {
     /// The ledger saved by `save_leases`, if any.
     pub fn load_leases(&self) -> Result<Option<Ledger>, StoreError> {
         read_json(&self.root.join(LEASES_FILE))
+    }
+
+    /// Moves an unreadable leases file aside, for a person to look at; returns where.
+    pub fn set_aside_leases(&self) -> Result<PathBuf, StoreError> {
+        let path = self.root.join(LEASES_FILE);
+        let aside = path.with_extension("json.corrupt");
+        std::fs::rename(&path, &aside).map_err(io_error("cannot move aside", &path))?;
+        Ok(aside)
     }
 
     /// Every VM spec on disk, with the folders whose spec cannot be read reported apart.
@@ -411,6 +437,19 @@ pub(crate) mod tests {
         assert_eq!(specs, vec![changed, spec("b")]);
         store.remove_vm("a").unwrap();
         assert_eq!(store.load_all().unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn a_vms_folder_and_disk_are_private_to_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut with_disk = spec("a");
+        with_disk.disk_gib = Some(1);
+        store.create_vm(&with_disk).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("vms")), 0o700);
+        assert_eq!(mode(&store.vm_dir("a")), 0o700);
+        assert_eq!(mode(&store.disk_path("a")), 0o600);
     }
 
     #[test]

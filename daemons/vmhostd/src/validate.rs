@@ -66,9 +66,13 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
             }
         }
         ImageRef::Path(dir) => {
-            let dir = std::path::absolute(dir).map_err(|e| {
-                HostError::Invalid(format!("bad image path {}: {e}", dir.display()))
-            })?;
+            // Relative to what? Not to vmhostd's own directory; vmctl sends absolute paths.
+            if dir.is_relative() {
+                return Err(HostError::Invalid(format!(
+                    "image path {} is relative; give an absolute path",
+                    dir.display()
+                )));
+            }
             let initrd = dir.join("initrd.img");
             BootSource {
                 kernel: dir.join("vmlinuz"),

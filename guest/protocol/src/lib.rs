@@ -42,6 +42,19 @@ pub struct Metrics {
     pub online_cpus: u32,
 }
 
+impl Metrics {
+    /// Refuses loads that are not finite, non-negative numbers: a NaN would reach every
+    /// reader of the host's JSON as `null`, and no kernel reports one.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, load) in [("load1", self.load1), ("load5", self.load5)] {
+            if !load.is_finite() || load < 0.0 {
+                return Err(format!("{name} {load} is not a load average"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GuestMessage {
     Hello {
