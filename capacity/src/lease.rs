@@ -42,27 +42,63 @@ pub enum LeaseResponse {
     Invalid { reason: String },
 }
 
-/// The granter's answer to one request, against its ledger at `now_ms`.
-pub fn serve(ledger: &mut Ledger, request: LeaseRequest, now_ms: u64) -> LeaseResponse {
+/// Live leases one holder may have on one granter: enough for a burst of placements and
+/// migrations, too few to hold a host's capacity hostage with many small ones.
+pub const MAX_LEASES_PER_HOLDER: usize = 64;
+
+/// The granter's answer to one request from `holder` (the name the holder's certificate
+/// proves, not one it claims), against its ledger at `now_ms`. A holder sees, renews,
+/// commits and releases only its own leases.
+pub fn serve(
+    ledger: &mut Ledger,
+    holder: &str,
+    request: LeaseRequest,
+    now_ms: u64,
+) -> LeaseResponse {
+    let owned = |ledger: &Ledger, id: LeaseId| {
+        ledger
+            .leases()
+            .chain(ledger.committed_lease(id))
+            .any(|l| l.id == id && l.holder == holder)
+    };
     match request {
+        LeaseRequest::Reserve { vm, resources, .. } if resources == Resources::default() => {
+            LeaseResponse::Invalid {
+                reason: format!("a lease for VM '{vm}' must hold something"),
+            }
+        }
         LeaseRequest::Reserve {
             vm,
-            holder,
             resources,
             ttl_ms,
+            ..
         } => {
             if vm.is_empty() || vm.len() > 63 || holder.len() > 255 {
                 return LeaseResponse::Invalid {
                     reason: "VM and holder names must be 1 to 63 and at most 255 bytes".into(),
                 };
             }
-            match ledger.reserve(&vm, &holder, resources, ttl_ms.min(MAX_TTL_MS), now_ms) {
+            ledger.expire(now_ms);
+            if ledger.leases().filter(|l| l.holder == holder).count() >= MAX_LEASES_PER_HOLDER {
+                return LeaseResponse::Refused {
+                    reason: format!("{holder} already holds {MAX_LEASES_PER_HOLDER} leases here"),
+                    free: ledger.free(),
+                };
+            }
+            match ledger.reserve(&vm, holder, resources, ttl_ms.min(MAX_TTL_MS), now_ms) {
                 Ok(lease) => LeaseResponse::Granted(lease),
                 Err(e) => LeaseResponse::Refused {
                     reason: e.to_string(),
                     free: ledger.free(),
                 },
             }
+        }
+        LeaseRequest::Renew { id, .. }
+        | LeaseRequest::Commit { id }
+        | LeaseRequest::Release { id }
+            if !owned(ledger, id) =>
+        {
+            LeaseResponse::Unknown { id }
         }
         // A renewal that crossed its own commit must not read as "gone": the holder would
         // place the VM a second time.
@@ -127,26 +163,37 @@ mod tests {
             ttl_ms: u64::MAX,
         };
         let request = decode_request(&encode(&reserve)).unwrap();
-        let LeaseResponse::Granted(lease) = serve(&mut ledger, request, 0) else {
+        let LeaseResponse::Granted(lease) = serve(&mut ledger, "host-a", request, 0) else {
             panic!("not granted")
         };
         assert_eq!(lease.expires_at_ms, MAX_TTL_MS, "ttl is capped");
         assert!(matches!(
-            serve(&mut ledger, reserve, 0),
+            serve(&mut ledger, "host-a", reserve, 0),
             LeaseResponse::Refused { .. }
         ));
         assert!(matches!(
-            serve(&mut ledger, LeaseRequest::Commit { id: lease.id }, 1),
+            serve(
+                &mut ledger,
+                "host-a",
+                LeaseRequest::Commit { id: lease.id },
+                1
+            ),
             LeaseResponse::Committed(_)
         ));
         assert_eq!(
-            serve(&mut ledger, LeaseRequest::Renew { id: 99, ttl_ms: 1 }, 1),
+            serve(
+                &mut ledger,
+                "host-a",
+                LeaseRequest::Renew { id: 99, ttl_ms: 1 },
+                1
+            ),
             LeaseResponse::Unknown { id: 99 }
         );
         // A late renewal of a committed lease says so.
         assert!(matches!(
             serve(
                 &mut ledger,
+                "host-a",
                 LeaseRequest::Renew {
                     id: lease.id,
                     ttl_ms: 1
@@ -169,8 +216,70 @@ mod tests {
             ttl_ms: 1,
         };
         assert!(matches!(
-            serve(&mut ledger, bad, 0),
+            serve(&mut ledger, "h", bad, 0),
             LeaseResponse::Invalid { .. }
+        ));
+    }
+
+    #[test]
+    fn a_holder_touches_only_its_own_leases_and_only_so_many() {
+        let mut ledger = Ledger::new(Resources {
+            vcpus: 1000,
+            memory_bytes: 1000 * GIB,
+        });
+        let reserve = |vm: &str, holder: &str| LeaseRequest::Reserve {
+            vm: vm.into(),
+            // What the request claims does not count; the proven name does.
+            holder: holder.into(),
+            resources: Resources {
+                vcpus: 1,
+                memory_bytes: GIB,
+            },
+            ttl_ms: 60_000,
+        };
+        let LeaseResponse::Granted(lease) =
+            serve(&mut ledger, "host-a", reserve("db1", "host-b"), 0)
+        else {
+            panic!("not granted")
+        };
+        assert_eq!(lease.holder, "host-a");
+        for stranger in [
+            LeaseRequest::Renew {
+                id: lease.id,
+                ttl_ms: 1,
+            },
+            LeaseRequest::Commit { id: lease.id },
+            LeaseRequest::Release { id: lease.id },
+        ] {
+            assert_eq!(
+                serve(&mut ledger, "host-b", stranger, 1),
+                LeaseResponse::Unknown { id: lease.id }
+            );
+        }
+        assert_eq!(ledger.leases().count(), 1, "a stranger changed the lease");
+        // Empty leases always fit, so they are refused.
+        let empty = LeaseRequest::Reserve {
+            vm: "db2".into(),
+            holder: "host-a".into(),
+            resources: Resources::default(),
+            ttl_ms: 1,
+        };
+        assert!(matches!(
+            serve(&mut ledger, "host-a", empty, 1),
+            LeaseResponse::Invalid { .. }
+        ));
+        for i in 1..MAX_LEASES_PER_HOLDER {
+            let granted = serve(&mut ledger, "host-a", reserve(&format!("vm{i}"), "x"), 1);
+            assert!(matches!(granted, LeaseResponse::Granted(_)), "{granted:?}");
+        }
+        assert!(matches!(
+            serve(&mut ledger, "host-a", reserve("one-more", "x"), 1),
+            LeaseResponse::Refused { .. }
+        ));
+        // Others are not held back by one holder's quota.
+        assert!(matches!(
+            serve(&mut ledger, "host-b", reserve("theirs", "host-b"), 1),
+            LeaseResponse::Granted(_)
         ));
     }
 }

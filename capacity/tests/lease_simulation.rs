@@ -253,7 +253,12 @@ impl Sim {
                     return;
                 };
                 let response = match lease::decode_request(&bytes) {
-                    Ok(request) => lease::serve(ledger, request, self.now),
+                    Ok(request) => lease::serve(
+                        ledger,
+                        &format!("holder{}", message.holder),
+                        request,
+                        self.now,
+                    ),
                     Err(reason) => LeaseResponse::Invalid { reason },
                 };
                 host.persisted = lease::encode(&*ledger);

@@ -30,9 +30,12 @@ fn granter(identity: &Identity) -> (FleetEndpoint, Arc<Mutex<Ledger>>) {
     let served = ledger.clone();
     endpoint.serve(Arc::new(move |request| {
         answer(match request {
-            FleetRequest::Lease(request) => {
-                FleetResponse::Lease(lease::serve(&mut served.lock().unwrap(), request, 0))
-            }
+            FleetRequest::Lease(request) => FleetResponse::Lease(lease::serve(
+                &mut served.lock().unwrap(),
+                "host-a",
+                request,
+                0,
+            )),
             _ => FleetResponse::Pong,
         })
     }));

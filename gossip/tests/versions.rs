@@ -39,9 +39,12 @@ fn granter(identity: &Identity, versions: &[u32]) -> (FleetEndpoint, Arc<Mutex<V
     endpoint.serve_peers(Arc::new(move |peer, request| {
         seen.lock().unwrap().push(peer);
         answer(match request {
-            FleetRequest::Lease(request) => {
-                FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
-            }
+            FleetRequest::Lease(request) => FleetResponse::Lease(lease::serve(
+                &mut ledger.lock().unwrap(),
+                "host-a",
+                request,
+                0,
+            )),
             _ => FleetResponse::Pong,
         })
     }));

@@ -79,37 +79,53 @@ impl Admission {
         }
     }
 
-    /// Books a new VM: from the lease granted for it when it was placed from another host,
-    /// or fresh from the ledger.
+    /// Books a new VM: from the lease `claim` names, granted for it when another host
+    /// placed it here, or fresh from the ledger.
     pub fn book_new_vm(
         &self,
         vm: &str,
         size: Resources,
-        lease: Option<LeaseId>,
+        claim: Option<LeaseClaim<'_>>,
     ) -> Result<(), HostError> {
-        let Some(id) = lease else {
-            return Ok(self.set(vm, size)?);
-        };
+        match claim {
+            None => Ok(self.set(vm, size)?),
+            Some(claim) => self.commit(claim.id, vm, size, Some(claim.holder)),
+        }
+    }
+
+    fn commit(
+        &self,
+        id: LeaseId,
+        vm: &str,
+        size: Resources,
+        holder: Option<&str>,
+    ) -> Result<(), HostError> {
         let mut ledger = self.ledger();
-        check_lease(&ledger, id, vm, size)?;
+        check_lease(&ledger, id, vm, size, holder)?;
         ledger.commit(id, now_ms())?;
         self.persist(&ledger);
         Ok(())
     }
 
-    /// Checks that lease `id` is held for VM `vm` of `size`.
-    pub fn check_lease(&self, id: LeaseId, vm: &str, size: Resources) -> Result<(), HostError> {
-        check_lease(&self.ledger(), id, vm, size)
+    /// Checks that the claimed lease is held by its claimant for VM `vm` of `size`.
+    pub fn check_lease(
+        &self,
+        claim: LeaseClaim<'_>,
+        vm: &str,
+        size: Resources,
+    ) -> Result<(), HostError> {
+        check_lease(&self.ledger(), claim.id, vm, size, Some(claim.holder))
     }
 
     pub fn holds_lease(&self, id: LeaseId) -> bool {
         self.ledger().leases().any(|l| l.id == id)
     }
 
-    /// Turns a migration's lease into the arrived VM's allocation. The guest runs here
-    /// whatever the lease says, so if the lease is gone, what it holds is booked anyway.
+    /// Turns a migration's lease (checked when the arrival began) into the arrived VM's
+    /// allocation. The guest runs here whatever the lease says, so if the lease is gone,
+    /// what it holds is booked anyway.
     pub fn commit_arrival(&self, vm: &str, lease: LeaseId, size: Resources) {
-        if let Err(error) = self.book_new_vm(vm, size, Some(lease)) {
+        if let Err(error) = self.commit(lease, vm, size, None) {
             tracing::error!(vm, error = %error_chain(&error), "cannot commit the migration's lease; booking the VM anyway");
             self.adopt(vm, size);
         }
@@ -123,11 +139,18 @@ impl Admission {
         }
     }
 
-    /// Answers another host's lease request, and persists the leases before the answer
-    /// leaves.
-    pub fn serve_lease(&self, request: LeaseRequest) -> LeaseResponse {
+    /// Answers the lease request of `holder`, a host its certificate names, and persists
+    /// the leases before the answer leaves. Only this host commits its leases, when the VM
+    /// they are for arrives.
+    pub fn serve_lease(&self, holder: &str, request: LeaseRequest) -> LeaseResponse {
+        if let LeaseRequest::Commit { .. } = request {
+            return LeaseResponse::Invalid {
+                reason: "a lease is committed by the host that granted it, when its VM arrives"
+                    .into(),
+            };
+        }
         let mut ledger = self.ledger();
-        let response = lease::serve(&mut ledger, request, now_ms());
+        let response = lease::serve(&mut ledger, holder, request, now_ms());
         match &response {
             LeaseResponse::Granted(l) => {
                 tracing::info!(lease = l.id, vm = %l.vm, holder = %l.holder, size = %l.resources, "lease granted")
@@ -166,10 +189,25 @@ impl Admission {
     }
 }
 
-fn check_lease(ledger: &Ledger, id: LeaseId, vm: &str, size: Resources) -> Result<(), HostError> {
+/// A lease another host says it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseClaim<'a> {
+    pub id: LeaseId,
+    /// The claimant, as its certificate names it.
+    pub holder: &'a str,
+}
+
+fn check_lease(
+    ledger: &Ledger,
+    id: LeaseId,
+    vm: &str,
+    size: Resources,
+    holder: Option<&str>,
+) -> Result<(), HostError> {
+    // Someone else's lease is as unknown to a claimant as one never granted.
     let held = ledger
         .leases()
-        .find(|l| l.id == id)
+        .find(|l| l.id == id && holder.is_none_or(|h| l.holder == h))
         .ok_or(LedgerError::UnknownLease(id))?;
     if held.vm != vm || held.resources != size {
         return Err(HostError::Invalid(format!(

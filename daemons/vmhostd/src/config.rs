@@ -78,6 +78,11 @@ pub struct FleetConfig {
     /// host stops trying to recover it (the VM then stays paused, never lost).
     #[serde(default = "default_migration_recover_secs")]
     pub migration_recover_secs: u64,
+    /// Whether operator commands that change VMs (create, scale, stop, start, delete,
+    /// bounds) are taken from other fleet hosts (`vmctl --host`). Read-only queries, and
+    /// what a peer does under a lease it holds, are always taken.
+    #[serde(default = "yes")]
+    pub trust_forwarded_commands: bool,
 }
 
 fn default_gossip_interval_ms() -> u64 {
@@ -92,6 +97,10 @@ fn default_lease_ttl_secs() -> u64 {
 fn default_migration_recover_secs() -> u64 {
     300
 }
+fn yes() -> bool {
+    true
+}
+
 fn default_watermark() -> f64 {
     1.0
 }

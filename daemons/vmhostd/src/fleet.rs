@@ -106,7 +106,7 @@ impl Fleet {
     /// Here if it fits; otherwise on the live host with the most free memory that grants a
     /// lease, trying the next when one refuses.
     pub async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
-        let local_refusal = match self.host.create(create.clone()).await {
+        let local_refusal = match self.host.create(create.clone(), None).await {
             Err(HostError::Capacity(refusal)) => refusal,
             other => return other.map(|vm| Reply::Vm(Box::new(vm))).map_err(Into::into),
         };
@@ -291,15 +291,33 @@ impl Fleet {
 
 /// A peer's request. The peer is a fleet host (the endpoint checked its certificate), but
 /// its bytes are still checked like anyone's.
-fn serve_peer(host: &Host, calls: PeerCalls, peer: Peer, request: FleetRequest) -> quic::Reply {
+fn serve_peer(
+    host: &Arc<Host>,
+    calls: PeerCalls,
+    peer: Peer,
+    request: FleetRequest,
+) -> quic::Reply {
     match request {
         FleetRequest::Ping => quic::answer(FleetResponse::Pong),
         // The endpoint hands tunnels to `take_tunnels`; one never reaches here.
         FleetRequest::Tunnel { .. } => quic::answer(FleetResponse::Error {
             reason: "a tunnel is not a request".into(),
         }),
+        // Off the runtime's threads: a grant is fsynced before it is answered.
         FleetRequest::Lease(request) => {
-            quic::answer(FleetResponse::Lease(host.admission.serve_lease(request)))
+            let host = host.clone();
+            Box::pin(async move {
+                let served = tokio::task::spawn_blocking(move || {
+                    host.admission.serve_lease(&peer.name, request)
+                })
+                .await;
+                match served {
+                    Ok(response) => FleetResponse::Lease(response),
+                    Err(e) => FleetResponse::Error {
+                        reason: format!("lease request failed: {e}"),
+                    },
+                }
+            })
         }
         FleetRequest::Api(json) => Box::pin(async move {
             let response = match PeerEnvelope::from_json(&json) {

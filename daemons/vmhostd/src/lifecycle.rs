@@ -1,6 +1,7 @@
 //! A VM's life on this host: create, start, stop, delete, launching its QEMU, watching it
 //! exit, and finding it again after a restart of vmhostd.
 
+use crate::admission::LeaseClaim;
 use crate::agent_task::{self, AgentHandle, AgentView};
 use crate::config::NetworkConfig;
 use crate::error::{error_chain, vmm_error, HostError};
@@ -39,8 +40,22 @@ pub enum StartAs {
 }
 
 impl Host {
-    pub async fn create(self: &Arc<Self>, request: CreateVm) -> Result<VmInfo, HostError> {
-        let lease = request.lease;
+    /// Creates a VM. `from` is the host that placed it here, when one did: only it may
+    /// name a lease, one it holds.
+    pub async fn create(
+        self: &Arc<Self>,
+        request: CreateVm,
+        from: Option<&str>,
+    ) -> Result<VmInfo, HostError> {
+        let lease = match (request.lease, from) {
+            (Some(id), Some(holder)) => Some(LeaseClaim { id, holder }),
+            (Some(_), None) => {
+                return Err(HostError::Invalid(
+                    "a lease is given from one host to another, not by operators".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let spec = validate::spec_for(&self.config, request)?;
         let size = spec.cu_shape.resources(spec.cu);
         let name = spec.name.clone();
@@ -504,7 +519,7 @@ mod tests {
         let host = TestHost::new("host-a", Accel::Kvm).await;
         let mut request = TestHost::request("a", 1, 1, None);
         request.image = ImageRef::Path("images/test".into());
-        let error = host.host.create(request).await.unwrap_err();
+        let error = host.host.create(request, None).await.unwrap_err();
         assert!(error.to_string().contains("relative"), "{error}");
         assert!(host.state("a").is_none());
     }

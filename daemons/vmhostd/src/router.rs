@@ -39,7 +39,7 @@ pub async fn from_operator(
             },
         ) if name == host.name() => {
             forwardable(&request).map_err(invalid)?;
-            on_this_host(host, *request).await
+            on_this_host(host, *request, None).await
         }
         (
             Some(fleet),
@@ -58,7 +58,7 @@ pub async fn from_operator(
         (None, request) if request.fans_out() => Err(invalid(
             "this host is not part of a fleet ([fleet] is not in its config)",
         )),
-        (_, request) => on_this_host(host, request).await,
+        (_, request) => on_this_host(host, request, None).await,
     }
 }
 
@@ -80,10 +80,28 @@ async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Resul
     match envelope.call {
         PeerCall::Forwarded(request) => {
             forwardable(&request).map_err(invalid)?;
-            on_this_host(&host, request).await
+            let trusted = host
+                .config
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.trust_forwarded_commands);
+            if changes_vms(&request) && !under_lease(&request) {
+                if !trusted {
+                    return Err(ApiError::new(
+                        ErrorKind::Refused,
+                        format!(
+                            "host '{}' takes no commands that change VMs from other hosts \
+                             ([fleet] trust_forwarded_commands = false); run vmctl there",
+                            host.name()
+                        ),
+                    ));
+                }
+                tracing::info!(origin = %peer.name, ?request, "running a command forwarded by another host");
+            }
+            on_this_host(&host, request, Some(&peer.name)).await
         }
         PeerCall::Peer(PeerRequest::MigrateIn(incoming)) => host
-            .prepare_arrival(*incoming)
+            .prepare_arrival(*incoming, &peer.name)
             .await
             .map(vm)
             .map_err(Into::into),
@@ -93,6 +111,19 @@ async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Resul
             .map(vm)
             .map_err(Into::into),
     }
+}
+
+/// Whether a request changes VMs (as opposed to reading).
+fn changes_vms(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::List | Request::Show { .. } | Request::Host | Request::Events { .. }
+    )
+}
+
+/// A create under a lease: a placement by the lease's holder, checked against the lease.
+fn under_lease(request: &Request) -> bool {
+    matches!(request, Request::Create(create) if create.lease.is_some())
 }
 
 /// What may be run on another host for an operator: requests about that host's own VMs,
@@ -112,11 +143,15 @@ fn forwardable(request: &Request) -> Result<(), &'static str> {
     }
 }
 
-/// A request about this host's own VMs.
-pub async fn on_this_host(host: &Arc<Host>, request: Request) -> Result<Reply, ApiError> {
+/// A request about this host's own VMs, from an operator here or from the peer `from`.
+pub async fn on_this_host(
+    host: &Arc<Host>,
+    request: Request,
+    from: Option<&str>,
+) -> Result<Reply, ApiError> {
     let vm = |info| Reply::Vm(Box::new(info));
     let reply = match request {
-        Request::Create(create) => host.create(create).await.map(vm),
+        Request::Create(create) => host.create(create, from).await.map(vm),
         Request::List => Ok(Reply::Vms(host.list())),
         Request::Show { name } => host.show(&name).await.map(vm),
         Request::Scale { name, cu, force } => host.scale(&name, cu, force).await.map(vm),
@@ -179,6 +214,59 @@ mod tests {
         assert_eq!(
             calls(peer(2), fan_out).await.unwrap_err().kind,
             ErrorKind::InvalidArgument
+        );
+    }
+
+    fn forwarded(request: Request) -> PeerEnvelope {
+        PeerEnvelope {
+            version: PEER_API_VERSION,
+            call: PeerCall::Forwarded(request),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_places_a_vm_only_under_a_lease_of_its_own() {
+        let host = TestHost::new("host-a", vmm::Accel::Kvm).await;
+        let size = host.host.config.cu_shape().resources(crate::testing::cu(1));
+        let lease = host.lease("a", size);
+        let calls = peer_calls(host.host.clone());
+        let mut create = TestHost::request("a", 1, 1, None);
+        create.lease = Some(lease);
+        let mut stranger = peer(2);
+        stranger.name = "host-c".into();
+        let refused = calls(stranger, forwarded(Request::Create(create.clone())))
+            .await
+            .unwrap_err();
+        assert!(refused.message.contains("lease"), "{}", refused.message);
+        assert!(host.state("a").is_none());
+        let mut holder = peer(2);
+        holder.name = crate::testing::SOURCE.into();
+        calls(holder, forwarded(Request::Create(create)))
+            .await
+            .unwrap();
+        assert_eq!(host.state("a"), Some(vmhost_api::VmState::Running));
+    }
+
+    #[tokio::test]
+    async fn an_untrusting_host_refuses_forwarded_changes_but_answers_queries() {
+        let mut host = TestHost::new("host-a", vmm::Accel::Kvm).await;
+        host.create("a", 1, 1).await;
+        let untrusting = {
+            let mut config = host.host.config.clone();
+            config.fleet.as_mut().unwrap().trust_forwarded_commands = false;
+            config
+        };
+        host = host.restart_with(untrusting).await;
+        let calls = peer_calls(host.host.clone());
+        let stop = calls(peer(2), forwarded(Request::Stop { name: "a".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(stop.kind, ErrorKind::Refused, "{}", stop.message);
+        assert_eq!(host.state("a"), Some(vmhost_api::VmState::Running));
+        assert!(
+            calls(peer(2), forwarded(Request::Show { name: "a".into() }))
+                .await
+                .is_ok()
         );
     }
 

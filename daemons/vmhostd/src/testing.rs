@@ -10,6 +10,9 @@ use vmhost_api::{ApiError, ComputeUnits, CreateVm, ImageRef, IncomingMigration, 
 use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
 use vmm::{Accel, AccelDecision, FakeHypervisor, FakeMachine};
 
+/// The host the test migrations come from, as its certificate would name it.
+pub const SOURCE: &str = "host-a";
+
 pub struct TestHost {
     pub host: Arc<Host>,
     pub qemu: Arc<FakeHypervisor>,
@@ -54,23 +57,19 @@ pub fn cu(n: u32) -> ComputeUnits {
 
 impl TestHost {
     pub async fn new(name: &str, accel: Accel) -> TestHost {
-        TestHost::open(
-            tempfile::tempdir().unwrap(),
-            name,
-            accel,
-            FakeHypervisor::new(),
-        )
-        .await
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), name);
+        TestHost::open(dir, config, accel, FakeHypervisor::new()).await
     }
 
     /// A vmhostd on `dir`'s state directory, with the QEMUs `qemu` runs.
     async fn open(
         dir: tempfile::TempDir,
-        name: &str,
+        config: Config,
         accel: Accel,
         qemu: Arc<FakeHypervisor>,
     ) -> TestHost {
-        let host = Host::recover(config(dir.path(), name), decision(accel), qemu.clone())
+        let host = Host::recover(config, decision(accel), qemu.clone())
             .await
             .unwrap();
         TestHost {
@@ -83,17 +82,22 @@ impl TestHost {
 
     /// A new vmhostd on the same state directory, with the same (fake) QEMUs still running.
     pub async fn restart(self) -> TestHost {
+        let config = self.host.config.clone();
+        self.restart_with(config).await
+    }
+
+    /// Like `restart`, with another config.
+    pub async fn restart_with(self, config: Config) -> TestHost {
         let TestHost {
             host,
             qemu,
             dir,
             accel,
         } = self;
-        let name = host.name().to_string();
         drop(host);
         // The old host's tasks let go of it once they next run.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        TestHost::open(dir, &name, accel, qemu).await
+        TestHost::open(dir, config, accel, qemu).await
     }
 
     /// A vmhostd restarted on a copy of this host's state directory (sockets left out),
@@ -101,7 +105,8 @@ impl TestHost {
     pub async fn on_copy(&self) -> TestHost {
         let dir = tempfile::tempdir().unwrap();
         copy_files(&self.host.config.state_dir, &dir.path().join("state"));
-        TestHost::open(dir, self.host.name(), self.accel, FakeHypervisor::new()).await
+        let config = config(dir.path(), self.host.name());
+        TestHost::open(dir, config, self.accel, FakeHypervisor::new()).await
     }
 
     pub fn request(name: &str, min: u32, max: u32, disk_gib: Option<u32>) -> CreateVm {
@@ -120,7 +125,7 @@ impl TestHost {
 
     pub async fn create(&self, name: &str, min: u32, max: u32) {
         self.host
-            .create(Self::request(name, min, max, None))
+            .create(Self::request(name, min, max, None), None)
             .await
             .unwrap();
     }
@@ -141,15 +146,15 @@ impl TestHost {
         self.host.host_info().allocated
     }
 
-    /// Reserves room on this host, as a source host would.
+    /// Reserves room on this host, as the source host `SOURCE` would.
     pub fn lease(&self, vm: &str, resources: Resources) -> u64 {
         let reserve = LeaseRequest::Reserve {
             vm: vm.into(),
-            holder: "source".into(),
+            holder: SOURCE.into(),
             resources,
             ttl_ms: 60_000,
         };
-        match self.host.admission.serve_lease(reserve) {
+        match self.host.admission.serve_lease(SOURCE, reserve) {
             LeaseResponse::Granted(lease) => lease.id,
             other => panic!("lease refused: {other:?}"),
         }
@@ -190,7 +195,7 @@ impl TargetHost for LocalTarget {
 
     async fn prepare(&self, incoming: IncomingMigration) -> Result<(), ApiError> {
         self.target
-            .prepare_arrival(incoming)
+            .prepare_arrival(incoming, SOURCE)
             .await
             .map(drop)
             .map_err(Into::into)

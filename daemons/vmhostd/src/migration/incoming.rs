@@ -3,6 +3,7 @@
 //! its folder the only up-to-date disk, so nothing here removes it after that.
 
 use super::{Phase, TargetPhase, INCOMING_DISK_SOCKET, INCOMING_SOCKET, TARGET_TRANSITIONS};
+use crate::admission::LeaseClaim;
 use crate::error::{error_chain, vmm_error, HostError};
 use crate::host::Host;
 use crate::lifecycle::StartAs;
@@ -36,10 +37,12 @@ struct Arrival {
 }
 
 impl Host {
-    /// Starts a QEMU that waits for a migrating VM, under the lease this host granted.
+    /// Starts a QEMU that waits for a migrating VM, under the lease this host granted to
+    /// `source`.
     pub async fn prepare_arrival(
         self: &Arc<Self>,
         incoming: IncomingMigration,
+        source: &str,
     ) -> Result<VmInfo, HostError> {
         if !(MIGRATION_VERSION_MIN..=MIGRATION_VERSION).contains(&incoming.version) {
             return Err(HostError::Invalid(format!(
@@ -61,7 +64,11 @@ impl Host {
             )));
         }
         let size = arrival_size(&spec, &incoming);
-        self.admission.check_lease(lease, &spec.name, size)?;
+        let claim = LeaseClaim {
+            id: lease,
+            holder: source,
+        };
+        self.admission.check_lease(claim, &spec.name, size)?;
         let name = spec.name.clone();
         let slot = self
             .vms

@@ -37,7 +37,7 @@ async fn two_hosts(disk: Option<u32>, accel: Accel) -> (TestHost, TestHost) {
     let target = TestHost::new("host-b", accel).await;
     let mut request = TestHost::request("a", 1, 3, disk);
     request.cu = Some(cu(2));
-    source.host.create(request).await.unwrap();
+    source.host.create(request, None).await.unwrap();
     (source, target)
 }
 
@@ -250,7 +250,11 @@ async fn migrate_in_never_removes_a_folder_it_did_not_create() {
         tunnel: 1,
         disk_tunnel: None,
     };
-    assert!(target.host.prepare_arrival(incoming).await.is_err());
+    assert!(target
+        .host
+        .prepare_arrival(incoming, crate::testing::SOURCE)
+        .await
+        .is_err());
     assert_eq!(std::fs::read(dir.join("disk.raw")).unwrap(), b"data");
     assert!(target.state("a").is_none());
 }
@@ -268,7 +272,11 @@ async fn a_start_message_of_an_unknown_version_is_refused() {
         tunnel: 1,
         disk_tunnel: None,
     };
-    let error = target.host.prepare_arrival(incoming).await.unwrap_err();
+    let error = target
+        .host
+        .prepare_arrival(incoming, crate::testing::SOURCE)
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("version"), "{error}");
 }
 
@@ -376,7 +384,7 @@ async fn move_with_a_slow_disk() -> (Move, Arc<FakeMachine>) {
     let target = TestHost::new("host-b", Accel::Kvm).await;
     source
         .host
-        .create(TestHost::request("a", 1, 1, Some(1)))
+        .create(TestHost::request("a", 1, 1, Some(1)), None)
         .await
         .unwrap();
     let src = source.machine("a");

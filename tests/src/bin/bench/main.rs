@@ -291,9 +291,12 @@ async fn lease_rtt(round_trips: usize) {
     })));
     b.serve(Arc::new(move |request| {
         answer(match request {
-            FleetRequest::Lease(request) => {
-                FleetResponse::Lease(lease::serve(&mut ledger.lock().unwrap(), request, 0))
-            }
+            FleetRequest::Lease(request) => FleetResponse::Lease(lease::serve(
+                &mut ledger.lock().unwrap(),
+                "host-a",
+                request,
+                0,
+            )),
             _ => FleetResponse::Pong,
         })
     }));
