@@ -113,6 +113,9 @@ impl Host {
         spec.incoming = false;
         spec.launched_bounds = Some((spec.min_cu, spec.max_cu));
         let started = async {
+            // A fresh QEMU is no migration's source: a restart must not take it for one.
+            self.store.set_marker(name, Marker::Leaving, false)?;
+            self.store.set_marker(name, Marker::Postcopy, false)?;
             self.store.save(&spec)?;
             self.launch(&spec, StartAs::Boot).await
         }
@@ -285,6 +288,11 @@ impl Host {
         let leaving = self.store.has_marker(&name, Marker::Leaving);
         let mut record = match attached {
             None => VmRecord::new(spec, VmState::Stopped, applied),
+            Some(Err(_)) if leaving && self.store.has_marker(&name, Marker::Postcopy) => {
+                tracing::error!(vm = %name, "this VM was leaving in post-copy and its QEMU is gone: it is the target's alone now");
+                self.forget_handed_over(&spec).await;
+                return;
+            }
             Some(Err(error)) => {
                 tracing::error!(vm = %name, error = %error_chain(&error), "VM should be running but its QEMU is gone");
                 VmRecord::new(spec, VmState::Crashed, applied)
@@ -364,6 +372,12 @@ impl Host {
                 .as_ref()
                 .is_some_and(|m| Arc::ptr_eq(m, &machine))
             {
+                return;
+            }
+            let leaving = record.state() == VmState::Migrating && !record.spec.incoming;
+            if leaving && host.store.has_marker(&name, Marker::Postcopy) {
+                drop(record);
+                host.lost_in_postcopy(&slot);
                 return;
             }
             if record.spec.run {

@@ -226,14 +226,20 @@ impl Host {
             }
             // Spent before plugging: a plug that fails halfway still used its slot.
             let left = left - plugs;
-            self.save_plug_budget(name, Some(left))?;
+            if let Err(error) = self.save_plug_budget(name, Some(left)) {
+                let _ = self.admission.set(name, before);
+                return Err(error.into());
+            }
             slot.record().vcpu_plug_budget = Some(left);
         }
         let started = std::time::Instant::now();
         let boot_memory = spec.boot_resources().memory_bytes;
         let timeout = self.config.timeouts.hotplug();
         if target.vcpus < before.vcpus {
-            self.store.set_marker(name, Marker::VcpuUnplugged, true)?;
+            if let Err(error) = self.store.set_marker(name, Marker::VcpuUnplugged, true) {
+                let _ = self.admission.set(name, before);
+                return Err(error.into());
+            }
         }
         if plugs > 0 {
             await_guest_up(guest.as_ref(), timeout).await;
@@ -252,9 +258,19 @@ impl Host {
             .measure(&spec, machine.as_ref())
             .await
             .unwrap_or(booking(cu));
-        // Shrinking the booking to what QEMU holds always fits.
-        let _ = self.admission.set(name, measured);
-        slot.record().applied = measured;
+        {
+            let mut record = slot.record();
+            // A QEMU that exited meanwhile had its booking released; it stays released.
+            if record
+                .machine
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, &machine))
+            {
+                // Shrinking the booking to what QEMU holds always fits.
+                let _ = self.admission.set(name, measured);
+                record.applied = measured;
+            }
+        }
         applied.map_err(vmm_error(name, "resize"))?;
         let grew = cu > spec.cu;
         spec.cu = cu;

@@ -25,6 +25,9 @@ pub enum Marker {
     VcpuUnplugged,
     /// Source: the target runs the VM now. This copy is stale and never runs again.
     HandedOver,
+    /// Source: the migration was switched to post-copy; from then on the target holds the
+    /// running guest, and this copy must never run on its own again.
+    Postcopy,
     /// Target: the migration switched over. From then on this folder holds the only
     /// up-to-date disk and is never removed for a failed arrival.
     SwitchedOver,
@@ -36,6 +39,7 @@ impl Marker {
             Marker::Leaving => "leaving",
             Marker::VcpuUnplugged => "vcpu-unplugged",
             Marker::HandedOver => "handed-over",
+            Marker::Postcopy => "postcopy",
             Marker::SwitchedOver => "switched-over",
         }
     }

@@ -52,7 +52,8 @@ impl Action {
             Action::Scale | Action::Migrate => &[Running],
             Action::Stop => &[Running, Crashed],
             Action::Start => &[Stopped, Crashed],
-            Action::Delete | Action::Bounds => &[Starting, Running, Stopped, Crashed],
+            // Not while starting: a create that fails removes the VM under that lock.
+            Action::Delete | Action::Bounds => &[Running, Stopped, Crashed],
             Action::ResumeMigration | Action::RecoverArrival => &[Migrating],
         }
     }
@@ -245,6 +246,7 @@ mod tests {
         assert!(record(Stopped).check(Action::Start).is_ok());
         assert!(record(Running).check(Action::Start).is_err());
         assert!(record(Migrating).check(Action::Delete).is_err());
+        assert!(record(Starting).check(Action::Delete).is_err());
         assert!(record(Running).machine_for(Action::Scale).is_err());
     }
 

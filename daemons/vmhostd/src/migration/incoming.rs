@@ -248,7 +248,8 @@ impl Host {
                 tracing::warn!(vm = %name, error = %error_chain(&error), "cannot stop exporting the arrived VM's disk");
             }
         }
-        self.replug_devices(
+        self.replug_vsock(name, machine.as_ref()).await;
+        self.restore_memory(
             name,
             machine.as_ref(),
             incoming.restore_hotplug_memory_bytes,
@@ -308,7 +309,11 @@ impl Host {
             self.forget(&name, &slot);
             return;
         }
-        self.admission.adopt(&name, size);
+        // From here on it switched over, or its QEMU does not answer. Only a switched-over
+        // arrival is this host's allocation; otherwise its lease still covers it.
+        if switched {
+            self.admission.adopt(&name, size);
+        }
         let (machine, incoming) = match (attached, arrival) {
             (Ok(machine), Ok(Some(incoming))) => (machine, incoming),
             (Err(VmmError::NotRunning { .. } | VmmError::Pidfile { .. }), Ok(Some(incoming))) => {
@@ -329,9 +334,11 @@ impl Host {
                 tracing::error!(vm = %name, error = %error_chain(&error), "cannot open the out-of-band monitor; a broken link cannot be recovered");
             }
         }
-        tracing::warn!(vm = %name, status = ?status, "vmhostd restarted during this VM's arrival, after the switchover; following it again");
+        tracing::warn!(vm = %name, status = ?status, switched, "vmhostd restarted during this VM's arrival; following it again");
         let mut phase = Phase::new(&name, TargetPhase::Listening, TARGET_TRANSITIONS);
-        let _ = phase.go(TargetPhase::SwitchedOver);
+        if switched {
+            let _ = phase.go(TargetPhase::SwitchedOver);
+        }
         self.follow_arrival(Arrival {
             incoming,
             size,

@@ -175,9 +175,9 @@ impl Drop for TaskGuard {
 }
 
 impl Host {
-    /// Gives a VM that now runs here, after a migration either way, what the move took
-    /// away: a vsock device on a fresh backend, and its hotplug memory.
-    async fn replug_devices(&self, name: &str, machine: &dyn Vm, hotplug_memory_bytes: u64) {
+    /// Gives a VM that runs here after a migration, either way, a vsock device on a fresh
+    /// backend: the move took its device away.
+    async fn replug_vsock(&self, name: &str, machine: &dyn Vm) {
         let paths = self.paths(name);
         let plugged = async {
             self.hypervisor.restart_vsock(&paths.vsock).await?;
@@ -190,6 +190,10 @@ impl Host {
         if let Err(error) = plugged {
             tracing::error!(vm = %name, error = %error_chain(&error), "the guest has no vsock device; it cannot reach this host until it restarts");
         }
+    }
+
+    /// Plugs back the hotplug memory a move unplugged, if it did.
+    async fn restore_memory(&self, name: &str, machine: &dyn Vm, hotplug_memory_bytes: u64) {
         if machine.hotplug_memory().await.ok() != Some(hotplug_memory_bytes) {
             if let Err(error) = machine
                 .set_hotplug_memory(hotplug_memory_bytes, self.config.timeouts.hotplug())

@@ -51,8 +51,8 @@ pub struct Departing {
     pub(super) disk_socket: Option<PathBuf>,
     /// It switches to post-copy after the first pass.
     pub(super) postcopy: bool,
-    /// Its guest's devices were taken away for the move (`detach`).
-    pub(super) detached: bool,
+    /// Its vsock device was unplugged for the move (`detach`): a failure puts one back.
+    pub(super) vsock_unplugged: bool,
     pub phase: Phase<SourcePhase>,
 }
 
@@ -155,7 +155,13 @@ impl Host {
             .map_err(|e| HostError::Invalid(e.to_string()))?;
         record.agent = None;
         record.goal = None;
-        Ok(self.departing(&record.spec, machine, record.applied, SourcePhase::Prepared))
+        Ok(self.departing(
+            &record.spec,
+            machine,
+            record.applied,
+            SourcePhase::Prepared,
+            false,
+        ))
     }
 
     fn departing(
@@ -164,6 +170,7 @@ impl Host {
         machine: Arc<dyn Vm>,
         size: Resources,
         phase: SourcePhase,
+        vsock_unplugged: bool,
     ) -> Departing {
         let dir = self.store.vm_dir(&spec.name);
         let boot = spec.boot_resources();
@@ -175,7 +182,7 @@ impl Host {
             socket: dir.join(OUTGOING_SOCKET),
             disk_socket: spec.disk_gib.map(|_| dir.join(OUTGOING_DISK_SOCKET)),
             postcopy: true,
-            detached: true,
+            vsock_unplugged,
             phase: Phase::new(&spec.name, phase, super::SOURCE_TRANSITIONS),
         }
     }
@@ -215,7 +222,7 @@ impl Host {
             return Err(not_stranded(format!("its migration is {status}")));
         }
         Ok((
-            self.departing(&spec, machine, size, SourcePhase::Stranded),
+            self.departing(&spec, machine, size, SourcePhase::Stranded, true),
             departure,
         ))
     }
@@ -237,7 +244,17 @@ impl Host {
             info.map(|i| i.status).unwrap_or(MigrationStatus::None)
         };
         let now = status(machine.migration_info().await);
-        if now.is_postcopy() {
+        if now == MigrationStatus::Completed {
+            tracing::warn!(vm = %name, "vmhostd restarted after this VM's migration completed; handing it over");
+            self.record_hand_over(name);
+            slot.record().machine = None;
+            if let Err(error) = machine.terminate().await {
+                tracing::warn!(vm = %name, error = %error_chain(&error), "the migrated-away QEMU did not end cleanly");
+            }
+            self.let_go(name, slot);
+            return;
+        }
+        if now.is_postcopy() || self.store.has_marker(name, Marker::Postcopy) {
             tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
             return;
         }
@@ -251,8 +268,34 @@ impl Host {
             events.next_change(POLL_INTERVAL).await;
         }
         let size = spec.cu_shape.resources(spec.cu);
-        let departing = self.departing(&spec, machine, size, SourcePhase::Prepared);
+        // `detach` stops the backend right after the unplug: a running one means the
+        // device is still plugged.
+        let unplugged = !self.hypervisor.vsock_running(&self.paths(name).vsock);
+        let departing = self.departing(&spec, machine, size, SourcePhase::Prepared, unplugged);
         self.abandon_departure(departing).await;
+    }
+
+    /// Records that the VM is the target's now, so that a restart never runs this copy.
+    pub(super) fn record_hand_over(&self, name: &str) {
+        if let Err(error) = self.store.set_marker(name, Marker::HandedOver, true) {
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot record the hand-over; ending the stale copy anyway");
+        }
+    }
+
+    /// This host no longer has the VM: its record, files and resources go.
+    pub(super) fn let_go(&self, name: &str, slot: &Arc<VmSlot>) {
+        self.set_down(&mut slot.record(), VmState::Stopped);
+        self.forget(name, slot);
+    }
+
+    /// The QEMU of a VM leaving in post-copy exited: the pages it held are lost and the
+    /// target's copy (with the newer disk) is the only one left, so this host lets go of
+    /// the VM rather than list a stale copy that could be started.
+    pub fn lost_in_postcopy(&self, slot: &Arc<VmSlot>) {
+        let name = slot.record().spec.name.clone();
+        tracing::error!(vm = %name, "the source QEMU exited during post-copy; the VM is the target's alone now");
+        self.record_hand_over(&name);
+        self.let_go(&name, slot);
     }
 
     /// Ends a departure before the stream started: the VM runs on here.
@@ -406,7 +449,6 @@ impl Host {
     async fn detach(&self, departing: &mut Departing) -> Result<(), HostError> {
         let name = departing.spec.name.as_str();
         let slot = self.slot(name)?;
-        departing.detached = true;
         if self.accel.accel == vmm::Accel::Tcg && departing.hotplug_memory_bytes > 0 {
             let guest = slot.record().guest.clone();
             let boot = Resources {
@@ -426,6 +468,7 @@ impl Host {
             .unplug_vsock(VSOCK_EJECT_TIMEOUT)
             .await
             .map_err(vmm_error(name, "unplug its vsock device"))?;
+        departing.vsock_unplugged = true;
         slot.record().guest = None;
         self.hypervisor.stop_vsock(&self.paths(name).vsock);
         Ok(())
@@ -476,14 +519,15 @@ impl Host {
         if departing.disk_socket.is_some() {
             departing.machine.abandon_disk_mirror().await;
         }
-        if departing.detached {
-            self.replug_devices(
-                name,
-                departing.machine.as_ref(),
-                departing.hotplug_memory_bytes,
-            )
-            .await;
+        if departing.vsock_unplugged {
+            self.replug_vsock(name, departing.machine.as_ref()).await;
         }
+        self.restore_memory(
+            name,
+            departing.machine.as_ref(),
+            departing.hotplug_memory_bytes,
+        )
+        .await;
         let applied = self
             .measure(&departing.spec, departing.machine.as_ref())
             .await;

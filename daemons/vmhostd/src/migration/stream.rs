@@ -9,7 +9,7 @@ use crate::host::Host;
 use crate::store::Marker;
 use std::time::Duration;
 use tokio::time::Instant;
-use vmhost_api::{ApiError, MigrationSummary, VmState};
+use vmhost_api::{ApiError, MigrationSummary};
 use vmm::qmp::RamStats;
 use vmm::MigrationStatus;
 
@@ -118,11 +118,27 @@ impl Host {
                 {
                     postcopy_asked = true;
                     tracing::info!(vm = %name, "first pass done; switching to post-copy");
-                    if let Err(error) = machine.start_postcopy().await {
-                        // Still pre-copy: the guest runs here until QEMU switches over.
-                        tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");
-                    } else {
-                        let _ = departing.go(SourcePhase::PostcopyActive);
+                    // Recorded first: from the switch on, this copy must never run again,
+                    // even if this QEMU and vmhostd die before the next line.
+                    let recorded = self.store.set_marker(name, Marker::Postcopy, true);
+                    match recorded {
+                        Err(error) => {
+                            tracing::warn!(vm = %name, error = %error_chain(&error), "cannot record the switch to post-copy; staying in pre-copy")
+                        }
+                        Ok(()) => match machine.start_postcopy().await {
+                            Ok(()) => {
+                                let _ = departing.go(SourcePhase::PostcopyActive);
+                            }
+                            Err(error) => {
+                                // Still pre-copy: the guest runs here until QEMU switches over.
+                                tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");
+                                if let Err(error) =
+                                    self.store.set_marker(name, Marker::Postcopy, false)
+                                {
+                                    tracing::warn!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one in post-copy");
+                                }
+                            }
+                        },
                     }
                 }
                 MigrationStatus::Setup if stream_started.elapsed() > SETUP_TIMEOUT => {
@@ -245,20 +261,16 @@ impl Host {
     /// before the end never runs this stale copy again; then this QEMU ends and the VM
     /// leaves this host.
     async fn hand_over(&self, departing: &mut Departing) {
-        let name = departing.spec.name.clone();
-        let name = name.as_str();
-        if let Err(error) = self.store.set_marker(name, Marker::HandedOver, true) {
-            tracing::error!(vm = %name, error = %error_chain(&error), "cannot record the hand-over; ending the stale copy anyway");
-        }
         let _ = departing.go(SourcePhase::HandedOver);
+        let name = departing.spec.name.as_str();
         let Ok(slot) = self.slot(name) else { return };
+        self.record_hand_over(name);
         // Cleared first, so the exit watcher does not take the end for a crash.
         slot.record().machine = None;
         if let Err(error) = departing.machine.terminate().await {
             tracing::warn!(vm = %name, error = %error_chain(&error), "the migrated-away QEMU did not end cleanly");
         }
-        self.set_down(&mut slot.record(), VmState::Stopped);
-        self.forget(name, &slot);
+        self.let_go(name, &slot);
     }
 
     /// Waits until the target reports the VM running, so the fleet's list shows it there

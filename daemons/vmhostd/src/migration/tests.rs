@@ -446,9 +446,12 @@ async fn a_guest_channel_that_cannot_be_detached_keeps_the_vm_here() {
     let (source, target) = two_hosts(None, Accel::Kvm).await;
     let src = source.machine("a");
     src.fail_next(Step::UnplugVsock);
-    let (_, target) = assert_runs_on_at_the_source(begin_move(source, target).await).await;
+    let (source, target) = assert_runs_on_at_the_source(begin_move(source, target).await).await;
     assert_eq!(src.count(Step::MigrateTo), 0);
     assert!(target.state("a").is_none());
+    // Its device never left, so its backend was never restarted under it.
+    assert_eq!(src.count(Step::PlugVsock), 0);
+    assert_eq!(source.qemu.count(Step::RestartVsock), 0);
 }
 
 #[tokio::test]
@@ -563,4 +566,44 @@ async fn a_source_qemu_lost_in_postcopy_leaves_the_vm_to_the_target_alone() {
     assert!(!m.source.vm_dir("a").exists());
     assert!(!dst.exited_now(), "the target's half was ended");
     assert_eq!(m.target.state("a"), Some(VmState::Migrating));
+}
+
+#[tokio::test]
+async fn a_stranded_source_whose_qemu_dies_lets_go_of_the_vm_and_never_starts_it() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.fail_always(Step::RecoverIncoming);
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    src.break_link();
+    assert!(finished(m.task).await.is_err());
+    assert_eq!(m.source.state("a"), Some(VmState::Migrating));
+    src.crash();
+    until("the source lets go of the VM", || {
+        m.source.state("a").is_none()
+    })
+    .await;
+    assert!(m.source.host.start("a").await.is_err());
+    assert!(!m.source.vm_dir("a").exists());
+    assert!(!dst.exited_now());
+}
+
+#[tokio::test]
+async fn a_source_restarted_after_its_qemu_completed_hands_the_vm_over() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    // vmhostd dies between QEMU's completion and the hand-over.
+    src.stall(Step::MigrationInfo);
+    src.wait_for_call(Step::MigrationInfo).await;
+    src.complete_migration();
+    dst.complete_migration();
+    m.task.abort();
+    let _ = m.task.await;
+    src.release(Step::MigrationInfo);
+    let restarted = m.source.restart().await;
+    assert!(
+        restarted.state("a").is_none(),
+        "the completed source copy is listed"
+    );
+    assert!(src.exited_now());
+    assert!(!restarted.vm_dir("a").exists());
 }
