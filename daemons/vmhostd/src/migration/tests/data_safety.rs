@@ -1,0 +1,210 @@
+//! One running copy, and no lost disk, whatever fails and whenever vmhostd restarts.
+
+use super::*;
+use crate::testing::{cu, TestHost};
+use std::time::Duration;
+use vmhost_api::{Resources, VmState, MIGRATION_VERSION};
+use vmm::disk_mirror::MirrorProgress;
+use vmm::{Accel, MigrationStatus, Step};
+
+#[tokio::test]
+async fn the_source_records_the_hand_over_before_its_qemu_ends_and_never_runs_it_again() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    src.stall(Step::Terminate);
+    src.complete_migration();
+    dst.complete_migration();
+    src.wait_for_call(Step::Terminate).await;
+    assert!(m.source.vm_dir("a").join("handed-over").exists());
+    // vmhostd dies here, before the stale copy is gone; a new one must not run it.
+    let restarted = m.source.on_copy().await;
+    assert!(restarted.state("a").is_none(), "the stale copy is listed");
+    assert!(!restarted.vm_dir("a").exists(), "the stale disk is kept");
+    src.release(Step::Terminate);
+    finished(m.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_arrival_that_fails_after_the_switchover_keeps_its_disk_and_starts_cold() {
+    let m = start_move(Some(1), Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::StartDiskMirror).await;
+    let (_, dst) = {
+        src.wait_for_call(Step::MigrateTo).await;
+        let dst = m.target.machine("a");
+        src.set_dirty_sync_count(2);
+        src.set_migration_status(MigrationStatus::Active);
+        src.wait_for_call(Step::StartPostcopy).await;
+        dst.set_migration_status(MigrationStatus::PostcopyActive);
+        (src.clone(), dst)
+    };
+    let dir = m.target.vm_dir("a");
+    until("the switchover is recorded", || {
+        dir.join("switched-over").exists()
+    })
+    .await;
+    dst.crash();
+    until("the arrival is crashed", || {
+        m.target.state("a") == Some(VmState::Crashed)
+    })
+    .await;
+    assert!(
+        dir.join("disk.raw").exists(),
+        "the only up-to-date disk was removed"
+    );
+    assert_eq!(m.target.allocated(), Resources::default());
+    m.target.host.start("a").await.unwrap();
+    assert_eq!(m.target.state("a"), Some(VmState::Running));
+    assert!(!m.target.machine("a").spec().incoming);
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_target_keeps_a_switched_over_arrival_whose_qemu_is_gone() {
+    let m = start_move(Some(1), Accel::Kvm).await;
+    let _ = into_postcopy(&m).await;
+    let restarted = m.target.on_copy().await;
+    assert_eq!(restarted.state("a"), Some(VmState::Crashed));
+    assert!(restarted.vm_dir("a").join("disk.raw").exists());
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_target_drops_an_arrival_that_had_not_switched_over() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").wait_for_call(Step::MigrateTo).await;
+    let restarted = m.target.on_copy().await;
+    assert!(restarted.state("a").is_none());
+    assert!(!restarted.vm_dir("a").exists());
+    m.task.abort();
+}
+
+#[tokio::test]
+async fn migrate_in_never_removes_a_folder_it_did_not_create() {
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let dir = target.vm_dir("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("spec.json"), b"{corrupt").unwrap();
+    std::fs::write(dir.join("disk.raw"), b"data").unwrap();
+    let size = cu_size(1);
+    let lease = target.lease("a", size);
+    let mut vm = TestHost::request("a", 1, 1, None);
+    vm.lease = Some(lease);
+    let incoming = IncomingMigration {
+        version: MIGRATION_VERSION,
+        vm,
+        bounds: (cu(1), cu(1)),
+        vcpus: 1,
+        restore_hotplug_memory_bytes: 0,
+        postcopy: true,
+        tunnel: 1,
+        disk_tunnel: None,
+    };
+    assert!(target
+        .host
+        .prepare_arrival(incoming, crate::testing::SOURCE)
+        .await
+        .is_err());
+    assert_eq!(std::fs::read(dir.join("disk.raw")).unwrap(), b"data");
+    assert!(target.state("a").is_none());
+}
+
+#[tokio::test]
+async fn a_failed_switch_to_postcopy_stays_precopy_and_a_failure_then_keeps_the_vm_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    src.fail_next(Step::StartPostcopy);
+    src.set_dirty_sync_count(2);
+    src.set_migration_status(MigrationStatus::Active);
+    src.wait_for_call(Step::StartPostcopy).await;
+    src.fail_migration("the target went away");
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("failed"), "{}", error.message);
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+    assert!(src.vsock_plugged(), "the guest got its vsock device back");
+    assert!(!m.source.vm_dir("a").join("leaving").exists());
+    assert!(!m.target.host.admission.holds_lease(m.lease));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
+    let (m, src) = move_with_a_slow_disk().await;
+    src.wait_for_call(Step::StartDiskMirror).await;
+    // A disk copy longer than the setup timeout.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    src.set_mirror_progress(MirrorProgress {
+        copied_bytes: 1 << 30,
+        total_bytes: 1 << 30,
+        ready: true,
+    });
+    src.wait_for_call(Step::MigrateTo).await;
+    src.set_migration_status(MigrationStatus::Setup);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(src.count(Step::CancelMigration), 0, "cancelled too early");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(
+        src.count(Step::CancelMigration) >= 1,
+        "a stuck setup was kept"
+    );
+    assert!(finished(m.task).await.is_err());
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+}
+
+#[tokio::test]
+async fn a_source_qemu_lost_in_postcopy_leaves_the_vm_to_the_target_alone() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    src.crash();
+    let error = finished(m.task).await.unwrap_err();
+    assert!(
+        error.message.contains("memory is lost"),
+        "{}",
+        error.message
+    );
+    // The source's stale copy can never be started: only the target's is left.
+    assert!(m.source.state("a").is_none());
+    assert!(!m.source.vm_dir("a").exists());
+    assert!(!dst.exited_now(), "the target's half was ended");
+    assert_eq!(m.target.state("a"), Some(VmState::Migrating));
+}
+
+#[tokio::test]
+async fn a_stranded_source_whose_qemu_dies_lets_go_of_the_vm_and_never_starts_it() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.fail_always(Step::RecoverIncoming);
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    src.break_link();
+    assert!(finished(m.task).await.is_err());
+    assert_eq!(m.source.state("a"), Some(VmState::Migrating));
+    src.crash();
+    until("the source lets go of the VM", || {
+        m.source.state("a").is_none()
+    })
+    .await;
+    assert!(m.source.host.start("a").await.is_err());
+    assert!(!m.source.vm_dir("a").exists());
+    assert!(!dst.exited_now());
+}
+
+#[tokio::test]
+async fn a_source_restarted_after_its_qemu_completed_hands_the_vm_over() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    // vmhostd dies between QEMU's completion and the hand-over.
+    src.stall(Step::MigrationInfo);
+    src.wait_for_call(Step::MigrationInfo).await;
+    src.complete_migration();
+    dst.complete_migration();
+    m.task.abort();
+    let _ = m.task.await;
+    src.release(Step::MigrationInfo);
+    let restarted = m.source.restart().await;
+    assert!(
+        restarted.state("a").is_none(),
+        "the completed source copy is listed"
+    );
+    assert!(src.exited_now());
+    assert!(!restarted.vm_dir("a").exists());
+}
