@@ -106,7 +106,7 @@ async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Resul
             .map(vm)
             .map_err(Into::into),
         PeerCall::Peer(PeerRequest::MigrateRecover { name }) => host
-            .recover_arrival(&name)
+            .recover_arrival(&name, &peer.name)
             .await
             .map(vm)
             .map_err(Into::into),

@@ -115,6 +115,17 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// An arriving VM's migration, as `arrival.json` keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arrival {
+    #[serde(flatten)]
+    pub migration: vmhost_api::IncomingMigration,
+    /// The host that sends it, as its certificate names it; only it may resume the
+    /// migration. Absent in files written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
 /// What must survive a restart of vmhostd, for one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -309,17 +320,14 @@ impl Store {
         }
     }
 
-    /// Keeps what an arriving VM's migration is until it has arrived.
-    pub fn record_arrival(
-        &self,
-        name: &str,
-        incoming: &vmhost_api::IncomingMigration,
-    ) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(incoming).expect("an arrival always serializes");
+    /// Keeps what an arriving VM's migration is, and which host sends it, until it has
+    /// arrived.
+    pub fn record_arrival(&self, name: &str, arrival: &Arrival) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(arrival).expect("an arrival always serializes");
         write_atomically(&self.vm_dir(name).join(ARRIVAL_FILE), &json)
     }
 
-    pub fn arrival(&self, name: &str) -> Result<Option<vmhost_api::IncomingMigration>, StoreError> {
+    pub fn arrival(&self, name: &str) -> Result<Option<Arrival>, StoreError> {
         read_json(&self.vm_dir(name).join(ARRIVAL_FILE))
     }
 
@@ -454,6 +462,17 @@ pub(crate) mod tests {
         assert_eq!(mode(&dir.path().join("vms")), 0o700);
         assert_eq!(mode(&store.vm_dir("a")), 0o700);
         assert_eq!(mode(&store.disk_path("a")), 0o600);
+    }
+
+    #[test]
+    fn an_arrival_written_before_sources_were_kept_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_vm(&spec("a")).unwrap();
+        let old = r#"{"vm":{"name":"a","image":{"named":"test"},"min_cu":1,"max_cu":2,"cu":1},"bounds":[1,2],"vcpus":1,"restore_hotplug_memory_bytes":0,"postcopy":true,"tunnel":7}"#;
+        std::fs::write(dir.path().join("vms/a/arrival.json"), old).unwrap();
+        let arrival = store.arrival("a").unwrap().unwrap();
+        assert_eq!((arrival.source, arrival.migration.tunnel), (None, 7));
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl TargetHost for LocalTarget {
 
     async fn listen_again(&self, vm: &str) -> Result<(), ApiError> {
         self.target
-            .recover_arrival(vm)
+            .recover_arrival(vm, SOURCE)
             .await
             .map(drop)
             .map_err(Into::into)

@@ -81,7 +81,11 @@ impl Host {
             return Err(error.into());
         }
         let started = async {
-            self.store.record_arrival(&name, &incoming)?;
+            let record = crate::store::Arrival {
+                migration: incoming.clone(),
+                source: Some(source.to_string()),
+            };
+            self.store.record_arrival(&name, &record)?;
             let start = StartAs::Incoming {
                 vcpus: incoming.vcpus,
             };
@@ -290,7 +294,7 @@ impl Host {
             Err(_) => None,
         };
         let switched = recorded_switch || status.as_ref().is_some_and(|s| s.switched_over());
-        let arrival = self.store.arrival(&name);
+        let arrival = self.store.arrival(&name).map(|a| a.map(|a| a.migration));
         let size = match &arrival {
             Ok(Some(incoming)) => arrival_size(&spec, incoming),
             _ => spec.cu_shape.resources(spec.cu),
@@ -348,9 +352,15 @@ impl Host {
         });
     }
 
-    /// Listens again for a post-copy migration whose link broke.
-    pub async fn recover_arrival(&self, name: &str) -> Result<VmInfo, HostError> {
+    /// Listens again for a post-copy migration whose link broke, when its source, `from`,
+    /// asks.
+    pub async fn recover_arrival(&self, name: &str, from: &str) -> Result<VmInfo, HostError> {
         let slot = self.slot(name)?;
+        let source = self.store.arrival(name)?.and_then(|a| a.source);
+        if source.as_deref().is_some_and(|source| source != from) {
+            // As if it were not here: another host learns nothing of it.
+            return Err(HostError::NotFound(name.into()));
+        }
         let machine = {
             let record = slot.record();
             let machine = record.machine_for(Action::RecoverArrival)?;

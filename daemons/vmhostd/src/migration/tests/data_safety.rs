@@ -208,3 +208,29 @@ async fn a_source_restarted_after_its_qemu_completed_hands_the_vm_over() {
     assert!(src.exited_now());
     assert!(!restarted.vm_dir("a").exists());
 }
+
+#[tokio::test]
+async fn only_the_source_of_an_arrival_can_have_it_listen_again() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    let error = m
+        .target
+        .host
+        .recover_arrival("a", "host-c")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, crate::error::HostError::NotFound(_)),
+        "{error}"
+    );
+    assert_eq!(dst.count(Step::RecoverIncoming), 0);
+    m.target
+        .host
+        .recover_arrival("a", crate::testing::SOURCE)
+        .await
+        .unwrap();
+    assert_eq!(dst.count(Step::RecoverIncoming), 1);
+    let _ = src;
+    m.task.abort();
+}
