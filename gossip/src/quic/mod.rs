@@ -22,6 +22,16 @@ use tokio::sync::mpsc;
 use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
 use vmhost_pki::Identity;
 
+mod config;
+mod frames;
+mod messages;
+
+use config::{client_config, enlarge_socket_buffers, server_config};
+pub use config::{install_crypto_provider, tls_client_config, tls_server_config};
+pub use frames::splice;
+use frames::{read_frame, write_frame};
+pub use messages::{alpn_id, version_of_alpn, FleetRequest, FleetResponse, Peer};
+
 /// The fleet protocol version this build speaks best.
 pub const FLEET_PROTOCOL_VERSION: u32 = 2;
 /// The version before, still spoken so a fleet can upgrade one host at a time.
@@ -56,81 +66,6 @@ const MAX_DATAGRAM: u16 = 6_550;
 /// default the receiving socket overflows at LAN rates, and each drop halves the sending rate.
 const SOCKET_BUFFER: usize = 32 << 20;
 
-/// The ALPN id of a fleet protocol version.
-pub fn alpn_id(version: u32) -> Vec<u8> {
-    format!("{ALPN_PREFIX}{version}").into_bytes()
-}
-
-/// The version an ALPN id names, if it is a fleet protocol id at all.
-pub fn version_of_alpn(id: &[u8]) -> Option<u32> {
-    std::str::from_utf8(id)
-        .ok()?
-        .strip_prefix(ALPN_PREFIX)?
-        .parse()
-        .ok()
-}
-
-/// Who is at the other end of a connection, and what it speaks there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    /// The host its certificate names, else the server name of the handshake.
-    pub name: String,
-    pub addr: SocketAddr,
-    /// The fleet protocol version negotiated for this connection.
-    pub version: u32,
-}
-
-/// Variants are encoded by position (postcard), so new ones go at the end, with the version
-/// that introduced them in `since`; changing an existing one breaks older peers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FleetRequest {
-    Ping,
-    Lease(LeaseRequest),
-    /// A local-API request (JSON, as `vmhost_api::Envelope`) to run on the receiving host.
-    Api(String),
-    /// Turns this stream into a raw byte tunnel for the receiver's tunnel `id` (a migration
-    /// stream, for one); no response frame follows.
-    Tunnel {
-        id: u64,
-    },
-}
-
-/// Versioned like [`FleetRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FleetResponse {
-    Pong,
-    Lease(LeaseResponse),
-    /// The JSON `vmhost_api::Response` to an `Api` request.
-    Api(String),
-    Error {
-        reason: String,
-    },
-}
-
-impl FleetRequest {
-    /// The protocol version that introduced this request; older peers cannot decode it.
-    pub fn since(&self) -> u32 {
-        match self {
-            FleetRequest::Ping
-            | FleetRequest::Lease(_)
-            | FleetRequest::Api(_)
-            | FleetRequest::Tunnel { .. } => 1,
-        }
-    }
-}
-
-impl FleetResponse {
-    /// The protocol version that introduced this response; older peers cannot decode it.
-    pub fn since(&self) -> u32 {
-        match self {
-            FleetResponse::Pong
-            | FleetResponse::Lease(_)
-            | FleetResponse::Api(_)
-            | FleetResponse::Error { .. } => 1,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
     #[error("TLS setup: {0}")]
@@ -148,98 +83,6 @@ pub enum QuicError {
     NoCommonVersion { peer: String, offered: Vec<u32> },
     #[error("request to {peer} failed: {message}")]
     Request { peer: String, message: String },
-}
-
-/// rustls needs its provider chosen when more than one could be built; ring it is.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn roots(identity: &Identity) -> Result<Arc<rustls::RootCertStore>, QuicError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(identity.ca.clone())
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    Ok(Arc::new(roots))
-}
-
-fn transport() -> Arc<quinn::TransportConfig> {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            IDLE_TIMEOUT.try_into().expect("idle timeout is in range"),
-        ))
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONNECTION_WINDOW.into())
-        .send_window(CONNECTION_WINDOW.into())
-        .mtu_discovery_config(Some({
-            let mut discovery = quinn::MtuDiscoveryConfig::default();
-            discovery.upper_bound(MAX_DATAGRAM);
-            discovery
-        }));
-    Arc::new(transport)
-}
-
-/// Sets both buffers to [`SOCKET_BUFFER`]: past `net.core.[rw]mem_max` when privileged (vmhostd
-/// runs as root), else as far as that limit allows.
-fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    let received = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER)
-        .or_else(|_| setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER));
-    let sent = setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER)
-        .or_else(|_| setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER));
-    if let Err(error) = received.and(sent) {
-        tracing::warn!(%error, "cannot enlarge the fleet socket's buffers; bulk streams may drop datagrams");
-    }
-}
-
-/// The fleet's mutual TLS as a server: a certificate from the fleet CA is required of
-/// every client. QUIC adds its ALPN on top; the tunnel benchmark uses it over TCP.
-pub fn tls_server_config(identity: &Identity) -> Result<rustls::ServerConfig, QuicError> {
-    let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
-    let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity)?)
-        .build()
-        .map_err(|e| tls(&e))?;
-    rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| tls(&e))
-}
-
-/// The fleet's mutual TLS as a client: the server must hold a fleet certificate, and this
-/// host presents its own.
-pub fn tls_client_config(identity: &Identity) -> Result<rustls::ClientConfig, QuicError> {
-    rustls::ClientConfig::builder()
-        .with_root_certificates(roots(identity)?)
-        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| QuicError::Tls(e.to_string()))
-}
-
-fn alpn_ids(versions: &[u32]) -> Vec<Vec<u8>> {
-    versions.iter().map(|&v| alpn_id(v)).collect()
-}
-
-/// rustls picks the first of the server's ids that the client offers, so `versions` is in
-/// order of preference.
-fn server_config(identity: &Identity, versions: &[u32]) -> Result<quinn::ServerConfig, QuicError> {
-    let mut config = tls_server_config(identity)?;
-    config.alpn_protocols = alpn_ids(versions);
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(transport());
-    Ok(server)
-}
-
-fn client_config(identity: &Identity, versions: &[u32]) -> Result<quinn::ClientConfig, QuicError> {
-    let mut config = tls_client_config(identity)?;
-    config.alpn_protocols = alpn_ids(versions);
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(transport());
-    Ok(client)
 }
 
 pub type Reply = Pin<Box<dyn Future<Output = FleetResponse> + Send>>;
@@ -732,69 +575,5 @@ async fn receive_gossip(connection: quinn::Connection, inbox: mpsc::Sender<Gossi
                 Err(_) => tracing::debug!(%from, "gossip stream stalled"),
             }
         });
-    }
-}
-
-async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), String> {
-    send.write_all(&(body.len() as u32).to_be_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    send.write_all(body).await.map_err(|e| e.to_string())
-}
-
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
-    let mut length = [0u8; 4];
-    recv.read_exact(&mut length)
-        .await
-        .map_err(|e| e.to_string())?;
-    let length = u32::from_be_bytes(length) as usize;
-    if length > MAX_MESSAGE_BYTES {
-        return Err(format!(
-            "message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"
-        ));
-    }
-    let mut body = vec![0u8; length];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(body)
-}
-
-/// Carries bytes both ways between a local stream and a tunnel until either side ends;
-/// then both are shut, so each end sees the other go. Returns the bytes sent and received.
-pub async fn splice<S>(
-    local: S,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> (u64, u64)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (mut local_read, mut local_write) = tokio::io::split(local);
-    let outbound = async {
-        let sent = tokio::io::copy(&mut local_read, &mut send)
-            .await
-            .unwrap_or(0);
-        let _ = send.finish();
-        sent
-    };
-    let inbound = async {
-        let received = tokio::io::copy(&mut recv, &mut local_write)
-            .await
-            .unwrap_or(0);
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut local_write).await;
-        received
-    };
-    tokio::pin!(outbound, inbound);
-    // When one direction fails or ends, the other cannot carry a useful stream any more.
-    tokio::select! {
-        sent = &mut outbound => {
-            let received = tokio::time::timeout(Duration::from_secs(1), &mut inbound).await.unwrap_or(0);
-            (sent, received)
-        }
-        received = &mut inbound => {
-            let sent = tokio::time::timeout(Duration::from_secs(1), &mut outbound).await.unwrap_or(0);
-            (sent, received)
-        }
     }
 }
