@@ -1,45 +1,20 @@
 //! The fleet endpoint on loopback: mutual TLS with the fleet CA, lease requests over it,
 //! and what it does with strangers and garbage.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+mod common;
+
+use common::{any_port, granter, LOCALHOST};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use vmhost_api::Resources;
-use vmhost_capacity::lease::{self, LeaseRequest, LeaseResponse};
-use vmhost_capacity::ledger::Ledger;
-use vmhost_gossip::quic::{answer, FleetEndpoint, FleetRequest, FleetResponse};
+use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
+use vmhost_gossip::quic::{
+    answer, FleetEndpoint, FleetRequest, FleetResponse, SUPPORTED_FLEET_PROTOCOL_VERSIONS,
+};
 use vmhost_pki::{self as pki, Identity};
-
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn any_port() -> SocketAddr {
-    SocketAddr::new(LOCALHOST, 0)
-}
 
 fn fleet(dir: &Path, hosts: &[&str]) -> Vec<Identity> {
     pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
-}
-
-/// A granter serving its ledger over the endpoint.
-fn granter(identity: &Identity) -> (FleetEndpoint, Arc<Mutex<Ledger>>) {
-    let endpoint = FleetEndpoint::bind(any_port(), identity).unwrap();
-    let ledger = Arc::new(Mutex::new(Ledger::new(Resources {
-        vcpus: 4,
-        memory_bytes: 4 << 30,
-    })));
-    let served = ledger.clone();
-    endpoint.serve(Arc::new(move |request| {
-        answer(match request {
-            FleetRequest::Lease(request) => FleetResponse::Lease(lease::serve(
-                &mut served.lock().unwrap(),
-                "host-a",
-                request,
-                0,
-            )),
-            _ => FleetResponse::Pong,
-        })
-    }));
-    (endpoint, ledger)
 }
 
 fn reserve(vcpus: u32) -> FleetRequest {
@@ -58,7 +33,11 @@ fn reserve(vcpus: u32) -> FleetRequest {
 async fn hosts_of_one_fleet_reserve_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let ids = fleet(dir.path(), &["host-a", "host-b"]);
-    let (b, ledger) = granter(&ids[1]);
+    let common::Granter {
+        endpoint: b,
+        ledger,
+        ..
+    } = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
     let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
     assert_eq!(
         a.call(b.local_addr(), "host-b", &FleetRequest::Ping)
@@ -84,7 +63,11 @@ async fn a_peer_from_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ours = fleet(&dir.path().join("ours"), &["host-b"]);
     let theirs = fleet(&dir.path().join("theirs"), &["host-b", "intruder"]);
-    let (b, ledger) = granter(&ours[0]);
+    let common::Granter {
+        endpoint: b,
+        ledger,
+        ..
+    } = granter(&ours[0], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
     // A client whose certificate another CA signed, even one claiming the right name.
     for stranger in &theirs {
         let client = FleetEndpoint::bind(any_port(), stranger).unwrap();
@@ -100,7 +83,7 @@ async fn a_peer_from_another_ca_is_refused() {
         "nothing was reserved"
     );
     // And a host of ours refuses a server from another fleet.
-    let (impostor, _) = granter(&theirs[0]);
+    let impostor = granter(&theirs[0], &SUPPORTED_FLEET_PROTOCOL_VERSIONS).endpoint;
     let a_dir = dir.path().join("ours");
     pki::issue_cert(
         &a_dir.join("ca"),
@@ -121,7 +104,7 @@ async fn a_peer_from_another_ca_is_refused() {
 async fn malformed_requests_get_an_error_and_the_endpoint_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let ids = fleet(dir.path(), &["host-a", "host-b"]);
-    let (b, _) = granter(&ids[1]);
+    let b = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS).endpoint;
     let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
     for garbage in [&[0xffu8; 32][..], &[][..], &[7, 1, 2][..]] {
         let reply = a

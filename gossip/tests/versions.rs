@@ -1,54 +1,27 @@
 //! Fleet protocol versions across a rolling upgrade, over real QUIC and mutual TLS on
 //! loopback: a host of the previous release (an endpoint bound with only version 1) still
-//! pings and leases with a current one (gossip: `membership.rs`); current hosts negotiate the current
-//! version; a peer speaking only versions nobody knows is refused in the handshake.
+//! pings and leases with a current one (gossip: `membership.rs`); current hosts negotiate
+//! the current version; a peer speaking only versions nobody knows is refused in the handshake.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::{any_port, granter, LOCALHOST};
+use std::net::SocketAddr;
 use std::time::Duration;
 use vmhost_api::Resources;
-use vmhost_capacity::lease::{self, LeaseRequest, LeaseResponse};
-use vmhost_capacity::ledger::{Lease, Ledger};
+use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
+use vmhost_capacity::ledger::Lease;
 use vmhost_gossip::quic::{
-    alpn_id, answer, version_of_alpn, FleetEndpoint, FleetRequest, FleetResponse, Peer, QuicError,
+    alpn_id, version_of_alpn, FleetEndpoint, FleetRequest, FleetResponse, Peer, QuicError,
     FLEET_PROTOCOL_VERSION, PREVIOUS_FLEET_PROTOCOL_VERSION, SUPPORTED_FLEET_PROTOCOL_VERSIONS,
 };
 use vmhost_pki::Identity;
 
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Far beyond a loopback handshake, far below anything that looks like a hang.
 const QUICK: Duration = Duration::from_secs(5);
 
-fn any_port() -> SocketAddr {
-    SocketAddr::new(LOCALHOST, 0)
-}
-
 fn fleet(dir: &std::path::Path, hosts: &[&str]) -> Vec<Identity> {
     vmhost_pki::one_machine_fleet(dir, hosts, LOCALHOST).unwrap()
-}
-
-/// A granter speaking `versions` that records who asked it what.
-fn granter(identity: &Identity, versions: &[u32]) -> (FleetEndpoint, Arc<Mutex<Vec<Peer>>>) {
-    let endpoint = FleetEndpoint::bind_with_versions(any_port(), identity, versions).unwrap();
-    let ledger = Arc::new(Mutex::new(Ledger::new(Resources {
-        vcpus: 4,
-        memory_bytes: 4 << 30,
-    })));
-    let askers = Arc::new(Mutex::new(Vec::new()));
-    let seen = askers.clone();
-    endpoint.serve_peers(Arc::new(move |peer, request| {
-        seen.lock().unwrap().push(peer);
-        answer(match request {
-            FleetRequest::Lease(request) => FleetResponse::Lease(lease::serve(
-                &mut ledger.lock().unwrap(),
-                "host-a",
-                request,
-                0,
-            )),
-            _ => FleetResponse::Pong,
-        })
-    }));
-    (endpoint, askers)
 }
 
 /// Pings, then reserves, renews and releases a lease, each answered as a v1 host expects.
@@ -92,7 +65,11 @@ async fn ping_and_lease(client: &FleetEndpoint, server: SocketAddr, name: &str) 
 async fn current_hosts_negotiate_the_current_version() {
     let dir = tempfile::tempdir().unwrap();
     let ids = fleet(dir.path(), &["host-a", "host-b"]);
-    let (b, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    let common::Granter {
+        endpoint: b,
+        askers,
+        ..
+    } = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
     let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
     assert_eq!(a.versions(), [2, 1]);
     assert_eq!(a.peer_version(b.local_addr(), "host-b").await, None);
@@ -123,7 +100,11 @@ async fn a_previous_version_host_pings_and_leases_with_a_current_one_both_ways()
     let ids = fleet(dir.path(), &["old", "new"]);
     let previous = [PREVIOUS_FLEET_PROTOCOL_VERSION];
     // The old host asks the new one.
-    let (new, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    let common::Granter {
+        endpoint: new,
+        askers,
+        ..
+    } = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
     let old = FleetEndpoint::bind_with_versions(any_port(), &ids[0], &previous).unwrap();
     for peer in ping_and_lease(&old, new.local_addr(), "new").await {
         assert_eq!((peer.name.as_str(), peer.version), ("new", 1));
@@ -132,7 +113,11 @@ async fn a_previous_version_host_pings_and_leases_with_a_current_one_both_ways()
     let seen: Vec<_> = askers.lock().unwrap().iter().map(|p| p.version).collect();
     assert_eq!(seen, [1, 1, 1, 1], "the new host saw the old one speak v1");
     // The new host asks the old one.
-    let (old_granter, old_askers) = granter(&ids[0], &previous);
+    let common::Granter {
+        endpoint: old_granter,
+        askers: old_askers,
+        ..
+    } = granter(&ids[0], &previous);
     let client = FleetEndpoint::bind(any_port(), &ids[1]).unwrap();
     for peer in ping_and_lease(&client, old_granter.local_addr(), "old").await {
         assert_eq!((peer.name.as_str(), peer.version), ("old", 1));
@@ -150,7 +135,11 @@ async fn a_previous_version_host_pings_and_leases_with_a_current_one_both_ways()
 async fn a_peer_speaking_only_unknown_versions_is_refused_quickly() {
     let dir = tempfile::tempdir().unwrap();
     let ids = fleet(dir.path(), &["host-a", "host-b", "stranger"]);
-    let (b, askers) = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
+    let common::Granter {
+        endpoint: b,
+        askers,
+        ..
+    } = granter(&ids[1], &SUPPORTED_FLEET_PROTOCOL_VERSIONS);
     for unknown in [0, 3] {
         // A client that offers only `unknown`.
         let stranger = FleetEndpoint::bind_with_versions(any_port(), &ids[2], &[unknown]).unwrap();
@@ -176,7 +165,7 @@ async fn a_peer_speaking_only_unknown_versions_is_refused_quickly() {
             "{message}"
         );
         // A server that accepts only `unknown` refuses a current client the same way.
-        let (odd, _) = granter(&ids[2], &[unknown]);
+        let odd = granter(&ids[2], &[unknown]).endpoint;
         let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
         let refused = tokio::time::timeout(QUICK, a.connect(odd.local_addr(), "stranger"))
             .await

@@ -27,17 +27,7 @@ async fn the_source_records_the_hand_over_before_its_qemu_ends_and_never_runs_it
 #[tokio::test]
 async fn an_arrival_that_fails_after_the_switchover_keeps_its_disk_and_starts_cold() {
     let m = start_move(Some(1), Accel::Kvm).await;
-    let src = m.source.machine("a");
-    src.wait_for_call(Step::StartDiskMirror).await;
-    let (_, dst) = {
-        src.wait_for_call(Step::MigrateTo).await;
-        let dst = m.target.machine("a");
-        src.set_dirty_sync_count(2);
-        src.set_migration_status(MigrationStatus::Active);
-        src.wait_for_call(Step::StartPostcopy).await;
-        dst.set_migration_status(MigrationStatus::PostcopyActive);
-        (src.clone(), dst)
-    };
+    let (_, dst) = into_postcopy(&m).await;
     let dir = m.target.vm_dir("a");
     until("the switchover is recorded", || {
         dir.join("switched-over").exists()
@@ -173,9 +163,7 @@ async fn a_source_qemu_lost_in_postcopy_leaves_the_vm_to_the_target_alone() {
 async fn a_stranded_source_whose_qemu_dies_lets_go_of_the_vm_and_never_starts_it() {
     let m = start_move(None, Accel::Kvm).await;
     let (src, dst) = into_postcopy(&m).await;
-    dst.fail_always(Step::RecoverIncoming);
-    dst.set_migration_status(MigrationStatus::PostcopyPaused);
-    src.break_link();
+    break_link_for_good(&src, &dst);
     assert!(finished(m.task).await.is_err());
     assert_eq!(m.source.state("a"), Some(VmState::Migrating));
     src.crash();

@@ -99,9 +99,7 @@ async fn a_broken_postcopy_link_is_recovered() {
 async fn an_unrecovered_link_strands_both_halves_and_resume_finishes_later() {
     let m = start_move(None, Accel::Kvm).await;
     let (src, dst) = into_postcopy(&m).await;
-    dst.fail_always(Step::RecoverIncoming);
-    dst.set_migration_status(MigrationStatus::PostcopyPaused);
-    src.break_link();
+    break_link_for_good(&src, &dst);
     let error = finished(m.task).await.unwrap_err();
     assert!(error.message.contains("--resume"), "{}", error.message);
     assert_eq!(m.source.state("a"), Some(VmState::Migrating));

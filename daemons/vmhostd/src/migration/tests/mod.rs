@@ -85,6 +85,13 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// Cuts a post-copy migration's link so that the target can never listen again.
+fn break_link_for_good(src: &FakeMachine, dst: &FakeMachine) {
+    dst.fail_always(Step::RecoverIncoming);
+    dst.set_migration_status(MigrationStatus::PostcopyPaused);
+    src.break_link();
+}
+
 /// Drives the source to post-copy and the target to the switchover.
 async fn into_postcopy(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
     let src = m.source.machine("a");
