@@ -145,7 +145,7 @@ pub fn plan(
                 .is_none_or(|at| now_ms.saturating_sub(at) >= policy.cooldown_ms)
         })
         .collect();
-    candidates.sort_by(|a, b| preference(a, policy).total_cmp(&preference(b, policy)));
+    candidates.sort_by(|a, b| preference(a, b, policy));
 
     let mut targets: Vec<HostLoad> = peers
         .iter()
@@ -157,29 +157,35 @@ pub fn plan(
     // Take VMs in order of preference while the rest could still reach the goal with the
     // fewest moves; one that fits nowhere is passed over.
     while freed < excess {
-        let needed_moves = fewest_to_cover(&candidates, excess - freed);
-        let Some(pick) = candidates.iter().position(|vm| {
+        let remaining = excess - freed;
+        let needed_moves = fewest_to_cover(&candidates, remaining);
+        let keeps_count_minimal = |vm: &VmLoad| {
             let rest: Vec<&VmLoad> = candidates
                 .iter()
                 .filter(|other| other.name != vm.name)
                 .copied()
                 .collect();
-            let covers = vm.size.memory_bytes >= excess - freed
-                || fewest_to_cover(&rest, excess - freed - vm.size.memory_bytes)
-                    .is_some_and(|n| Some(n + 1) <= needed_moves);
-            covers && best_target(&targets, vm.size, policy).is_some()
-        }) else {
-            // Nothing keeps the count minimal: take the most preferred VM that fits anywhere.
-            let Some(pick) = candidates
-                .iter()
-                .position(|vm| best_target(&targets, vm.size, policy).is_some())
-            else {
-                break;
-            };
-            take(&mut candidates, pick, &mut targets, policy, &mut moves, &mut freed);
-            continue;
+            vm.size.memory_bytes >= remaining
+                || fewest_to_cover(&rest, remaining - vm.size.memory_bytes)
+                    .is_some_and(|n| Some(n + 1) <= needed_moves)
         };
-        take(&mut candidates, pick, &mut targets, policy, &mut moves, &mut freed);
+        let fits_somewhere = |vm: &VmLoad| best_target(&targets, vm.size, policy).is_some();
+        // The most preferred VM that keeps the count minimal, or else that fits anywhere.
+        let Some(pick) = candidates
+            .iter()
+            .position(|vm| keeps_count_minimal(vm) && fits_somewhere(vm))
+            .or_else(|| candidates.iter().position(|vm| fits_somewhere(vm)))
+        else {
+            break;
+        };
+        take(
+            &mut candidates,
+            pick,
+            &mut targets,
+            policy,
+            &mut moves,
+            &mut freed,
+        );
     }
     Some(Plan {
         trigger,
@@ -211,11 +217,19 @@ fn take(
     });
 }
 
-/// Lower is moved first: idle before busy, then smaller, then longer settled.
-fn preference(vm: &VmLoad, policy: &Policy) -> f64 {
-    let busy = if vm.busy < policy.idle_below { 0.0 } else { 1.0 };
-    let size = vm.size.memory_bytes as f64 / (1u64 << 50) as f64;
-    busy * 2.0 + size.min(1.0)
+/// Which of two VMs moves first: an idle one before a busy one; among idle ones the
+/// smaller; among busy ones the less busy, then the smaller.
+fn preference(a: &VmLoad, b: &VmLoad, policy: &Policy) -> std::cmp::Ordering {
+    let key = |vm: &VmLoad| {
+        let idle = vm.busy < policy.idle_below;
+        (
+            !idle,
+            if idle { 0.0 } else { vm.busy },
+            vm.size.memory_bytes,
+        )
+    };
+    let (a, b) = (key(a), key(b));
+    a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2))
 }
 
 /// The fewest of `vms` whose memory adds up to `bytes`: the largest ones first.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use vmhost_api::{CuShape, Resources};
+use vmhost_api::{CuShape, DrainPhase, Resources};
 
 /// The chitchat key under which each host publishes its `HostView`.
 const HOST_KEY: &str = "host";
@@ -40,11 +40,17 @@ pub struct HostView {
     pub vms: u32,
     /// The vmhostd version.
     pub version: String,
+    /// Set while the host drains: it takes no placements or arrivals.
+    #[serde(default)]
+    pub drain: Option<DrainPhase>,
 }
 
 impl HostView {
     /// What a new VM of `size` could still take here, by this (possibly stale) view.
     pub fn has_room_for(&self, size: Resources) -> bool {
+        if self.drain.is_some() {
+            return false;
+        }
         let used = Resources {
             vcpus: self.allocated.vcpus.saturating_add(self.leased.vcpus),
             memory_bytes: self
@@ -401,6 +407,7 @@ mod tests {
             watermark_memory_bytes: (memory_gib << 30) * 9 / 10,
             vms: 1,
             version: "0".into(),
+            drain: None,
         }
     }
 

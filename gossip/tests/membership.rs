@@ -55,6 +55,7 @@ async fn start_speaking(
         watermark_memory_bytes: 4 << 30,
         vms: 0,
         version: "test".into(),
+        drain: None,
     };
     let config = MembershipConfig {
         cluster: CLUSTER.into(),

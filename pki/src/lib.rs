@@ -14,6 +14,9 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 pub const HOST_CERT: &str = "host.pem";
 pub const HOST_KEY: &str = "host.key";
+/// More CAs a host trusts besides `ca.pem`, one file each (`ca-<anything>.pem`): during a CA
+/// roll a host trusts the old CA and the new one at once.
+pub const EXTRA_CA_PREFIX: &str = "ca-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -125,25 +128,70 @@ pub fn one_machine_fleet(
 #[derive(Debug)]
 pub struct Identity {
     pub ca: CertificateDer<'static>,
+    /// The CAs of the `ca-*.pem` files, by file name.
+    pub extra_cas: Vec<CertificateDer<'static>>,
     pub cert: CertificateDer<'static>,
     pub key: PrivateKeyDer<'static>,
 }
 
 impl Identity {
     pub fn load(dir: &Path) -> Result<Identity, PkiError> {
-        let pem_error = |file: &str, e: rustls_pki_types::pem::Error| PkiError::Pem {
-            path: dir.join(file).display().to_string(),
-            message: e.to_string(),
+        let pem_error = |path: &Path, message: String| PkiError::Pem {
+            path: path.display().to_string(),
+            message,
         };
+        let ca = |path: &Path| {
+            let cert =
+                CertificateDer::from_pem_file(path).map_err(|e| pem_error(path, e.to_string()))?;
+            match is_ca(&cert) {
+                true => Ok(cert),
+                false => Err(pem_error(path, "not a CA certificate".into())),
+            }
+        };
+        let mut extra_paths = extra_ca_files(dir)?;
+        extra_paths.sort();
         Ok(Identity {
-            ca: CertificateDer::from_pem_file(dir.join(CA_CERT))
-                .map_err(|e| pem_error(CA_CERT, e))?,
+            ca: ca(&dir.join(CA_CERT))?,
+            extra_cas: extra_paths
+                .iter()
+                .map(|p| ca(p))
+                .collect::<Result<_, _>>()?,
             cert: CertificateDer::from_pem_file(dir.join(HOST_CERT))
-                .map_err(|e| pem_error(HOST_CERT, e))?,
+                .map_err(|e| pem_error(&dir.join(HOST_CERT), e.to_string()))?,
             key: PrivateKeyDer::from_pem_file(dir.join(HOST_KEY))
-                .map_err(|e| pem_error(HOST_KEY, e))?,
+                .map_err(|e| pem_error(&dir.join(HOST_KEY), e.to_string()))?,
         })
     }
+
+    /// Every CA whose certificates this host accepts from peers.
+    pub fn trusted_cas(&self) -> impl Iterator<Item = &CertificateDer<'static>> {
+        std::iter::once(&self.ca).chain(&self.extra_cas)
+    }
+}
+
+fn extra_ca_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, PkiError> {
+    let io = |source| PkiError::Io {
+        action: "list",
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with(EXTRA_CA_PREFIX) && name.ends_with(".pem") {
+            paths.push(path);
+        }
+    }
+    Ok(paths)
+}
+
+fn is_ca(cert: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(cert).is_ok_and(|(_, cert)| cert.is_ca())
 }
 
 /// The host a certificate names: its first DNS subject alternative name, else its common
@@ -178,5 +226,34 @@ mod tests {
         assert_eq!(host_name(&ids[0].cert).as_deref(), Some("host-a"));
         assert_eq!(host_name(&ids[0].ca), Some("vmhost fleet CA".to_string()));
         assert_eq!(host_name(&CertificateDer::from_slice(&[1, 2, 3])), None);
+    }
+
+    #[test]
+    fn extra_cas_are_trusted_and_must_be_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = IpAddr::from([127, 0, 0, 1]);
+        let ids = one_machine_fleet(dir.path(), &["host-a"], addr).unwrap();
+        assert!(ids[0].extra_cas.is_empty());
+        init_ca(&dir.path().join("next")).unwrap();
+        let credentials = dir.path().join("host-a");
+        let next = dir.path().join("next").join(CA_CERT);
+        std::fs::copy(&next, credentials.join("ca-next.pem")).unwrap();
+        let id = Identity::load(&credentials).unwrap();
+        let next = CertificateDer::from_pem_file(next).unwrap();
+        assert_eq!(id.trusted_cas().collect::<Vec<_>>(), [&id.ca, &next]);
+
+        std::fs::write(credentials.join("ca-broken.pem"), "no certificate").unwrap();
+        let error = Identity::load(&credentials).unwrap_err().to_string();
+        assert!(error.contains("ca-broken.pem"), "{error}");
+        std::fs::copy(
+            credentials.join(HOST_CERT),
+            credentials.join("ca-broken.pem"),
+        )
+        .unwrap();
+        let error = Identity::load(&credentials).unwrap_err().to_string();
+        assert!(
+            error.contains("ca-broken.pem: not a CA certificate"),
+            "{error}"
+        );
     }
 }

@@ -4,7 +4,10 @@
 //! These tests need root-free access to QEMU and the image builder's inputs (a guest kernel
 //! and busybox-static). When something is missing they fail with a message saying what.
 
+pub mod benchmarks;
 pub mod netns;
+pub mod soak;
+pub mod workload;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -89,6 +92,7 @@ pub const CPUBURN_THREADS: u64 = 6;
 pub const DIRTIER_MIB: u64 = 64;
 pub const CPUBURN_SECS: u64 = 30;
 
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub vcpus: u32,
     pub memory_mib: u64,

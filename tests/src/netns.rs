@@ -17,16 +17,29 @@ pub struct Lab {
 }
 
 fn ip(args: &[&str]) {
-    let output = Command::new("ip")
+    run_checked("ip", args);
+}
+
+/// Runs `program`; says what failed, with its stderr.
+pub fn run_command(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
         .args(args)
         .output()
-        .expect("cannot run ip");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{program} {}: {}",
         args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+fn run_checked(program: &str, args: &[&str]) {
+    if let Err(e) = run_command(program, args) {
+        panic!("{e}");
+    }
 }
 
 /// Namespaces left by a test process that died before it could clean up.
@@ -102,6 +115,30 @@ impl Lab {
             "uplink",
             if up { "up" } else { "down" },
         ]);
+    }
+
+    /// Makes host `i`'s link lossy: `percent` % of what it sends and of what it receives is
+    /// dropped at random, or nothing any more (None). This kernel has no netem, so iptables'
+    /// `statistic` match does it, on the receiving side so that no sender sees an error;
+    /// loopback, where each host's gossip codec runs, is left alone.
+    pub fn set_loss(&self, i: usize, percent: Option<u32>) {
+        let probability = format!("{:.2}", f64::from(percent.unwrap_or(0)) / 100.0);
+        let from = self.addr(i).to_string();
+        for j in 0..self.hosts {
+            let ns = self.ns(j);
+            let mut args = vec!["netns", "exec", &ns, "iptables", "-w"];
+            if percent.is_none() {
+                args.extend(["-F", "INPUT"]);
+            } else {
+                args.extend(["-A", "INPUT", "-i", "br0"]);
+                if j != i {
+                    args.extend(["-s", &from]);
+                }
+                args.extend(["-m", "statistic", "--mode", "random"]);
+                args.extend(["--probability", &probability, "-j", "DROP"]);
+            }
+            run_checked("ip", &args);
+        }
     }
 
     /// Sets every link of the segment to `mtu` (jumbo frames, say).
@@ -192,4 +229,33 @@ pub fn start_fleet(
             })
         })
         .collect()
+}
+
+/// Hosts `names`, each with `limits`, started as one fleet by `start_fleet`, once every
+/// host sees every other live.
+pub fn start_live_fleet(
+    lab: &Lab,
+    pki: &Path,
+    names: &[&str],
+    limits: Limits,
+    fleet_config: &str,
+    tables: &str,
+) -> Vec<TestHost> {
+    let hosts = start_fleet(
+        lab,
+        pki,
+        names.iter().map(|name| (*name, limits)).collect(),
+        fleet_config,
+        tables,
+    );
+    crate::wait_until(
+        std::time::Duration::from_secs(60),
+        "the hosts to see each other",
+        || {
+            hosts
+                .iter()
+                .all(|h| crate::workload::live_hosts(h) == names.len())
+        },
+    );
+    hosts
 }

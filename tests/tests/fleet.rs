@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use vmhost_tests::netns::{Lab, FLEET_PORT};
+use vmhost_tests::workload::fleet_hosts;
 use vmhost_tests::{bin, wait_until, Limits, TestHost};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -17,13 +18,8 @@ fn start_fleet(lab: &Lab, pki: &Path, limits: [Limits; 3]) -> Vec<TestHost> {
     vmhost_tests::netns::start_fleet(lab, pki, hosts, "gossip_interval_ms = 200\n", "")
 }
 
-fn hosts(host: &TestHost) -> Vec<Value> {
-    let json: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
-    json.as_array().unwrap().clone()
-}
-
 fn live_names(host: &TestHost) -> Vec<String> {
-    hosts(host)
+    fleet_hosts(host)
         .iter()
         .filter(|h| h["live"] == true)
         .map(|h| h["name"].as_str().unwrap().to_string())
@@ -108,7 +104,7 @@ fn three_hosts_place_vms_hold_leases_and_detect_a_dead_host() {
     let (code, message) = fleet[0].vmctl_err(&["--host", "nowhere", "show", "vm2"]);
     assert_eq!(code, 3, "{message}");
     wait_until(Duration::from_secs(10), "b's allocation in gossip", || {
-        hosts(&fleet[2])
+        fleet_hosts(&fleet[2])
             .iter()
             .any(|h| h["name"] == "b" && h["allocated"]["vcpus"] == 1)
     });
@@ -136,7 +132,7 @@ fn three_hosts_place_vms_hold_leases_and_detect_a_dead_host() {
     fleet[2].kill_daemon();
     for host in &fleet[..2] {
         wait_until(Duration::from_secs(90), "c to be seen dead", || {
-            hosts(host)
+            fleet_hosts(host)
                 .iter()
                 .any(|h| h["name"] == "c" && h["live"] == false)
         });

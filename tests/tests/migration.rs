@@ -14,7 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use vmhost_tests::netns::{start_fleet, Lab};
+use vmhost_tests::netns::{start_live_fleet, Lab};
+use vmhost_tests::workload::{
+    assert_continued, disk_reports, disk_reports_in, live_hosts, md5_of_head, ticks, wait_ticking,
+    Tick, BLOB_BYTES,
+};
 use vmhost_tests::{bin, test_image, wait_until, Limits, TestHost};
 
 const LEASE_TTL_SECS: u64 = 5;
@@ -38,14 +42,15 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
 
 /// Two hosts whose broken post-copy migrations are recovered for `recover_secs`.
 fn two_hosts_recovering_within(lab: &Lab, pki: &Path, recover_secs: u64) -> Vec<TestHost> {
-    let limits = || Limits {
+    let limits = Limits {
         vcpus: 4,
         memory_mib: 4096,
     };
-    let hosts = start_fleet(
+    start_live_fleet(
         lab,
         pki,
-        vec![("a", limits()), ("b", limits())],
+        &["a", "b"],
+        limits,
         &format!(
             "gossip_interval_ms = 200\nlease_ttl_secs = {LEASE_TTL_SECS}\nmigration_recover_secs = {recover_secs}\n"
         ),
@@ -56,58 +61,7 @@ fn two_hosts_recovering_within(lab: &Lab, pki: &Path, recover_secs: u64) -> Vec<
             image = test_image().display(),
             cmdline = vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
         ),
-    );
-    wait_until(
-        Duration::from_secs(60),
-        "both hosts to see each other",
-        || hosts.iter().all(|h| live_hosts(h) == 2),
-    );
-    hosts
-}
-
-/// How many hosts `host` sees live, itself included.
-fn live_hosts(host: &TestHost) -> usize {
-    let table: Value = serde_json::from_str(&host.vmctl_ok(&["--json", "hosts"])).unwrap();
-    table
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["live"] == true)
-        .count()
-}
-
-/// One `dirtier:` report line of the guest's workload.
-#[derive(Debug, Clone, PartialEq)]
-struct Tick {
-    pass: u64,
-    boot_id: String,
-    errors: u64,
-}
-
-fn ticks(serial: &Path) -> Vec<Tick> {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.split("dirtier: pass=").nth(1)?;
-            let (pass, rest) = rest.split_once(" boot_id=")?;
-            let (boot_id, errors) = rest.split_once(" errors=")?;
-            Some(Tick {
-                pass: pass.parse().ok()?,
-                boot_id: boot_id.into(),
-                errors: errors.trim().parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-fn wait_ticking(host: &TestHost, vm: &str, after: usize) -> Tick {
-    let serial = host.serial_log(vm);
-    wait_until(
-        Duration::from_secs(180),
-        "the guest's workload to report",
-        || ticks(&serial).len() > after,
-    );
-    ticks(&serial).last().unwrap().clone()
+    )
 }
 
 /// A 2-CU guest of `image` (one running the dirtier) with `extra` create arguments.
@@ -216,26 +170,6 @@ fn logs(hosts: &[TestHost]) -> String {
 
 fn host_json(host: &TestHost) -> Value {
     serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap()
-}
-
-/// The guest ran on: same boot, counter past where it was, no page lost.
-fn assert_continued(before: &Tick, target: &TestHost, vm: &str) {
-    let after = wait_ticking(target, vm, 0);
-    let on_target = ticks(&target.serial_log(vm));
-    assert!(
-        on_target.iter().all(|t| t.boot_id == before.boot_id),
-        "the guest rebooted: {before:?} then {on_target:?}"
-    );
-    assert!(
-        on_target[0].pass > before.pass,
-        "the counter went back: {before:?} then {:?}",
-        on_target[0]
-    );
-    assert!(
-        on_target.iter().all(|t| t.errors == 0),
-        "pages lost their last write: {on_target:?}"
-    );
-    assert!(after.pass > on_target[0].pass || on_target.len() == 1);
 }
 
 /// After a failed migration the guest runs on at `source`: same boot, no page lost, its
@@ -634,32 +568,6 @@ fn a_tcp_connection_to_the_guest_survives_its_migration() {
     assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
 }
 
-/// What the `diskwriter` guest reported on one host's serial console.
-#[derive(Debug, Default)]
-struct DiskReports {
-    boot_id: Option<String>,
-    blob_md5: Option<String>,
-    records: Vec<u64>,
-}
-
-fn disk_reports(serial: &Path) -> DiskReports {
-    disk_reports_in(&std::fs::read_to_string(serial).unwrap_or_default())
-}
-
-fn disk_reports_in(text: &str) -> DiskReports {
-    let mut reports = DiskReports::default();
-    for line in text.lines() {
-        if let Some(id) = line.split("vmhost-guest: ready boot_id=").nth(1) {
-            reports.boot_id = Some(id.trim().to_string());
-        } else if let Some(sum) = line.split("vmhost-disk: blob_md5=").nth(1) {
-            reports.blob_md5 = Some(sum.trim().to_string());
-        } else if let Some(n) = line.split("vmhost-disk: record=").nth(1) {
-            reports.records.extend(n.trim().parse::<u64>().ok());
-        }
-    }
-    reports
-}
-
 /// Keeps copies of a file that is about to be removed (the source's serial log goes with
 /// the VM); returns its last content once it is gone.
 fn follow_until_removed(path: std::path::PathBuf) -> std::thread::JoinHandle<String> {
@@ -677,25 +585,9 @@ fn follow_until_removed(path: std::path::PathBuf) -> std::thread::JoinHandle<Str
     })
 }
 
-/// The checksum of the first `bytes` of a file.
-fn md5_of_head(path: &Path, bytes: u64) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(r#"head -c "$1" "$2" | md5sum"#)
-        .args(["md5", &bytes.to_string(), &path.display().to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
     use std::io::{Read, Seek, SeekFrom};
-    const BLOB_BYTES: u64 = 16 << 20;
     let _serial = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();

@@ -31,6 +31,10 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
     host.wait_guest_ready("db1");
     let boot = host.wait_guest_report("db1");
     assert_eq!(boot.cpus, 1);
+    // QEMU runs under its seccomp filter (mode 2), every thread of it.
+    let pid = host.qemu_pids()[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
 
     host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
     let shown = host.show("db1");
@@ -253,4 +257,33 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
         stderr.contains("invalid config") && stderr.contains("bad.toml"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_user_outside_the_api_group_is_refused_even_when_the_socket_is_open_to_all() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let host = TestHost::start(roomy());
+    // Everyone may reach and connect to the socket; the daemon still asks the kernel who
+    // connected.
+    let open = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(host.socket.parent().unwrap(), 0o711);
+    open(&host.socket, 0o666);
+    let nobody = std::process::Command::new(vmhost_tests::bin("vmctl"))
+        .arg("--socket")
+        .arg(&host.socket)
+        .arg("list")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert_eq!(nobody.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("uid 65534") && stderr.contains("may not use this socket"),
+        "{stderr}"
+    );
+    host.vmctl_ok(&["list"]);
 }

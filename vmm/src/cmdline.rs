@@ -210,6 +210,7 @@ impl MachineSpec {
             push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
         }
         push(&["-nodefaults", "-no-reboot", "-display", "none"]);
+        push(&["-sandbox", SANDBOX]);
         if self.incoming {
             push(&["-incoming", "defer"]);
         }
@@ -235,6 +236,13 @@ impl MachineSpec {
         args
     }
 }
+
+/// QEMU's seccomp filter: the guest's QEMU may not run obsolete system calls or change
+/// scheduling and resource limits. `elevateprivileges=deny` and `spawn=deny` would also
+/// stop it gaining privileges and starting processes, but QEMU installs the filter before
+/// `-daemonize` forks, and either makes it fail to start; they need vmhostd to detach QEMU
+/// itself.
+pub const SANDBOX: &str = "on,obsolete=deny,resourcecontrol=deny";
 
 /// The second monitor, beside `qmp_socket`, for out-of-band commands: they run even while
 /// QEMU's main loop is stuck, as it can be on a page still on the other host during a
@@ -397,6 +405,7 @@ mod tests {
         assert!(line.contains("-netdev tap,id=net0,ifname=vmh-db1,script=no,downscript=no"));
         assert!(line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
         assert!(line.contains("-nodefaults -no-reboot"));
+        assert!(line.contains(&format!("-sandbox {SANDBOX}")), "{line}");
         assert!(line.contains("-serial file:/state/db1/serial.log"));
         assert!(line.contains("-qmp unix:/state/db1/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-qmp unix:/state/db1/qmp.oob.sock,server=on,wait=off"));

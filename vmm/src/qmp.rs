@@ -189,17 +189,9 @@ impl OobMonitor {
                 .await?;
             loop {
                 let reply = self.next_message().await?;
-                // Replies to earlier, timed-out commands are skipped.
-                if reply["id"] != id.as_str() {
-                    continue;
+                if let Some(outcome) = oob_outcome(&reply, &id) {
+                    return outcome.map_err(|message| self.failed(command, message));
                 }
-                return match (reply.get("return"), reply.get("error")) {
-                    (Some(value), _) => Ok(value.clone()),
-                    (_, Some(error)) => {
-                        Err(self.failed(command, error["desc"].as_str().unwrap_or("error").into()))
-                    }
-                    _ => Err(self.failed(command, format!("unexpected reply {reply}"))),
-                };
             }
         };
         tokio::time::timeout(timeout, exchange)
@@ -241,6 +233,23 @@ impl OobMonitor {
             ),
         }
     }
+}
+
+/// The outcome of the out-of-band command `id` in a monitor reply: its `return`, or QEMU's
+/// description of its error. `None` for a reply to another command (an earlier one that
+/// timed out), which is skipped.
+pub fn oob_outcome(
+    reply: &serde_json::Value,
+    id: &str,
+) -> Option<Result<serde_json::Value, String>> {
+    if reply["id"] != id {
+        return None;
+    }
+    Some(match (reply.get("return"), reply.get("error")) {
+        (Some(value), _) => Ok(value.clone()),
+        (_, Some(error)) => Err(error["desc"].as_str().unwrap_or("error").into()),
+        _ => Err(format!("unexpected reply {reply}")),
+    })
 }
 
 /// Declares a QMP command type: `qmp_command!(Type => "name", Reply)`.

@@ -53,7 +53,18 @@ fn moved(plan: &Plan) -> Vec<(&str, &str)> {
 fn a_host_below_its_watermark_moves_nothing() {
     let here = host("a", 100, 80, 0.8);
     let vms = [vm("x", 80, 0.0)];
-    assert_eq!(plan(&here, &vms, &[host("b", 100, 0, 0.8)], &policy(), 0, 0, None), None);
+    assert_eq!(
+        plan(
+            &here,
+            &vms,
+            &[host("b", 100, 0, 0.8)],
+            &policy(),
+            0,
+            0,
+            None
+        ),
+        None
+    );
 }
 
 #[test]
@@ -66,7 +77,16 @@ fn the_fewest_moves_win_over_several_small_ones() {
         vm("big", 24, 0.9),
         vm("rest", 46, 0.9),
     ];
-    let plan = plan(&here, &vms, &[host("b", 100, 0, 0.8)], &policy(), 0, 0, None).unwrap();
+    let plan = plan(
+        &here,
+        &vms,
+        &[host("b", 100, 0, 0.8)],
+        &policy(),
+        0,
+        0,
+        None,
+    )
+    .unwrap();
     assert_eq!(plan.trigger, Trigger::AboveWatermark);
     assert_eq!(moved(&plan), [("big", "b")]);
     assert_eq!(plan.shortfall_bytes, 0);
@@ -81,8 +101,25 @@ fn among_equally_few_moves_idle_and_small_vms_go_first() {
         vm("idle-big", 40, 0.0),
         vm("idle-small", 21, 0.05),
     ];
-    let plan = plan(&here, &vms, &[host("b", 100, 0, 0.8)], &policy(), 0, 0, None).unwrap();
+    let plan = plan(
+        &here,
+        &vms,
+        &[host("b", 100, 0, 0.8)],
+        &policy(),
+        0,
+        0,
+        None,
+    )
+    .unwrap();
     assert_eq!(moved(&plan), [("idle-small", "b")]);
+}
+
+#[test]
+fn among_busy_vms_the_less_busy_goes_first() {
+    let here = host("a", 100, 90, 0.8);
+    let vms = [vm("hot", 30, 1.0), vm("warm", 30, 0.2)];
+    let plan = plan_for(&here, &vms, &[host("b", 100, 0, 0.8)]);
+    assert_eq!(moved(&plan), [("warm", "b")]);
 }
 
 #[test]
@@ -92,9 +129,27 @@ fn a_vm_moved_within_the_cooldown_stays_until_it_ends() {
     recent.moved_at_ms = Some(1_000);
     let vms = [recent, vm("other", 60, 0.9)];
     let peers = [host("b", 100, 0, 0.8)];
-    let during = plan(&here, &vms, &peers, &policy(), 1_000 + 9 * MINUTE_MS, 0, None).unwrap();
+    let during = plan(
+        &here,
+        &vms,
+        &peers,
+        &policy(),
+        1_000 + 9 * MINUTE_MS,
+        0,
+        None,
+    )
+    .unwrap();
     assert_eq!(moved(&during), [("other", "b")]);
-    let after = plan(&here, &vms, &peers, &policy(), 1_000 + 10 * MINUTE_MS, 0, None).unwrap();
+    let after = plan(
+        &here,
+        &vms,
+        &peers,
+        &policy(),
+        1_000 + 10 * MINUTE_MS,
+        0,
+        None,
+    )
+    .unwrap();
     assert_eq!(moved(&after), [("recent", "b")]);
 }
 
@@ -168,7 +223,10 @@ fn planned_moves_count_against_their_target_and_spread_out() {
 fn a_move_never_makes_its_target_move_back() {
     let policy = policy();
     let mut hosts = [
-        (host("a", 100, 90, 0.8), vec![vm("x", 20, 0.0), vm("y", 70, 0.9)]),
+        (
+            host("a", 100, 90, 0.8),
+            vec![vm("x", 20, 0.0), vm("y", 70, 0.9)],
+        ),
         (host("b", 100, 50, 0.8), vec![vm("z", 50, 0.0)]),
     ];
     let mut moves = 0;
@@ -176,12 +234,23 @@ fn a_move_never_makes_its_target_move_back() {
         let now = round * 20 * MINUTE_MS;
         for (here, there) in [(0, 1), (1, 0)] {
             let peer = hosts[there].0.clone();
-            let Some(plan) = plan(&hosts[here].0, &hosts[here].1, &[peer], &policy, now, 0, None)
-            else {
+            let Some(plan) = plan(
+                &hosts[here].0,
+                &hosts[here].1,
+                &[peer],
+                &policy,
+                now,
+                0,
+                None,
+            ) else {
                 continue;
             };
             for step in &plan.moves {
-                let index = hosts[here].1.iter().position(|v| v.name == step.vm).unwrap();
+                let index = hosts[here]
+                    .1
+                    .iter()
+                    .position(|v| v.name == step.vm)
+                    .unwrap();
                 let mut vm = hosts[here].1.remove(index);
                 hosts[here].0.allocated.memory_bytes -= vm.size.memory_bytes;
                 hosts[there].0.allocated.memory_bytes += vm.size.memory_bytes;

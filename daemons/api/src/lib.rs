@@ -1,8 +1,11 @@
 //! vmhostd's local API: one JSON request per line on a unix socket, one JSON response per
 //! line back. Shared by `vmhostd` (server) and `vmctl` (client) so both speak the same types.
 
+pub mod drain;
 pub mod peer;
 pub mod units;
+
+pub use drain::{DrainHost, DrainPhase, DrainReport, DrainVm, VmMove, MAX_DRAIN_PARALLEL};
 
 pub use peer::{
     PeerCall, PeerEnvelope, PeerRequest, PEER_API_VERSION, PEER_API_VERSION_MIN, PEER_ONLY_OPS,
@@ -128,6 +131,11 @@ pub enum Request {
     /// Moves a running VM of this host to another host while it runs; progress streams
     /// back as `MigrationProgress` replies, ending with `Migrated`.
     Migrate(MigrateVm),
+    /// Moves every VM of this host away and takes no new ones until `Undrain`.
+    Drain(DrainHost),
+    Undrain,
+    /// How far this host's drain got.
+    DrainStatus,
 }
 
 impl Request {
@@ -140,7 +148,7 @@ impl Request {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrateVm {
     pub name: String,
     /// The target host; the live host with the most free memory when absent.
@@ -309,6 +317,11 @@ pub struct HostInfo {
     #[serde(default)]
     pub leased: Resources,
     pub vms: usize,
+    /// The VMs' disks, at their full (sparse) size, against what they may add up to.
+    #[serde(default)]
+    pub disk_allocated_gib: u64,
+    #[serde(default)]
+    pub disk_capacity_gib: u64,
 }
 
 /// A fleet host as the gossip view shows it.
@@ -324,6 +337,9 @@ pub struct FleetHost {
     pub leased: Resources,
     pub vms: u32,
     pub version: String,
+    /// Set while the host drains.
+    #[serde(default)]
+    pub drain: Option<DrainPhase>,
 }
 
 /// One scaling event: a decision of the agent, its outcome, or an operator's change.
@@ -351,6 +367,19 @@ pub enum EventKind {
     Failed,
     /// An operator's command (scale, bounds).
     Operator,
+    /// The host chose to move the VM away to get below its watermark (numbers in the
+    /// message).
+    Rebalance,
+    /// The VM's move during a drain of its host.
+    Drain,
+}
+
+impl EventKind {
+    /// Whether the event is about the host's choices rather than the VM's own life, so it
+    /// stays in the host's history after the VM leaves.
+    pub fn outlives_vm(self) -> bool {
+        matches!(self, EventKind::Rebalance | EventKind::Drain)
+    }
 }
 
 impl std::fmt::Display for EventKind {
@@ -380,6 +409,7 @@ pub enum Reply {
     Event(Event),
     MigrationProgress(MigrationProgress),
     Migrated(MigrationSummary),
+    Drain(DrainReport),
 }
 
 /// Error classes; each maps to one `vmctl` exit code.

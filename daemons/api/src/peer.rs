@@ -2,7 +2,7 @@
 //! VM's host, or a peer's own (the target's side of a migration), in a versioned envelope
 //! whose JSON keeps version 1's flat shape.
 
-use crate::{Envelope, IncomingMigration, Request};
+use crate::{CreateVm, Envelope, IncomingMigration, Request};
 use serde::{Deserialize, Serialize};
 
 /// Version of the calls between hosts this build sends. A host accepts it and the one
@@ -18,10 +18,27 @@ pub enum PeerRequest {
     MigrateIn(Box<IncomingMigration>),
     /// Listen again for a post-copy migration whose link broke.
     MigrateRecover { name: String },
+    /// Take a VM that its draining host stopped, under a lease: its disk (if it has one)
+    /// comes through the tunnel `disk_tunnel`, then `ColdStart` boots it here.
+    ColdArrive {
+        vm: CreateVm,
+        #[serde(default)]
+        disk_tunnel: Option<u64>,
+    },
+    /// The disk of a cold arrival is all sent: boot the VM.
+    ColdStart { name: String },
+    /// A cold arrival will not be finished: drop it, and its lease.
+    ColdAbandon { name: String },
 }
 
 /// The `op` of every `PeerRequest`: an operator sending one is told it is not theirs.
-pub const PEER_ONLY_OPS: [&str; 2] = ["migrate_in", "migrate_recover"];
+pub const PEER_ONLY_OPS: [&str; 5] = [
+    "migrate_in",
+    "migrate_recover",
+    "cold_arrive",
+    "cold_start",
+    "cold_abandon",
+];
 
 /// A request from another host: an operator's request it forwards, or its own.
 #[derive(Debug, Clone, PartialEq)]

@@ -41,6 +41,11 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 /// Messages per second a guest may send on average, and in a burst.
 const RATE_PER_SEC: f64 = 20.0;
 const BURST: f64 = 60.0;
+/// Connections a guest may open at once, then one a second: a guest that redials in a loop
+/// cannot make the host handshake, log and replace its connection as fast as it dials.
+const REDIAL_BURST: f64 = 8.0;
+const REDIALS_PER_SEC: f64 = 1.0;
+const REDIAL_REFUSAL: &str = "redialing too fast";
 /// Past these, the connection is closed. A redial gets a fresh count but not a fresh
 /// bucket, so closing costs a flooding guest its backlog and gains it nothing.
 const MAX_PROTOCOL_ERRORS: u64 = 10;
@@ -203,6 +208,7 @@ impl GuestLink {
 
 async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    let mut redials = TokenBucket::new(REDIAL_BURST, REDIALS_PER_SEC, Instant::now());
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -212,6 +218,14 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // The live connection stays; the new one is told why and closed unread.
+        if !redials.take(Instant::now()) {
+            shared.log.warn(format_args!(
+                "the guest redials too fast; connection refused"
+            ));
+            tokio::spawn(refuse_redial(stream));
+            continue;
+        }
         // A new connection means the guest redialed (or moved): the old one is dead.
         if let Some(old) = current.take() {
             old.abort();
@@ -227,6 +241,14 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             shared.downscales.lock().unwrap().clear();
         }));
     }
+}
+
+async fn refuse_redial(mut stream: UnixStream) {
+    let refusal = HostMessage::InvalidMessage {
+        reason: REDIAL_REFUSAL.into(),
+    };
+    let bytes = protocol::encode(&refusal).expect("host messages fit a frame");
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
 enum ReadError {

@@ -14,6 +14,13 @@ struct FakeGuest {
 impl FakeGuest {
     /// Connects and completes the handshake.
     async fn hello(socket: &Path) -> FakeGuest {
+        FakeGuest::try_hello(socket)
+            .await
+            .expect("the host refused the connection")
+    }
+
+    /// Connects and says hello; None if the host refused the connection instead.
+    async fn try_hello(socket: &Path) -> Option<FakeGuest> {
         let stream = UnixStream::connect(socket).await.unwrap();
         let mut guest = FakeGuest {
             stream,
@@ -25,12 +32,19 @@ impl FakeGuest {
                 max_version: *protocol::VERSIONS.end(),
             })
             .await;
-        let welcome = guest.receive().await;
-        assert!(
-            matches!(welcome, Some(HostMessage::Welcome { .. })),
-            "{welcome:?}"
-        );
-        guest
+        match guest.receive().await {
+            Some(HostMessage::Welcome { .. }) => Some(guest),
+            Some(HostMessage::InvalidMessage { reason }) if reason == REDIAL_REFUSAL => None,
+            other => panic!("neither welcomed nor refused: {other:?}"),
+        }
+    }
+
+    /// The next message within `ms` milliseconds, if any.
+    async fn receive_within(&mut self, ms: u64) -> Option<HostMessage> {
+        tokio::time::timeout(Duration::from_millis(ms), self.receive_or_wait())
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn send(&mut self, message: &GuestMessage) {
@@ -110,16 +124,21 @@ fn replies(said: &[HostMessage]) -> usize {
 const MALFORMED: [u8; 7] = [0, 0, 0, 3, 0xff, 0xff, 0xff];
 
 #[tokio::test]
-async fn a_flooding_guest_that_redials_gets_no_more_than_the_log_allowance() {
+async fn a_flooding_guest_that_redials_is_throttled_and_gets_no_more_than_the_log_allowance() {
     let dir = tempfile::tempdir().unwrap();
     let (link, socket) = listen(&dir);
     let started = Instant::now();
 
-    // Each connection: every malformed message gets an error reply, and past the bound
-    // the connection is closed. Every redial's lines share the VM's one allowance.
+    // Each connection served: every malformed message gets an error reply, and past the
+    // bound the connection is closed. Past the redial budget a connection is refused
+    // before its handshake. Every line shares the VM's one log allowance.
     const REDIALS: usize = 30;
+    let mut served = 0;
     for _ in 0..=REDIALS {
-        let mut guest = FakeGuest::hello(&socket).await;
+        let Some(mut guest) = FakeGuest::try_hello(&socket).await else {
+            continue;
+        };
+        served += 1;
         for _ in 0..20 {
             guest.send_raw(&MALFORMED).await;
         }
@@ -130,13 +149,19 @@ async fn a_flooding_guest_that_redials_gets_no_more_than_the_log_allowance() {
             "{said:?}"
         );
     }
+    let budget = REDIAL_BURST + started.elapsed().as_secs_f64() * REDIALS_PER_SEC;
+    assert!(served >= REDIAL_BURST as usize, "only {served} served");
+    assert!(
+        served as f64 <= budget + 1.0,
+        "{served} served, budget {budget:.1}"
+    );
     // Let the last connection's task log its close.
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let log = &link.shared.log;
     let allowance = u64::from(LOG_BURST)
         + (started.elapsed().as_secs_f64() / LOG_INTERVAL.as_secs_f64()) as u64;
-    // Each connection tried at least its "connected" line.
+    // Each connection tried at least its "connected" or "refused" line.
     let tried = log.emitted_lines() + log.suppressed_lines();
     assert!(tried > REDIALS as u64, "only {tried} lines tried");
     assert!(
@@ -146,8 +171,42 @@ async fn a_flooding_guest_that_redials_gets_no_more_than_the_log_allowance() {
     );
     assert_eq!(
         link.info().protocol_errors,
-        (MAX_PROTOCOL_ERRORS + 1) * (1 + REDIALS as u64)
+        (MAX_PROTOCOL_ERRORS + 1) * served as u64
     );
+}
+
+#[tokio::test]
+async fn a_redial_flood_does_not_replace_the_live_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_link, socket) = listen(&dir);
+    // Spend the redial budget; the last connection is the live one.
+    let mut live = FakeGuest::hello(&socket).await;
+    for _ in 1..REDIAL_BURST as usize {
+        live = FakeGuest::hello(&socket).await;
+    }
+    let mut refused = 0;
+    for _ in 0..20 {
+        let stream = UnixStream::connect(&socket).await.unwrap();
+        let mut flood = FakeGuest {
+            stream,
+            decoder: FrameDecoder::new(),
+        };
+        // Told so before anything is read from it.
+        if let Some(HostMessage::InvalidMessage { reason }) = flood.receive_within(500).await {
+            assert_eq!(reason, REDIAL_REFUSAL);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 19, "only {refused} of 20 refused");
+    live.send(&GuestMessage::HealthCheck { id: 7 }).await;
+    // The host's own health checks may come first.
+    loop {
+        match live.receive().await {
+            Some(HostMessage::HealthCheckReply { id: 7 }) => break,
+            Some(HostMessage::HealthCheck { .. }) => {}
+            other => panic!("the live connection was not served: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -3,10 +3,13 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
-use vmhost_api::{ClientError, ComputeUnits, CreateVm, ImageRef, MigrateVm, Reply, Request};
+use vmhost_api::{
+    ClientError, ComputeUnits, CreateVm, DrainHost, ImageRef, MigrateVm, Reply, Request,
+};
 
 #[macro_use]
 mod output;
+mod drain;
 
 use output::{print_reply, top};
 
@@ -122,6 +125,31 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Move every VM of HOST to other hosts, live, and keep HOST empty until undrained.
+    Drain {
+        #[arg(value_name = "HOST")]
+        target: String,
+        /// Follow the moves until every VM has left (or what is left cannot move).
+        #[arg(long)]
+        wait: bool,
+        /// Move a VM that cannot move live by stopping it and booting it on another host:
+        /// its disk and spec move, its RAM is lost.
+        #[arg(long)]
+        cold: bool,
+        /// How many VMs move at once.
+        #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..=i64::from(vmhost_api::MAX_DRAIN_PARALLEL)))]
+        parallel: u32,
+    },
+    /// Let a drained host take VMs again.
+    Undrain {
+        #[arg(value_name = "HOST")]
+        target: String,
+    },
+    /// How far HOST's drain got, VM by VM.
+    DrainStatus {
+        #[arg(value_name = "HOST")]
+        target: String,
+    },
     /// Fleet credentials: the CA and host certificates for mutual TLS between hosts.
     #[command(subcommand)]
     Fleet(FleetCommand),
@@ -170,6 +198,14 @@ impl FleetCommand {
             }
         }
         Ok(())
+    }
+}
+
+/// A request run on the named host (this one, or another through it).
+fn on(host: String, request: Request) -> Request {
+    Request::OnHost {
+        host,
+        request: Box::new(request),
     }
 }
 
@@ -247,6 +283,14 @@ impl Command {
             Command::Host => Request::Host,
             Command::Events { name, follow } => Request::Events { name, follow },
             Command::Top { .. } => Request::List,
+            Command::Drain {
+                target,
+                cold,
+                parallel,
+                ..
+            } => on(target, Request::Drain(DrainHost { cold, parallel })),
+            Command::Undrain { target } => on(target, Request::Undrain),
+            Command::DrainStatus { target } => on(target, Request::DrainStatus),
             Command::Fleet(_) => unreachable!("fleet commands run locally"),
         }
     }
@@ -321,6 +365,15 @@ fn main() {
             })
         }
         Command::Top { count } => top(&cli.socket, count),
+        Command::Drain {
+            wait: true,
+            ref target,
+            ..
+        } => {
+            let host = target.clone();
+            vmhost_api::call(&cli.socket, cli.command.into_request(), REQUEST_TIMEOUT)
+                .and_then(|_| drain::wait(&cli.socket, &host, json))
+        }
         command => vmhost_api::call(
             &cli.socket,
             on_host(command.into_request()),
@@ -371,6 +424,30 @@ mod tests {
         };
         let here = std::env::current_dir().unwrap();
         assert_eq!(create.image, ImageRef::Path(here.join("img")));
+    }
+
+    #[test]
+    fn a_drain_names_its_host_apart_from_the_host_vmctl_goes_through() {
+        let cli = Cli::try_parse_from(["vmctl", "drain-status", "b"]).unwrap();
+        assert_eq!(cli.host, None);
+        let expected = Request::OnHost {
+            host: "b".into(),
+            request: Box::new(Request::DrainStatus),
+        };
+        assert_eq!(cli.command.into_request(), expected);
+        let cli = Cli::try_parse_from(["vmctl", "drain", "b", "--cold", "--parallel", "3"]);
+        let Request::OnHost { host, request } = cli.unwrap().command.into_request() else {
+            panic!("not run on a host");
+        };
+        assert_eq!(host, "b");
+        assert_eq!(
+            *request,
+            Request::Drain(DrainHost {
+                cold: true,
+                parallel: 3
+            })
+        );
+        assert!(Cli::try_parse_from(["vmctl", "drain", "b", "--parallel", "0"]).is_err());
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub fn print_reply(reply: &Reply, json: bool) {
             }
             Reply::Host(host) => serde_json::to_value(host),
             Reply::Hosts(hosts) => serde_json::to_value(hosts),
+            Reply::Drain(report) => serde_json::to_value(report),
             Reply::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
             Reply::Events(events) => {
                 // One JSON object per line, the same as a followed stream.
@@ -108,6 +109,7 @@ pub fn print_reply(reply: &Reply, json: bool) {
         }
         Reply::Host(host) => print_host(host),
         Reply::Hosts(hosts) => print_hosts(hosts),
+        Reply::Drain(report) => crate::drain::print_drain(report),
         Reply::Deleted { name } => outln!("deleted {name}"),
         Reply::Events(events) => events.iter().for_each(print_event),
         Reply::Event(event) => print_event(event),
@@ -327,26 +329,28 @@ pub fn warn_unreachable(hosts: &[String]) {
 
 pub fn print_hosts(hosts: &[FleetHost]) {
     outln!(
-        "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
+        "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4} {:<8}",
         "HOST",
         "ADDRESS",
         "LIVE",
         "CAPACITY",
         "ALLOCATED",
         "LEASED",
-        "VMS"
+        "VMS",
+        "DRAIN"
     );
     let short = |r: vmhost_api::Resources| format!("{}/{}", r.vcpus, format_bytes(r.memory_bytes));
     for host in hosts {
         outln!(
-            "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4}",
+            "{:<16} {:<21} {:<5} {:>14} {:>14} {:>14} {:>4} {:<8}",
             host.name,
             host.addr,
             if host.live { "yes" } else { "DEAD" },
             short(host.capacity),
             short(host.allocated),
             short(host.leased),
-            host.vms
+            host.vms,
+            host.drain.map_or("-".into(), |d| d.to_string())
         );
     }
 }
@@ -362,5 +366,10 @@ pub fn print_host(host: &HostInfo) {
     outln!("capacity   {}", host.capacity);
     outln!("allocated  {}", host.allocated);
     outln!("leased     {}", host.leased);
+    outln!(
+        "disks      {} of {} GiB",
+        host.disk_allocated_gib,
+        host.disk_capacity_gib
+    );
     outln!("vms        {}", host.vms);
 }

@@ -4,6 +4,7 @@
 use crate::fleet::Fleet;
 use crate::host::Host;
 use crate::router;
+use nix::unistd::{Gid, Uid};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,9 +40,47 @@ pub enum ApiServerError {
     },
 }
 
+/// Who may use the socket: root, the daemon's own user, and the members of `api_group`.
+/// The socket's mode says the same; the check on each connection still holds if the mode
+/// is changed, or a connected socket is handed to another process.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    group: Option<Gid>,
+}
+
+impl Access {
+    /// Whether the process that connected (by its kernel-reported credentials) may ask.
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        let groups = || {
+            let user = nix::unistd::User::from_uid(Uid::from_raw(uid))
+                .ok()
+                .flatten()?;
+            let name = std::ffi::CString::new(user.name).ok()?;
+            nix::unistd::getgrouplist(&name, Gid::from_raw(gid)).ok()
+        };
+        allowed(uid, gid, self.group, Uid::effective().as_raw(), groups)
+    }
+}
+
+fn allowed(
+    uid: u32,
+    gid: u32,
+    group: Option<Gid>,
+    daemon_uid: u32,
+    groups: impl FnOnce() -> Option<Vec<Gid>>,
+) -> bool {
+    if uid == 0 || uid == daemon_uid {
+        return true;
+    }
+    let Some(group) = group else {
+        return false;
+    };
+    gid == group.as_raw() || groups().is_some_and(|all| all.contains(&group))
+}
+
 /// Binds the socket, for root and `group`. A leftover socket file from a dead daemon is
 /// replaced; a live one is not.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiServerError> {
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), ApiServerError> {
     let bind_error = |source| ApiServerError::Bind {
         path: path.display().to_string(),
         source,
@@ -55,6 +94,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiServerE
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(bind_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
+    let mut access = Access { group: None };
     if let Some(group) = group {
         let gid = nix::unistd::Group::from_name(group)
             .ok()
@@ -66,17 +106,40 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiServerE
             group: group.into(),
             source,
         })?;
+        access.group = Some(gid);
     }
-    Ok(listener)
+    Ok((listener, access))
 }
 
-pub async fn serve(listener: UnixListener, host: Arc<Host>, fleet: Option<Arc<Fleet>>) {
+pub async fn serve(
+    listener: UnixListener,
+    access: Access,
+    host: Arc<Host>,
+    fleet: Option<Arc<Fleet>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let host = host.clone();
                 let fleet = fleet.clone();
                 tokio::spawn(async move {
+                    let caller = stream.peer_cred();
+                    let refused = match &caller {
+                        Ok(cred) if access.allows(cred.uid(), cred.gid()) => None,
+                        Ok(cred) => Some(format!(
+                            "uid {} (pid {:?}) may not use this socket: it is for root and the api_group",
+                            cred.uid(),
+                            cred.pid()
+                        )),
+                        Err(error) => Some(format!("cannot tell who connected: {error}")),
+                    };
+                    if let Some(reason) = refused {
+                        tracing::warn!(%reason, "refused an API connection");
+                        let (_, mut write) = stream.into_split();
+                        let error = ApiError::new(ErrorKind::Refused, reason);
+                        let _ = write_response(&mut write, &Response::Error(error)).await;
+                        return;
+                    }
                     if let Err(error) = handle_connection(stream, host, fleet).await {
                         tracing::debug!(%error, "API connection ended with an error");
                     }

@@ -9,6 +9,10 @@ use vmm::AccelChoice;
 
 /// Memory per CU must split into quarter CUs that are whole Linux memory blocks (128 MiB).
 const MEMORY_PER_CU_STEP_MIB: u64 = 512;
+/// Keep sizes in bytes and vCPUs, up to those of a VM of `MAX_CU` compute units, within
+/// their integers (2 PiB is far past any host).
+const MAX_MEMORY_MIB: u64 = 1 << 31;
+const MAX_VCPUS_PER_CU: u32 = u32::MAX / vmhost_api::units::MAX_CU;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +78,21 @@ pub struct FleetConfig {
     /// The share of memory capacity beyond which this host takes no placements.
     #[serde(default = "default_watermark")]
     pub watermark: f64,
+    /// Allocated + leased memory above `watermark - watermark_hysteresis` (shares of
+    /// capacity) is where a host that passed its watermark aims to get back to.
+    #[serde(default = "default_watermark_hysteresis")]
+    pub watermark_hysteresis: f64,
+    /// Whether this host migrates VMs away when it passes its watermark, or when an
+    /// upscale here is refused for lack of room.
+    #[serde(default = "yes")]
+    pub rebalance: bool,
+    /// A VM that arrived by migration is not moved on by the rebalancer for this long.
+    #[serde(default = "default_rebalance_cooldown_secs")]
+    pub rebalance_cooldown_secs: u64,
+    /// Migrations this host starts on its own at once (drains and rebalancing; an
+    /// operator's `vmctl migrate` is not held back).
+    #[serde(default = "default_max_concurrent_migrations")]
+    pub max_concurrent_migrations: u32,
     /// How long a link that breaks during a post-copy migration may stay down before this
     /// host stops trying to recover it (the VM then stays paused, never lost).
     #[serde(default = "default_migration_recover_secs")]
@@ -83,6 +102,10 @@ pub struct FleetConfig {
     /// what a peer does under a lease it holds, are always taken.
     #[serde(default = "yes")]
     pub trust_forwarded_commands: bool,
+    /// Hosts refused both ways, by the name their certificate gives: revoked hosts. A reload
+    /// (SIGHUP) applies it, and closes their open connections.
+    #[serde(default)]
+    pub denied_hosts: std::collections::BTreeSet<String>,
 }
 
 fn default_gossip_interval_ms() -> u64 {
@@ -103,6 +126,15 @@ fn yes() -> bool {
 
 fn default_watermark() -> f64 {
     1.0
+}
+fn default_watermark_hysteresis() -> f64 {
+    0.05
+}
+fn default_rebalance_cooldown_secs() -> u64 {
+    600
+}
+fn default_max_concurrent_migrations() -> u32 {
+    2
 }
 
 impl FleetConfig {
@@ -132,8 +164,29 @@ impl FleetConfig {
         if !(self.watermark > 0.0 && self.watermark <= 1.0) {
             return Err("fleet.watermark must be in (0, 1]".into());
         }
+        if !(0.0..self.watermark).contains(&self.watermark_hysteresis) {
+            return Err(
+                "fleet.watermark_hysteresis must be at least 0 and below fleet.watermark".into(),
+            );
+        }
+        if !(1..=vmhost_api::MAX_DRAIN_PARALLEL).contains(&self.max_concurrent_migrations) {
+            return Err(format!(
+                "fleet.max_concurrent_migrations must be between 1 and {}",
+                vmhost_api::MAX_DRAIN_PARALLEL
+            ));
+        }
+        if self.rebalance_cooldown_secs > 7 * 86_400 {
+            return Err("fleet.rebalance_cooldown_secs must be at most a week".into());
+        }
         if !self.credentials.is_absolute() {
             return Err("fleet.credentials must be an absolute path".into());
+        }
+        if let Some(name) = self
+            .denied_hosts
+            .iter()
+            .find(|n| n.is_empty() || n.trim() != *n)
+        {
+            return Err(format!("fleet.denied_hosts: '{name}' is not a host name"));
         }
         Ok(())
     }
@@ -177,6 +230,10 @@ impl Default for MetricsConfig {
 pub struct Capacity {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// What the VMs' disks may add up to, as created (they are sparse, so they can fill
+    /// only this much); the size of the state directory's filesystem when absent.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -274,29 +331,37 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// The config and the TOML table it came from, which tells what a reload changes.
+    pub fn load_with_table(path: &Path) -> Result<(Config, toml::Table), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse = |e: toml::de::Error| ConfigError::Parse {
             path: path.display().to_string(),
             // toml's message spans several lines with a source excerpt; keep it to one.
             message: e.message().to_string()
                 + &e.span()
                     .map(|s| format!(" (at byte {})", s.start))
                     .unwrap_or_default(),
-        })?;
+        };
+        let config: Config = toml::from_str(&text).map_err(parse)?;
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.display().to_string(),
             message,
         })?;
-        Ok(config)
+        Ok((config, toml::from_str(&text).map_err(parse)?))
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.capacity.vcpus == 0 || self.capacity.memory_mib == 0 {
             return Err("capacity.vcpus and capacity.memory_mib must be positive".into());
+        }
+        if self.capacity.disk_gib == Some(0) {
+            return Err(
+                "capacity.disk_gib must be positive (leave it out for the filesystem's size)"
+                    .into(),
+            );
         }
         if self.compute_unit.vcpus == 0 {
             return Err("compute_unit.vcpus must be positive".into());
@@ -311,6 +376,18 @@ impl Config {
                 "compute_unit.memory_mib must be a positive multiple of {MEMORY_PER_CU_STEP_MIB} \
                  (so a quarter CU is whole 128 MiB memory blocks), got {}",
                 self.compute_unit.memory_mib
+            ));
+        }
+        if self.capacity.memory_mib > MAX_MEMORY_MIB
+            || self.compute_unit.memory_mib > MAX_MEMORY_MIB
+        {
+            return Err(format!(
+                "capacity.memory_mib and compute_unit.memory_mib must be at most {MAX_MEMORY_MIB}"
+            ));
+        }
+        if self.compute_unit.vcpus > MAX_VCPUS_PER_CU {
+            return Err(format!(
+                "compute_unit.vcpus must be at most {MAX_VCPUS_PER_CU}"
             ));
         }
         self.agent.validate().map_err(|e| format!("[agent]: {e}"))?;
@@ -334,6 +411,13 @@ impl Config {
         }
         if let Some(fleet) = &self.fleet {
             fleet.validate()?;
+            if self
+                .host_name
+                .as_ref()
+                .is_some_and(|own| fleet.denied_hosts.contains(own))
+            {
+                return Err("fleet.denied_hosts names this host".into());
+            }
         }
         if let NetworkConfig::Tap { bridge } = &self.network {
             if bridge.is_empty() || bridge.len() > 15 {
@@ -376,7 +460,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vmhostd.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(&path)
+        Config::load_with_table(&path).map(|(config, _)| config)
     }
 
     const MINIMAL: &str = r#"
@@ -474,7 +558,7 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let message = Config::load(Path::new("/nonexistent/vmhostd.toml"))
+        let message = Config::load_with_table(Path::new("/nonexistent/vmhostd.toml"))
             .unwrap_err()
             .to_string();
         assert!(message.contains("/nonexistent/vmhostd.toml"), "{message}");

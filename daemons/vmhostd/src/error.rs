@@ -16,6 +16,10 @@ pub enum HostError {
     Invalid(String),
     #[error(transparent)]
     Capacity(#[from] LedgerError),
+    /// No room here for what was asked, other than in the CPU and memory ledger: the host
+    /// drains, or its disks are full.
+    #[error("{0}")]
+    NoRoom(String),
     #[error("VM '{name}' is {state}; cannot {action} it")]
     WrongState {
         name: String,
@@ -53,7 +57,7 @@ impl HostError {
             HostError::NotFound(_) => ErrorKind::NotFound,
             HostError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             HostError::Invalid(_) => ErrorKind::InvalidArgument,
-            HostError::Capacity(_) => ErrorKind::CapacityExceeded,
+            HostError::Capacity(_) | HostError::NoRoom(_) => ErrorKind::CapacityExceeded,
             HostError::WrongState { .. } => ErrorKind::WrongState,
             HostError::Downscale { .. } => ErrorKind::Refused,
             HostError::Peer(error) => error.kind,

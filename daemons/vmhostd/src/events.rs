@@ -54,9 +54,16 @@ impl EventLog {
         let _ = self.live.send(event);
     }
 
-    /// Drops the history of a VM that left this host.
+    /// Drops the history of a VM that left this host, but for this host's own choices
+    /// about it (why it was moved away).
     pub fn forget(&self, vm: &str) {
-        self.history.lock().unwrap().per_vm.remove(vm);
+        let mut history = self.history.lock().unwrap();
+        if let Some(events) = history.per_vm.get_mut(vm) {
+            events.retain(|(_, event)| event.kind.outlives_vm());
+            if events.is_empty() {
+                history.per_vm.remove(vm);
+            }
+        }
     }
 
     /// The history (of one VM, or all, in the order recorded) and a receiver for what comes
@@ -95,9 +102,12 @@ mod tests {
         assert_eq!(all.last().unwrap().message, "b after");
         let (only_b, _) = log.snapshot(Some("b"));
         assert_eq!(only_b.len(), 2);
+        log.record("a", EventKind::Rebalance, "moving a away".into());
         log.forget("a");
-        assert_eq!(log.snapshot(None).0.len(), 2);
+        assert_eq!(log.snapshot(None).0.len(), 3);
+        assert_eq!(log.snapshot(Some("a")).0[0].kind, EventKind::Rebalance);
         log.record("a", EventKind::Scaled, "next".into());
+        assert_eq!(live.try_recv().unwrap().message, "moving a away");
         assert_eq!(live.try_recv().unwrap().message, "next");
     }
 }

@@ -8,7 +8,7 @@ use crate::host::Host;
 use anyhow::Context;
 use futures::future::BoxFuture;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmhost_api::{
     ApiError, CreateVm, ErrorKind, FleetHost, PeerCall, PeerEnvelope, Reply, Request, Resources,
     Response, PEER_API_VERSION,
@@ -17,9 +17,13 @@ use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
 use vmhost_capacity::ledger::Lease;
 use vmhost_gossip::membership::{HostView, Member, Membership, MembershipConfig};
 use vmhost_gossip::quic::{self, FleetEndpoint, FleetRequest, FleetResponse, Peer};
-use vmhost_pki::Identity;
 
+mod cold;
+mod drain;
 mod migration;
+mod rebalance;
+mod suspects;
+mod trust;
 
 /// How often this host re-publishes its view and expires stale leases.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
@@ -37,6 +41,10 @@ pub struct Fleet {
     config: FleetConfig,
     /// The VMs whose migration away this vmhostd follows now.
     followed: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Bounds the migrations this host starts on its own (drains, rebalancing).
+    own_moves: tokio::sync::Semaphore,
+    /// Peers whose gossip overstated their room, ranked last for a while.
+    suspects: suspects::Suspects,
 }
 
 impl Fleet {
@@ -45,12 +53,12 @@ impl Fleet {
         let Some(config) = host.config.fleet.clone() else {
             return Ok(None);
         };
-        let identity = Identity::load(&config.credentials)
-            .context("cannot load this host's fleet credentials")?;
+        let identity = trust::load(&config.credentials)?;
         let endpoint = Arc::new(
             FleetEndpoint::bind(config.listen, &identity)
                 .context("cannot open the fleet endpoint")?,
         );
+        trust::apply(&endpoint, &identity, &config.denied_hosts).await?;
         migration::take_tunnels(&endpoint, host.clone());
         let served = host.clone();
         endpoint.serve_peers(Arc::new(move |peer, request| {
@@ -74,9 +82,15 @@ impl Fleet {
             host,
             endpoint,
             membership,
+            own_moves: tokio::sync::Semaphore::new(config.max_concurrent_migrations as usize),
             config,
             followed: Default::default(),
+            suspects: Default::default(),
         });
+        fleet.spawn_drainer();
+        if fleet.config.rebalance {
+            fleet.spawn_rebalancer();
+        }
         let publisher = Arc::downgrade(&fleet);
         tokio::spawn(async move {
             while let Some(fleet) = publisher.upgrade() {
@@ -107,7 +121,7 @@ impl Fleet {
     /// lease, trying the next when one refuses.
     pub async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
         let local_refusal = match self.host.create(create.clone(), None).await {
-            Err(HostError::Capacity(refusal)) => refusal,
+            Err(refusal @ (HostError::Capacity(_) | HostError::NoRoom(_))) => refusal,
             other => return other.map(|vm| Reply::Vm(Box::new(vm))).map_err(Into::into),
         };
         let cu = create.cu.unwrap_or(create.min_cu);
@@ -118,6 +132,7 @@ impl Fleet {
             .filter(|v| v.has_room_for(v.cu_shape.resources(cu)))
             .collect();
         candidates.sort_by_key(|v| std::cmp::Reverse(v.free().memory_bytes));
+        self.suspects.rank(&mut candidates, Instant::now());
         let mut refusals = vec![format!("{}: {local_refusal}", self.host.name())];
         for target in candidates {
             let size = target.cu_shape.resources(cu);
@@ -137,6 +152,15 @@ impl Fleet {
             return match self.call_peer(&target, call).await {
                 Ok(reply) => Ok(reply),
                 Err(error) => {
+                    if error.kind == ErrorKind::CapacityExceeded {
+                        let why = format!("granted lease {} and then refused: {error}", lease.id);
+                        self.suspects.mark(
+                            &target.name,
+                            suspects::BROKEN_LEASE,
+                            &why,
+                            Instant::now(),
+                        );
+                    }
                     // A committed lease is no longer a lease; releasing it changes nothing.
                     self.release(&target, lease.id).await;
                     Err(error)
@@ -159,7 +183,7 @@ impl Fleet {
             .members()
             .await
             .into_iter()
-            .filter(|m| m.live && m.view.name != self.host.name())
+            .filter(|m| m.live && m.view.name != self.host.name() && !self.denies(&m.view.name))
             .map(|m| m.view)
             .collect()
     }
@@ -177,7 +201,18 @@ impl Fleet {
             .await
         {
             Ok(FleetResponse::Lease(LeaseResponse::Granted(lease))) => Ok(lease),
-            Ok(FleetResponse::Lease(LeaseResponse::Refused { reason, .. })) => Err(reason),
+            Ok(FleetResponse::Lease(LeaseResponse::Refused { reason, .. })) => {
+                // Its view said it had room (every caller checks), yet it refused.
+                if target.has_room_for(size) {
+                    self.suspects.mark(
+                        &target.name,
+                        suspects::REFUSED_LEASE,
+                        &reason,
+                        Instant::now(),
+                    );
+                }
+                Err(reason)
+            }
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(error) => Err(error.to_string()),
         }
@@ -354,6 +389,7 @@ fn own_view(host: &Host, config: &FleetConfig) -> HostView {
         watermark_memory_bytes: (info.capacity.memory_bytes as f64 * config.watermark) as u64,
         vms: info.vms as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        drain: host.drain_phase(),
     }
 }
 
@@ -369,5 +405,6 @@ fn fleet_host(member: Member) -> FleetHost {
         leased: view.leased,
         vms: view.vms,
         version: view.version,
+        drain: view.drain,
     }
 }

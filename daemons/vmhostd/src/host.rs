@@ -7,8 +7,10 @@
 
 use crate::admission::Admission;
 use crate::config::Config;
+use crate::disks::DiskBudget;
 use crate::error::{error_chain, HostError};
 use crate::events::EventLog;
+use crate::moves::{ColdArrivals, DrainState, RoomWanted};
 use crate::prometheus::{ScalingStats, VmGauges};
 use crate::store::{Store, StoreError, VmPaths, VmSpec};
 use crate::tunnels::TunnelTargets;
@@ -28,6 +30,10 @@ pub struct Host {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// Where each migration tunnel a peer opens is delivered.
     pub tunnels: TunnelTargets,
+    pub drain: DrainState,
+    pub cold: ColdArrivals,
+    /// The latest upscale this host could not give in full, for the rebalancer.
+    pub room_wanted: RoomWanted,
     name: String,
 }
 
@@ -43,7 +49,13 @@ impl Host {
         for error in broken {
             tracing::error!(error = %error_chain(&error), "skipping a VM folder");
         }
-        let admission = Admission::open(config.capacity(), store.clone())?;
+        let disks = DiskBudget::new(config.capacity.disk_gib, &config.state_dir)?;
+        for spec in &specs {
+            if let Some(gib) = spec.disk_gib {
+                disks.adopt(&spec.name, gib);
+            }
+        }
+        let admission = Admission::open(config.capacity(), disks, store.clone())?;
         let host = Arc::new(Host {
             events: EventLog::default(),
             stats: ScalingStats::default(),
@@ -55,9 +67,31 @@ impl Host {
             vms: VmTable::default(),
             hypervisor,
             tunnels: TunnelTargets::default(),
+            drain: DrainState::default(),
+            cold: ColdArrivals::default(),
+            room_wanted: RoomWanted::default(),
         });
         for spec in specs {
             host.reattach(spec).await;
+        }
+        match host.store.load_drain() {
+            Ok(Some(order)) => {
+                tracing::info!(
+                    cold = order.cold,
+                    parallel = order.parallel,
+                    "resuming the drain ordered before the restart"
+                );
+                host.begin_drain(order);
+            }
+            Ok(None) => {}
+            // Draining stops placements; guessing it over is safer than taking VMs.
+            Err(error) => {
+                tracing::error!(error = %error_chain(&error), "the saved drain order is unreadable; draining with the defaults");
+                host.begin_drain(vmhost_api::DrainHost {
+                    cold: false,
+                    parallel: 1,
+                });
+            }
         }
         Ok(host)
     }
@@ -140,6 +174,7 @@ impl Host {
 
     pub fn host_info(&self) -> HostInfo {
         let totals = self.admission.totals();
+        let disks = self.admission.disks.totals();
         HostInfo {
             name: self.name.clone(),
             accel: self.accel.accel.to_string(),
@@ -149,6 +184,8 @@ impl Host {
             allocated: totals.allocated,
             leased: totals.leased,
             vms: self.vms.len(),
+            disk_allocated_gib: disks.0,
+            disk_capacity_gib: disks.1,
         }
     }
 }

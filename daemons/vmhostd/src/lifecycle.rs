@@ -4,7 +4,7 @@
 use crate::admission::LeaseClaim;
 use crate::agent_task::{self, AgentHandle, AgentView};
 use crate::config::NetworkConfig;
-use crate::error::{error_chain, vmm_error, HostError};
+use crate::error::{error_chain, now_ms, vmm_error, HostError};
 use crate::host::Host;
 use crate::net;
 use crate::store::{write_atomically, Marker, StoreError, VmSpec, PRIVATE_FILE};
@@ -65,14 +65,15 @@ impl Host {
         let _operation = slot.operation.lock().await;
         let created = async {
             self.admission.book_new_vm(&name, size, lease)?;
-            if let Err(error) = self.store.create_vm(&spec) {
+            if let Err(error) = self.make_vm_folder(&spec) {
                 self.admission.release(&name);
-                return Err(error.into());
+                return Err(error);
             }
             match self.launch(&spec, StartAs::Boot).await {
                 Ok(machine) => Ok(machine),
                 Err(error) => {
                     self.admission.release(&name);
+                    self.admission.disks.release(&name);
                     net::remove_tap(&name);
                     if let Err(e) = self.store.remove_vm(&name) {
                         tracing::error!(vm = %name, error = %error_chain(&e), "cannot clean up after a failed create");
@@ -177,6 +178,7 @@ impl Host {
         }
         self.set_down(&mut slot.record(), VmState::Stopped);
         self.store.remove_vm(name)?;
+        self.admission.disks.release(name);
         net::remove_tap(name);
         self.stats.forget(name);
         self.events.forget(name);
@@ -500,12 +502,45 @@ impl Host {
         }
     }
 
+    /// Takes in a VM that another host moves here under `claim`: checks the lease, lists
+    /// the VM as migrating and makes its folder. Only what this call made is undone on a
+    /// failure: a folder already there may belong to a VM this host skipped at start (a
+    /// corrupt spec), and its disk is not ours to remove.
+    pub fn admit_arrival(
+        &self,
+        spec: &VmSpec,
+        size: Resources,
+        claim: LeaseClaim<'_>,
+    ) -> Result<Arc<VmSlot>, HostError> {
+        self.admission.check_lease(claim, &spec.name, size)?;
+        let mut record = VmRecord::new(spec.clone(), VmState::Migrating, size);
+        record.arrived_at_ms = Some(now_ms());
+        let slot = self.vms.insert(record)?;
+        if let Err(error) = self.make_vm_folder(spec) {
+            self.vms.remove(&spec.name, &slot);
+            return Err(error);
+        }
+        Ok(slot)
+    }
+
+    /// Books the disk of a VM new here, then makes its folder (and the disk).
+    pub fn make_vm_folder(&self, spec: &VmSpec) -> Result<(), HostError> {
+        if let Some(gib) = spec.disk_gib {
+            self.admission.disks.book(&spec.name, gib)?;
+        }
+        self.store.create_vm(spec).map_err(|error| {
+            self.admission.disks.release(&spec.name);
+            error.into()
+        })
+    }
+
     /// Removes a VM that left this host or never became its own: record, files and tap.
     pub fn forget(&self, name: &str, slot: &Arc<VmSlot>) {
         self.vms.remove(name, slot);
         if let Err(error) = self.store.remove_vm(name) {
             tracing::warn!(vm = %name, error = %error_chain(&error), "cannot remove the VM's files");
         }
+        self.admission.disks.release(name);
         net::remove_tap(name);
         self.stats.forget(name);
         self.events.forget(name);
@@ -548,5 +583,27 @@ mod tests {
         assert_eq!(restarted.state("a"), Some(vmhost_api::VmState::Running));
         let aside = restarted.host.config.state_dir.join("leases.json.corrupt");
         assert_eq!(std::fs::read(aside).unwrap(), b"{torn");
+    }
+
+    #[tokio::test]
+    async fn disks_are_booked_at_their_full_size_against_the_disk_capacity() {
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        let mut config = host.host.config.clone();
+        config.capacity.disk_gib = Some(3);
+        let host = host.restart_with(config).await;
+        let create = |name: &str| TestHost::request(name, 1, 1, Some(2));
+        host.host.create(create("a"), None).await.unwrap();
+        let error =
+            vmhost_api::ApiError::from(host.host.create(create("b"), None).await.unwrap_err());
+        assert_eq!(error.kind, vmhost_api::ErrorKind::CapacityExceeded);
+        assert!(error.message.contains("only 1 of 3 GiB"), "{error}");
+        assert!(host.state("b").is_none());
+        assert!(!host.vm_dir("b").exists());
+        // A restart books the disks it finds; a delete gives the room back.
+        let host = host.restart().await;
+        assert!(host.host.create(create("b"), None).await.is_err());
+        assert_eq!(host.host.host_info().disk_allocated_gib, 2);
+        host.host.delete("a").await.unwrap();
+        host.host.create(create("b"), None).await.unwrap();
     }
 }

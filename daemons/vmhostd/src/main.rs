@@ -3,15 +3,23 @@
 mod admission;
 mod agent_task;
 mod api;
+mod cold;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
+mod disks;
+mod drain;
 mod error;
 mod events;
 mod fleet;
 mod host;
 mod lifecycle;
 mod migration;
+mod moves;
 mod net;
 mod prometheus;
+mod rebalance;
+mod reload;
 mod resize;
 mod router;
 mod store;
@@ -70,7 +78,7 @@ fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = config::Config::load(&args.config)?;
+    let (config, running) = config::Config::load_with_table(&args.config)?;
     let accel = vmm::accel::decide(config.accel, &vmm::HostFacts::probe())?;
     tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let api_socket = config.api_socket.clone();
@@ -81,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         qmp_timeout: config.timeouts.qmp(),
     });
     let host = host::Host::recover(config, accel, hypervisor).await?;
-    let listener = api::bind(&api_socket, api_group.as_deref())?;
+    let (listener, access) = api::bind(&api_socket, api_group.as_deref())?;
     if metrics.enabled {
         let tcp = tokio::net::TcpListener::bind(metrics.listen)
             .await
@@ -94,6 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let fleet = fleet::Fleet::start(host.clone(), router::peer_calls(host.clone())).await?;
+    reload::on_hangup(args.config.clone(), running, fleet.clone())?;
     tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog();
@@ -101,7 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     tokio::select! {
-        () = api::serve(listener, host, fleet.clone()) => {}
+        () = api::serve(listener, access, host, fleet.clone()) => {}
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }

@@ -4,6 +4,7 @@
 use crate::agent_task::{self, AgentPort, AgentView};
 use crate::error::{error_chain, vmm_error, HostError};
 use crate::host::Host;
+use crate::rebalance;
 use crate::store::Marker;
 use crate::validate;
 use crate::vm_table::{Action, VmSlot};
@@ -275,12 +276,39 @@ impl Host {
         let grew = cu > spec.cu;
         spec.cu = cu;
         self.store.save(&spec)?;
-        slot.record().spec = spec;
+        {
+            let mut record = slot.record();
+            record.spec = spec;
+            if grew {
+                record.grew_at = Some(started);
+            }
+        }
         if let (true, Some(guest)) = (grew, &guest) {
             guest.notify_upscale(how.request_id.unwrap_or(0), guest_size(measured));
         }
         tracing::info!(vm = %name, %cu, size = %measured, elapsed_ms = started.elapsed().as_millis() as u64, "scaled VM");
         Ok(self.info(slot))
+    }
+}
+
+impl Host {
+    /// Tells the rebalancer what an upscale to `want` could not get for lack of room.
+    fn note_room_wanted(
+        &self,
+        slot: &VmSlot,
+        want: ComputeUnits,
+        resized: &Result<VmInfo, HostError>,
+    ) {
+        let record = slot.record();
+        let wanted = record.spec.cu_shape.resources(want);
+        match resized {
+            Ok(_) if record.spec.cu >= want => self.room_wanted.satisfied(&record.spec.name),
+            Ok(_) | Err(HostError::Capacity(_)) => self.room_wanted.note(
+                &record.spec.name,
+                rebalance::shortfall(wanted, record.applied),
+            ),
+            Err(_) => {}
+        }
     }
 }
 
@@ -341,7 +369,11 @@ impl AgentPort for Host {
         let resized = match self.slot(vm) {
             Ok(slot) => {
                 let _operation = slot.operation.lock().await;
-                self.resize(&slot, want, how).await
+                let resized = self.resize(&slot, want, how).await;
+                if let AgentAction::Upscale { .. } = action {
+                    self.note_room_wanted(&slot, want, &resized);
+                }
+                resized
             }
             Err(error) => Err(error),
         };
@@ -444,6 +476,31 @@ mod tests {
         assert!(host.host.scale("a", cu(2), false).await.is_err());
         assert_eq!(host.allocated(), held(&host, "a").await);
         assert_eq!(host.state("a"), Some(VmState::Running));
+    }
+
+    #[tokio::test]
+    async fn an_upscale_refused_for_room_tells_the_rebalancer_and_a_granted_one_clears_it() {
+        use crate::agent_task::AgentPort;
+        use vmhost_agent::{Action, Outcome};
+        let host = TestHost::new("host-a", Accel::Kvm).await;
+        host.create("big", 7, 7).await;
+        host.create("small", 1, 3).await;
+        let upscale = Action::Upscale { target: cu(3) };
+        let outcome = host.host.execute("small", upscale, None).await;
+        assert_eq!(outcome, Outcome::UpscaleRefused);
+        let wanted = host
+            .host
+            .room_wanted
+            .current(crate::error::now_ms())
+            .unwrap();
+        assert_eq!(
+            (wanted.vm.as_str(), wanted.memory_bytes),
+            ("small", 2 << 30)
+        );
+        host.host.delete("big").await.unwrap();
+        let outcome = host.host.execute("small", upscale, None).await;
+        assert_eq!(outcome, Outcome::Upscaled { to: cu(3) });
+        assert_eq!(host.host.room_wanted.current(crate::error::now_ms()), None);
     }
 
     #[tokio::test]

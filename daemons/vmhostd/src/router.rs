@@ -110,6 +110,23 @@ async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Resul
             .await
             .map(vm)
             .map_err(Into::into),
+        PeerCall::Peer(PeerRequest::ColdArrive {
+            vm: create,
+            disk_tunnel,
+        }) => host
+            .prepare_cold_arrival(create, disk_tunnel, &peer.name)
+            .await
+            .map(vm)
+            .map_err(Into::into),
+        PeerCall::Peer(PeerRequest::ColdStart { name }) => host
+            .finish_cold_arrival(&name, &peer.name)
+            .await
+            .map(vm)
+            .map_err(Into::into),
+        PeerCall::Peer(PeerRequest::ColdAbandon { name }) => host
+            .abandon_cold_arrival(&name, &peer.name)
+            .map(|()| Reply::Deleted { name })
+            .map_err(Into::into),
     }
 }
 
@@ -117,7 +134,11 @@ async fn from_peer(host: Arc<Host>, peer: Peer, envelope: PeerEnvelope) -> Resul
 fn changes_vms(request: &Request) -> bool {
     !matches!(
         request,
-        Request::List | Request::Show { .. } | Request::Host | Request::Events { .. }
+        Request::List
+            | Request::Show { .. }
+            | Request::Host
+            | Request::Events { .. }
+            | Request::DrainStatus
     )
 }
 
@@ -169,6 +190,14 @@ pub async fn on_this_host(
             None => Ok(()),
         }
         .map(|()| Reply::Events(host.events.snapshot(name.as_deref()).0)),
+        Request::Drain(order) => {
+            if let Some(origin) = from {
+                tracing::info!(%origin, ?order, "drain ordered through another host");
+            }
+            host.drain(order).map(Reply::Drain)
+        }
+        Request::Undrain => host.undrain().map(Reply::Drain),
+        Request::DrainStatus => Ok(Reply::Drain(host.drain_report())),
         Request::FleetList | Request::Hosts | Request::OnHost { .. } | Request::Migrate(_) => {
             Err(HostError::Invalid(
                 "this request involves other hosts; it is not run on one host".into(),

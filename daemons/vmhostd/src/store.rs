@@ -11,6 +11,7 @@ use vmhost_capacity::ledger::Ledger;
 
 const SPEC_FILE: &str = "spec.json";
 const LEASES_FILE: &str = "leases.json";
+const DRAIN_FILE: &str = "drain.json";
 const DISK_FILE: &str = "disk.raw";
 /// What an arriving VM's migration is, for a restarted vmhostd to follow it again.
 const ARRIVAL_FILE: &str = "arrival.json";
@@ -356,6 +357,27 @@ impl Store {
     /// The ledger saved by `save_leases`, if any.
     pub fn load_leases(&self) -> Result<Option<Ledger>, StoreError> {
         read_json(&self.root.join(LEASES_FILE))
+    }
+
+    /// Keeps the operator's drain order across restarts; `None` ends it.
+    pub fn save_drain(&self, order: Option<&vmhost_api::DrainHost>) -> Result<(), StoreError> {
+        let path = self.root.join(DRAIN_FILE);
+        match order {
+            Some(order) => write_atomically(
+                &path,
+                &serde_json::to_vec(order).expect("an order serializes"),
+            ),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_error("cannot remove", &path)(e))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    pub fn load_drain(&self) -> Result<Option<vmhost_api::DrainHost>, StoreError> {
+        read_json(&self.root.join(DRAIN_FILE))
     }
 
     /// Moves an unreadable leases file aside, for a person to look at; returns where.

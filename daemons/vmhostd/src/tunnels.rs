@@ -9,6 +9,15 @@ use vmhost_api::IncomingMigration;
 
 /// Where the tunnel of each arriving migration is delivered: the unix socket its QEMU
 /// listens on.
+/// A tunnel id no other host will guess: the target delivers a tunnel only to the
+/// socket registered under its id.
+pub fn new_tunnel_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 #[derive(Default)]
 pub struct TunnelTargets(Mutex<HashMap<u64, PathBuf>>);
 
@@ -24,6 +33,15 @@ impl TunnelTargets {
         if let Some(disk_tunnel) = incoming.disk_tunnel {
             tunnels.insert(disk_tunnel, disk_socket);
         }
+    }
+
+    /// Routes one tunnel to `socket`.
+    pub fn route(&self, id: u64, socket: PathBuf) {
+        self.lock().insert(id, socket);
+    }
+
+    pub fn unroute(&self, id: u64) {
+        self.lock().remove(&id);
     }
 
     pub fn close(&self, incoming: &IncomingMigration) {

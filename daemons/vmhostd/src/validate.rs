@@ -92,6 +92,21 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
     Ok(boot)
 }
 
+/// The create request that makes `spec` again on another host, under `lease` there.
+pub fn request_for(spec: &VmSpec, lease: u64) -> CreateVm {
+    CreateVm {
+        name: spec.name.clone(),
+        image: spec.image.clone(),
+        min_cu: spec.min_cu,
+        max_cu: spec.max_cu,
+        cu: Some(spec.cu),
+        autoscale: spec.autoscale,
+        agent: spec.agent.clone(),
+        lease: Some(lease),
+        disk_gib: spec.disk_gib,
+    }
+}
+
 /// The VM a create request describes, checked.
 pub fn spec_for(config: &Config, request: CreateVm) -> Result<VmSpec, HostError> {
     validate_name(&request.name)?;

@@ -29,7 +29,13 @@ const TRANSITIONS: &[(VmState, VmState, &str)] = &[
     (Running, Migrating, "its migration began"),
     (Migrating, Running, "its migration ended here"),
     (Migrating, Crashed, "its QEMU exited during a migration"),
-    (Migrating, Stopped, "handed over to another host"),
+    (
+        Migrating,
+        Stopped,
+        "handed over to another host, or its cold move failed",
+    ),
+    (Stopped, Migrating, "its cold move began"),
+    (Crashed, Migrating, "its cold move began"),
 ];
 
 /// What an operator or a peer asks of one VM.
@@ -94,6 +100,12 @@ pub struct VmRecord {
     pub agent: Option<AgentHandle>,
     /// The agent's latest goal.
     pub goal: Option<ComputeUnits>,
+    /// Wall-clock milliseconds of its migration here, if it came by one since this
+    /// vmhostd started: a VM that just moved is not moved on again at once.
+    pub arrived_at_ms: Option<u64>,
+    /// When it last grew: a VM that is growing is the one that needs the room, so the
+    /// rebalancer moves others first.
+    pub grew_at: Option<std::time::Instant>,
 }
 
 impl VmRecord {
@@ -108,6 +120,8 @@ impl VmRecord {
             guest: None,
             agent: None,
             goal: None,
+            arrived_at_ms: None,
+            grew_at: None,
         }
     }
 

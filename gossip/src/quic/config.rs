@@ -1,19 +1,12 @@
-//! The endpoint's TLS and transport settings: mutual TLS on the fleet CA, the ALPN ids of
+//! The endpoint's TLS and transport settings: mutual TLS on the fleet CAs, the ALPN ids of
 //! the versions it speaks, and windows and datagrams sized for bulk tunnels.
 
+use super::trust::{Trust, Verifier};
 use super::*;
 
 /// rustls needs its provider chosen when more than one could be built; ring it is.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-fn roots(identity: &Identity) -> Result<Arc<rustls::RootCertStore>, QuicError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(identity.ca.clone())
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    Ok(Arc::new(roots))
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -47,24 +40,35 @@ pub(super) fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-/// The fleet's mutual TLS as a server: a certificate from the fleet CA is required of
+/// The fleet's mutual TLS as a server: a certificate from a trusted CA is required of
 /// every client. QUIC adds its ALPN on top; the tunnel benchmark uses it over TCP.
 pub fn tls_server_config(identity: &Identity) -> Result<rustls::ServerConfig, QuicError> {
-    let tls = |e: &dyn std::fmt::Display| QuicError::Tls(e.to_string());
-    let verifier = rustls::server::WebPkiClientVerifier::builder(roots(identity)?)
-        .build()
-        .map_err(|e| tls(&e))?;
-    rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| tls(&e))
+    server_tls(
+        &Arc::new(Trust::new(identity, Default::default())?),
+        identity,
+    )
 }
 
-/// The fleet's mutual TLS as a client: the server must hold a fleet certificate, and this
-/// host presents its own.
+/// The fleet's mutual TLS as a client: the server must hold a certificate from a trusted
+/// CA, and this host presents its own.
 pub fn tls_client_config(identity: &Identity) -> Result<rustls::ClientConfig, QuicError> {
+    client_tls(
+        &Arc::new(Trust::new(identity, Default::default())?),
+        identity,
+    )
+}
+
+fn server_tls(trust: &Arc<Trust>, identity: &Identity) -> Result<rustls::ServerConfig, QuicError> {
+    rustls::ServerConfig::builder()
+        .with_client_cert_verifier(Arc::new(Verifier(trust.clone())))
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(|e| QuicError::Tls(e.to_string()))
+}
+
+fn client_tls(trust: &Arc<Trust>, identity: &Identity) -> Result<rustls::ClientConfig, QuicError> {
     rustls::ClientConfig::builder()
-        .with_root_certificates(roots(identity)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier(trust.clone())))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
         .map_err(|e| QuicError::Tls(e.to_string()))
 }
@@ -76,10 +80,11 @@ fn alpn_ids(versions: &[u32]) -> Vec<Vec<u8>> {
 /// rustls picks the first of the server's ids that the client offers, so `versions` is in
 /// order of preference.
 pub(super) fn server_config(
+    trust: &Arc<Trust>,
     identity: &Identity,
     versions: &[u32],
 ) -> Result<quinn::ServerConfig, QuicError> {
-    let mut config = tls_server_config(identity)?;
+    let mut config = server_tls(trust, identity)?;
     config.alpn_protocols = alpn_ids(versions);
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
@@ -89,10 +94,11 @@ pub(super) fn server_config(
 }
 
 pub(super) fn client_config(
+    trust: &Arc<Trust>,
     identity: &Identity,
     versions: &[u32],
 ) -> Result<quinn::ClientConfig, QuicError> {
-    let mut config = tls_client_config(identity)?;
+    let mut config = client_tls(trust, identity)?;
     config.alpn_protocols = alpn_ids(versions);
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| QuicError::Tls(e.to_string()))?;

@@ -9,18 +9,24 @@ pub(super) async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Re
     send.write_all(body).await.map_err(|e| e.to_string())
 }
 
-pub(super) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
-    let mut length = [0u8; 4];
-    recv.read_exact(&mut length)
-        .await
-        .map_err(|e| e.to_string())?;
-    let length = u32::from_be_bytes(length) as usize;
+/// The body length a frame header announces, refused past [`MAX_MESSAGE_BYTES`] before
+/// anything is allocated for it.
+pub fn body_length(header: [u8; 4]) -> Result<usize, String> {
+    let length = u32::from_be_bytes(header) as usize;
     if length > MAX_MESSAGE_BYTES {
         return Err(format!(
             "message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"
         ));
     }
-    let mut body = vec![0u8; length];
+    Ok(length)
+}
+
+pub(super) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    let mut length = [0u8; 4];
+    recv.read_exact(&mut length)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; body_length(length)?];
     recv.read_exact(&mut body)
         .await
         .map_err(|e| e.to_string())?;

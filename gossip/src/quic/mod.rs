@@ -1,5 +1,6 @@
 //! The fleet's QUIC endpoint (quinn), one per host, with mutual TLS: both sides present a
-//! certificate from the fleet CA, and anything else is refused in the handshake. On it sits
+//! certificate from a fleet CA the other trusts, and anything else, or a host the other
+//! denies, is refused in the handshake (`trust`). On it sits
 //! a typed request/response layer, one bidirectional stream per request, each message a
 //! big-endian u32 length and a postcard body. Gossip travels one way, one unidirectional
 //! stream per message, into an inbox that `membership` reads. Other features open their own
@@ -25,12 +26,14 @@ use vmhost_pki::Identity;
 mod config;
 mod frames;
 mod messages;
+mod trust;
 
 use config::{client_config, enlarge_socket_buffers, server_config};
 pub use config::{install_crypto_provider, tls_client_config, tls_server_config};
-pub use frames::splice;
+pub use frames::{body_length, splice};
 use frames::{read_frame, write_frame};
 pub use messages::{alpn_id, version_of_alpn, FleetRequest, FleetResponse, Peer};
+use trust::{Gate, Trust, ACCESS_DENIED};
 
 /// The fleet protocol version this build speaks best.
 pub const FLEET_PROTOCOL_VERSION: u32 = 2;
@@ -133,9 +136,9 @@ fn peer_of(connection: &quinn::Connection, fallback_name: Option<&str>) -> Resul
     })
 }
 
-/// Whether a handshake failed because the two sides share no protocol version.
-fn no_common_version(error: &quinn::ConnectionError) -> bool {
-    let alert = quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL);
+/// Whether a handshake failed with the TLS `alert`, from either side.
+fn tls_alert(error: &quinn::ConnectionError, alert: u8) -> bool {
+    let alert = quinn::TransportErrorCode::crypto(alert);
     match error {
         quinn::ConnectionError::ConnectionClosed(close) => close.error_code == alert,
         quinn::ConnectionError::TransportError(error) => error.code == alert,
@@ -153,6 +156,7 @@ pub struct FleetEndpoint {
     gossip_inbox: Mutex<Option<mpsc::Receiver<GossipDatagram>>>,
     tunnels: TunnelSlot,
     versions: Vec<u32>,
+    gate: Gate,
 }
 
 impl FleetEndpoint {
@@ -179,14 +183,15 @@ impl FleetEndpoint {
         config
             .max_udp_payload_size(MAX_DATAGRAM)
             .expect("MAX_DATAGRAM is within QUIC's bounds");
-        let mut endpoint = quinn::Endpoint::new(
+        let trust = Arc::new(Trust::new(identity, Default::default())?);
+        let client = client_config(&trust, identity, versions)?;
+        let endpoint = quinn::Endpoint::new(
             config,
-            Some(server_config(identity, versions)?),
+            Some(server_config(&trust, identity, versions)?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(bind)?;
-        endpoint.set_default_client_config(client_config(identity, versions)?);
         let (gossip_in, gossip_inbox) = mpsc::channel(GOSSIP_INBOX);
         Ok(FleetEndpoint {
             endpoint,
@@ -195,6 +200,7 @@ impl FleetEndpoint {
             gossip_inbox: Mutex::new(Some(gossip_inbox)),
             tunnels: Default::default(),
             versions: versions.to_vec(),
+            gate: Gate::new(trust, client, identity),
         })
     }
 
@@ -250,18 +256,23 @@ impl FleetEndpoint {
         let endpoint = self.endpoint.clone();
         let gossip_in = self.gossip_in.clone();
         let tunnels = self.tunnels.clone();
+        let gate = self.gate.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let gossip_in = gossip_in.clone();
                 let tunnels = tunnels.clone();
+                let gate = gate.clone();
                 tokio::spawn(async move {
                     let from = incoming.remote_address();
                     let connection = match incoming.await {
                         Ok(connection) => connection,
                         Err(error) => {
-                            if no_common_version(&error) {
+                            if tls_alert(&error, NO_APPLICATION_PROTOCOL) {
                                 tracing::warn!(%from, %error, "fleet peer refused: it speaks no protocol version of ours");
+                            } else if tls_alert(&error, ACCESS_DENIED) {
+                                // The trust logged the denied host by name.
+                                tracing::debug!(%from, %error, "denied fleet peer refused");
                             } else {
                                 tracing::warn!(%from, %error, "fleet peer refused in the handshake");
                             }
@@ -270,6 +281,9 @@ impl FleetEndpoint {
                     };
                     match peer_of(&connection, None) {
                         Ok(peer) => {
+                            let Some(_accepted) = gate.accept(&connection) else {
+                                return;
+                            };
                             tokio::spawn(receive_gossip(connection.clone(), gossip_in));
                             serve_connection(connection, peer, handler, tunnels).await
                         }
@@ -479,13 +493,13 @@ impl FleetEndpoint {
         };
         let connecting = self
             .endpoint
-            .connect(addr, name)
+            .connect_with(self.gate.client_config(), addr, name)
             .map_err(|e| connect(e.to_string()))?;
         let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
             .map_err(|_| connect("handshake timed out".into()))?
             .map_err(|e| {
-                if no_common_version(&e) {
+                if tls_alert(&e, NO_APPLICATION_PROTOCOL) {
                     QuicError::NoCommonVersion {
                         peer: name.to_string(),
                         offered: self.versions.clone(),
@@ -498,6 +512,9 @@ impl FleetEndpoint {
             connection.close(0u32.into(), b"no protocol version");
             connect(message)
         })?;
+        // The trust may have changed during the handshake.
+        (self.gate.trust().recheck(&connection, Some(name)))
+            .map_err(|host| connect(format!("{host} is no longer admitted")))?;
         *slot = Some((connection.clone(), peer.clone()));
         Ok((connection, peer))
     }

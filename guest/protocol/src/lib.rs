@@ -197,7 +197,6 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     fn metrics() -> Metrics {
         Metrics {
@@ -267,61 +266,5 @@ mod tests {
             decode::<HostMessage>(&[0xff, 0xff, 0xff]),
             Err(FrameError::Malformed(_))
         ));
-    }
-
-    fn cases() -> u32 {
-        // VMHOST_FUZZ_CASES raises the count for a long fuzzing run.
-        std::env::var("VMHOST_FUZZ_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(2000)
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
-
-        /// Any byte stream, cut anywhere: the decoder never panics, never holds more than
-        /// one frame's worth, and every body it yields decodes or fails cleanly.
-        #[test]
-        fn decoder_survives_arbitrary_streams(bytes in proptest::collection::vec(any::<u8>(), 0..4096),
-                                              cuts in proptest::collection::vec(1usize..64, 1..32)) {
-            let mut decoder = FrameDecoder::new();
-            let mut rest = &bytes[..];
-            let mut cut = cuts.iter().cycle();
-            while !rest.is_empty() {
-                let n = (*cut.next().unwrap()).min(rest.len());
-                decoder.push(&rest[..n]);
-                rest = &rest[n..];
-                loop {
-                    match decoder.next_frame() {
-                        Ok(Some(body)) => {
-                            prop_assert!(body.len() <= MAX_FRAME_BYTES);
-                            let _ = decode::<GuestMessage>(&body);
-                            let _ = decode::<HostMessage>(&body);
-                        }
-                        Ok(None) => break,
-                        Err(FrameError::TooLarge(n)) => { prop_assert!(n > MAX_FRAME_BYTES); return Ok(()); }
-                        Err(e) => prop_assert!(false, "unexpected {e}"),
-                    }
-                }
-                prop_assert!(decoder.buffered() <= bytes.len());
-            }
-        }
-
-        /// Valid frames split at arbitrary points come out whole and in order.
-        #[test]
-        fn frames_survive_any_split(ids in proptest::collection::vec(any::<u64>(), 1..20), split in 1usize..50) {
-            let messages: Vec<_> = ids.iter().map(|&id| GuestMessage::HealthCheck { id }).collect();
-            let stream: Vec<u8> = messages.iter().flat_map(|m| encode(m).unwrap()).collect();
-            let mut decoder = FrameDecoder::new();
-            let mut out = Vec::new();
-            for chunk in stream.chunks(split) {
-                decoder.push(chunk);
-                while let Some(body) = decoder.next_frame().unwrap() {
-                    out.push(decode::<GuestMessage>(&body).unwrap());
-                }
-            }
-            prop_assert_eq!(out, messages);
-        }
     }
 }

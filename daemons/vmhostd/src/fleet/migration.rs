@@ -25,9 +25,9 @@ impl Drop for Following<'_> {
 }
 
 /// Another host of the fleet as a migration's target.
-struct PeerTarget<'a> {
-    fleet: &'a Fleet,
-    view: HostView,
+pub(super) struct PeerTarget<'a> {
+    pub(super) fleet: &'a Fleet,
+    pub(super) view: HostView,
 }
 
 #[async_trait::async_trait]
@@ -174,6 +174,11 @@ impl Fleet {
             .await
     }
 
+    /// Whether a peer's gossip has not overstated its room lately.
+    pub(super) fn trusted(&self, view: &HostView) -> bool {
+        !self.suspects.is_suspect(&view.name, Instant::now())
+    }
+
     /// Refuses a second follower of the same migration (a resume while the first still
     /// recovers, say).
     fn follow_migration(&self, vm: &str) -> Result<Following<'_>, ApiError> {
@@ -219,7 +224,7 @@ impl Fleet {
             None => peers
                 .into_iter()
                 .filter(|v| v.cu_shape == shape_here && v.has_room_for(departing.size))
-                .max_by_key(|v| v.free().memory_bytes)
+                .max_by_key(|v| (self.trusted(v), v.free().memory_bytes))
                 .ok_or_else(|| {
                     ApiError::new(
                         ErrorKind::CapacityExceeded,

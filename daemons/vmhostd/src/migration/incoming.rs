@@ -68,18 +68,9 @@ impl Host {
             id: lease,
             holder: source,
         };
-        self.admission.check_lease(claim, &spec.name, size)?;
         let name = spec.name.clone();
-        let slot = self
-            .vms
-            .insert(VmRecord::new(spec.clone(), VmState::Migrating, size))?;
+        let slot = self.admit_arrival(&spec, size, claim)?;
         let dir = self.store.vm_dir(&name);
-        // Only what this call made is undone: the folder may belong to a VM this host
-        // skipped at start (a corrupt spec), and its disk is not ours to remove.
-        if let Err(error) = self.store.create_vm(&spec) {
-            self.vms.remove(&name, &slot);
-            return Err(error.into());
-        }
         let started = async {
             let record = crate::store::Arrival {
                 migration: incoming.clone(),

@@ -8,6 +8,7 @@ use crate::error::{error_chain, internal, vmm_error, HostError};
 use crate::host::Host;
 use crate::resize;
 use crate::store::{Departure, Marker, VmSpec};
+use crate::validate;
 use crate::vm_table::{Action, VmSlot};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,15 +82,9 @@ impl Departing {
         IncomingMigration {
             version: MIGRATION_VERSION,
             vm: CreateVm {
-                name: spec.name.clone(),
-                image: spec.image.clone(),
                 min_cu,
                 max_cu,
-                cu: Some(spec.cu),
-                autoscale: spec.autoscale,
-                agent: spec.agent.clone(),
-                lease: Some(lease),
-                disk_gib: spec.disk_gib,
+                ..validate::request_for(spec, lease)
             },
             bounds: (spec.min_cu, spec.max_cu),
             vcpus: self.size.vcpus,
@@ -127,13 +122,6 @@ fn reporter<'a>(
     }
 }
 
-fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
 impl Host {
     /// Marks a running VM as leaving. From now on scaling, stopping, deleting and a second
     /// migration are refused, and its agent is stopped.
@@ -142,12 +130,8 @@ impl Host {
         let _operation = slot.operation.lock().await;
         let mut record = slot.record();
         let machine = record.machine_for(Action::Migrate)?;
-        if self.accel.accel == vmm::Accel::Tcg && self.store.has_marker(name, Marker::VcpuUnplugged)
-        {
-            return Err(HostError::Invalid(format!(
-                "VM '{name}' had a vCPU unplugged in its current QEMU process; under TCG, QEMU 10.0 \
-                 then hangs in the setup of any migration. Stop and start the VM, then migrate it"
-            )));
+        if let Some(reason) = self.cannot_move_live(name) {
+            return Err(HostError::Invalid(format!("VM '{name}' {reason}")));
         }
         self.store.set_marker(name, Marker::Leaving, true)?;
         record
@@ -162,6 +146,16 @@ impl Host {
             SourcePhase::Prepared,
             false,
         ))
+    }
+
+    /// Why a running VM cannot migrate live, if it cannot.
+    pub fn cannot_move_live(&self, name: &str) -> Option<String> {
+        (self.accel.accel == vmm::Accel::Tcg && self.store.has_marker(name, Marker::VcpuUnplugged))
+            .then(|| {
+                "had a vCPU unplugged in its current QEMU process; under TCG, QEMU 10.0 then \
+                 hangs in the setup of any migration. Stop and start the VM, then migrate it"
+                    .to_string()
+            })
     }
 
     fn departing(
@@ -395,8 +389,11 @@ impl Host {
     ) -> Result<Vec<TaskGuard>, ApiError> {
         let name = departing.spec.name.clone();
         departing.postcopy = options.postcopy;
-        let tunnel = random_id();
-        let disk_tunnel = departing.disk_socket.as_ref().map(|_| random_id());
+        let tunnel = crate::tunnels::new_tunnel_id();
+        let disk_tunnel = departing
+            .disk_socket
+            .as_ref()
+            .map(|_| crate::tunnels::new_tunnel_id());
         let departure = Departure {
             target: target.name().to_string(),
             tunnel,

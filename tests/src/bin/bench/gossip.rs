@@ -36,6 +36,7 @@ fn view(name: &str, addr: SocketAddr, allocated_vcpus: u32) -> HostView {
         watermark_memory_bytes: 256 << 30,
         vms: 0,
         version: "bench".into(),
+        drain: None,
     }
 }
 

@@ -1,18 +1,19 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain [N]
 
+mod drain;
 mod gossip;
 mod migration;
 mod tunnel;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{GuestMessage, HostMessage};
-use vmhost_tests::{repo_root, test_image, wait_until, FakeGuest, Limits, TestHost};
+use vmhost_tests::benchmarks::{append, today};
+use vmhost_tests::{test_image, wait_until, FakeGuest, Limits, TestHost};
 use vmm::{Accel, AccelChoice, HostFacts, Machine, MachineSpec, Nic};
 
 const GIB: u64 = 1 << 30;
@@ -28,24 +29,6 @@ fn wait_ready(serial_log: &Path) {
             .unwrap_or_default()
             .contains("vmhost-guest: ready")
     });
-}
-
-fn append(line: &str) {
-    print!("{line}");
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(repo_root().join("BENCHMARKS.md"))
-        .expect("BENCHMARKS.md must exist at the repository root");
-    file.write_all(line.as_bytes()).unwrap();
-}
-
-fn today() -> String {
-    let out = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .unwrap()
-        .stdout;
-    String::from_utf8(out).unwrap().trim().to_string()
 }
 
 /// A QEMU started by hand with vmm's command line, no vmhostd: 1 vCPU + 1 GiB at boot,
@@ -374,8 +357,9 @@ async fn main() {
         "gossip-sim" => gossip::simulated(runs).await,
         "tunnel" => tunnel::throughput(runs.max(64)),
         "migration" => migration::downtime(runs, &test_image(), accel).await,
+        "drain" => drain::drain(runs, 3),
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel or migration"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration or drain"
         ),
     }
 }

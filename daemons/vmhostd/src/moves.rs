@@ -1,0 +1,203 @@
+//! What this host's moves of VMs share with the rest of the daemon: a drain's progress,
+//! the cold arrivals under way, and the room an upscale lacked. The rooms that act on them
+//! are `drain`, `cold` and `rebalance` (and `fleet::*`, which does the moving).
+
+use crate::error::{now_ms, HostError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Instant;
+use tokio::process::Child;
+use tokio::sync::Notify;
+use vmhost_api::{DrainHost, DrainVm, VmMove};
+
+/// How long a refused upscale counts as wanting room: the agent asks again sooner.
+const WANTED_FOR_MS: u64 = 30_000;
+
+#[derive(Default)]
+pub struct DrainState {
+    inner: Mutex<Option<Draining>>,
+    /// Wakes the mover when an order comes or ends.
+    pub wake: Notify,
+}
+
+struct Draining {
+    order: DrainHost,
+    vms: BTreeMap<String, Entry>,
+}
+
+struct Entry {
+    state: VmMove,
+    attempts: u32,
+    since: Instant,
+}
+
+impl DrainState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Draining>> {
+        self.inner.lock().expect("drain lock poisoned")
+    }
+
+    pub fn order(&self) -> Option<DrainHost> {
+        self.lock().as_ref().map(|d| d.order.clone())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Records where VM `vm`'s move stands; a move that starts counts as an attempt.
+    pub fn set(&self, vm: &str, state: VmMove) {
+        if let Some(draining) = self.lock().as_mut() {
+            let entry = draining.vms.entry(vm.to_string()).or_insert(Entry {
+                state: VmMove::Waiting,
+                attempts: 0,
+                since: Instant::now(),
+            });
+            let starts = is_move(&state) && !is_move(&entry.state);
+            entry.attempts += u32::from(starts);
+            if std::mem::discriminant(&entry.state) != std::mem::discriminant(&state) {
+                entry.since = Instant::now();
+            }
+            entry.state = state;
+        }
+    }
+
+    /// Takes an order: a new drain, or a changed one, which retries at once what could not
+    /// move (say, now that `--cold` allows it).
+    pub fn begin(&self, order: DrainHost) {
+        let mut inner = self.lock();
+        match inner.as_mut() {
+            Some(draining) => {
+                if draining.order != order {
+                    for entry in draining.vms.values_mut() {
+                        if let VmMove::Stuck { .. } = entry.state {
+                            entry.state = VmMove::Waiting;
+                        }
+                    }
+                }
+                draining.order = order;
+            }
+            None => {
+                *inner = Some(Draining {
+                    order,
+                    vms: BTreeMap::new(),
+                })
+            }
+        }
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    pub fn end(&self) {
+        *self.lock() = None;
+        self.wake.notify_one();
+    }
+
+    /// Every VM the drain has tried to move, with where its move stands.
+    pub fn moves(&self) -> Vec<DrainVm> {
+        let inner = self.lock();
+        inner
+            .iter()
+            .flat_map(|d| &d.vms)
+            .map(|(name, entry)| DrainVm {
+                name: name.clone(),
+                state: entry.state.clone(),
+                attempts: entry.attempts,
+            })
+            .collect()
+    }
+
+    /// How VM `vm`'s move stands, and since when.
+    pub fn state_of(&self, vm: &str) -> Option<(VmMove, Instant)> {
+        let inner = self.lock();
+        let entry = inner.as_ref()?.vms.get(vm)?;
+        Some((entry.state.clone(), entry.since))
+    }
+}
+
+fn is_move(state: &VmMove) -> bool {
+    matches!(state, VmMove::Moving { .. } | VmMove::MovingCold { .. })
+}
+
+/// The cold arrivals under way, by VM.
+#[derive(Default)]
+pub struct ColdArrivals(Mutex<HashMap<String, ColdArrival>>);
+
+pub struct ColdArrival {
+    pub lease: u64,
+    pub source: String,
+    /// The disk's receiver, with the tunnel that reaches it.
+    pub nbd: Option<(Child, u64)>,
+}
+
+impl ColdArrivals {
+    pub fn insert(&self, name: &str, arrival: ColdArrival) {
+        let mut arrivals = self.0.lock().expect("cold arrivals lock");
+        arrivals.insert(name.to_string(), arrival);
+    }
+
+    pub fn is_pending(&self, name: &str, lease: u64) -> bool {
+        let arrivals = self.0.lock().expect("cold arrivals lock");
+        arrivals.get(name).is_some_and(|a| a.lease == lease)
+    }
+
+    pub fn take(&self, name: &str, source: &str) -> Result<ColdArrival, HostError> {
+        let mut arrivals = self.0.lock().expect("cold arrivals lock");
+        match arrivals.get(name) {
+            Some(arrival) if arrival.source == source => {
+                Ok(arrivals.remove(name).expect("just seen"))
+            }
+            _ => Err(HostError::Invalid(format!(
+                "no VM '{name}' is arriving cold from host '{source}'"
+            ))),
+        }
+    }
+}
+
+/// The latest upscale this host refused in whole or in part, for lack of room.
+#[derive(Default)]
+pub struct RoomWanted {
+    latest: Mutex<Option<Wanted>>,
+    /// Wakes the rebalancer at once: a guest is short of memory now.
+    pub wake: Notify,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wanted {
+    pub vm: String,
+    pub memory_bytes: u64,
+    pub at_ms: u64,
+}
+
+impl RoomWanted {
+    pub fn note(&self, vm: &str, memory_bytes: u64) {
+        if memory_bytes == 0 {
+            return;
+        }
+        *self.latest.lock().expect("room lock") = Some(Wanted {
+            vm: vm.to_string(),
+            memory_bytes,
+            at_ms: now_ms(),
+        });
+        self.wake.notify_one();
+    }
+
+    /// The wanted room, while it is recent.
+    pub fn current(&self, now_ms: u64) -> Option<Wanted> {
+        let mut latest = self.latest.lock().expect("room lock");
+        if latest
+            .as_ref()
+            .is_some_and(|w| now_ms.saturating_sub(w.at_ms) > WANTED_FOR_MS)
+        {
+            *latest = None;
+        }
+        latest.clone()
+    }
+
+    /// The VM got its memory, or left.
+    pub fn satisfied(&self, vm: &str) {
+        let mut latest = self.latest.lock().expect("room lock");
+        if latest.as_ref().is_some_and(|w| w.vm == vm) {
+            *latest = None;
+        }
+    }
+}
