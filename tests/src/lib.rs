@@ -303,7 +303,9 @@ cmdline = "{cmdline} vmhost.monitor=off"
             .spawn()
             .expect("cannot start vmhostd");
         self.daemon = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // vmhostd serves once every VM is reattached, and giving an interrupted
+        // departure's memory back to its guest may take up to the hotplug timeout.
+        let deadline = std::time::Instant::now() + Duration::from_secs(150);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             let exited = self
                 .daemon

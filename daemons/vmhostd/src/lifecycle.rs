@@ -285,7 +285,10 @@ impl Host {
                     .attach(&paths.qmp_socket, &paths.pidfile)
                     .await,
             ),
-            false => None,
+            false => {
+                self.finish_interrupted_stop(&spec).await;
+                None
+            }
         };
         let leaving = self.store.has_marker(&name, Marker::Leaving);
         let mut record = match attached {
@@ -523,6 +526,25 @@ impl Host {
         Ok(slot)
     }
 
+    /// A VM saved as stopped whose QEMU still answers was being stopped when vmhostd
+    /// went away: the stop is finished, so that a later start never runs a second QEMU on
+    /// the same folder and disk.
+    async fn finish_interrupted_stop(&self, spec: &VmSpec) {
+        let paths = self.paths(&spec.name);
+        let Ok(machine) = self
+            .hypervisor
+            .attach(&paths.qmp_socket, &paths.pidfile)
+            .await
+        else {
+            return;
+        };
+        tracing::warn!(vm = %spec.name, pid = machine.pid(), "this VM was being stopped when vmhostd went away; finishing the stop");
+        if let Err(error) = machine.shutdown(self.config.timeouts.stop_grace()).await {
+            tracing::error!(vm = %spec.name, error = %error_chain(&error), "cannot end the QEMU of a stopped VM");
+        }
+        self.hypervisor.stop_vsock(&paths.vsock);
+    }
+
     /// Books the disk of a VM new here, then makes its folder (and the disk).
     pub fn make_vm_folder(&self, spec: &VmSpec) -> Result<(), HostError> {
         if let Some(gib) = spec.disk_gib {
@@ -548,62 +570,4 @@ impl Host {
 }
 
 #[cfg(test)]
-mod tests {
-    use crate::testing::TestHost;
-    use std::os::unix::fs::PermissionsExt;
-    use vmhost_api::ImageRef;
-    use vmm::Accel;
-
-    #[tokio::test]
-    async fn a_vms_console_log_is_readable_by_root_alone() {
-        let host = TestHost::new("host-a", Accel::Kvm).await;
-        host.create("a", 1, 1).await;
-        let log = host.host.paths("a").serial_log;
-        let mode = std::fs::metadata(log).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[tokio::test]
-    async fn a_relative_image_path_is_refused_not_taken_from_vmhostds_directory() {
-        let host = TestHost::new("host-a", Accel::Kvm).await;
-        let mut request = TestHost::request("a", 1, 1, None);
-        request.image = ImageRef::Path("images/test".into());
-        let error = host.host.create(request, None).await.unwrap_err();
-        assert!(error.to_string().contains("relative"), "{error}");
-        assert!(host.state("a").is_none());
-    }
-
-    #[tokio::test]
-    async fn unreadable_saved_leases_are_set_aside_and_the_vms_still_come_back() {
-        let host = TestHost::new("host-a", Accel::Kvm).await;
-        host.create("a", 1, 1).await;
-        let leases = host.host.config.state_dir.join("leases.json");
-        std::fs::write(&leases, b"{torn").unwrap();
-        let restarted = host.restart().await;
-        assert_eq!(restarted.state("a"), Some(vmhost_api::VmState::Running));
-        let aside = restarted.host.config.state_dir.join("leases.json.corrupt");
-        assert_eq!(std::fs::read(aside).unwrap(), b"{torn");
-    }
-
-    #[tokio::test]
-    async fn disks_are_booked_at_their_full_size_against_the_disk_capacity() {
-        let host = TestHost::new("host-a", Accel::Kvm).await;
-        let mut config = host.host.config.clone();
-        config.capacity.disk_gib = Some(3);
-        let host = host.restart_with(config).await;
-        let create = |name: &str| TestHost::request(name, 1, 1, Some(2));
-        host.host.create(create("a"), None).await.unwrap();
-        let error =
-            vmhost_api::ApiError::from(host.host.create(create("b"), None).await.unwrap_err());
-        assert_eq!(error.kind, vmhost_api::ErrorKind::CapacityExceeded);
-        assert!(error.message.contains("only 1 of 3 GiB"), "{error}");
-        assert!(host.state("b").is_none());
-        assert!(!host.vm_dir("b").exists());
-        // A restart books the disks it finds; a delete gives the room back.
-        let host = host.restart().await;
-        assert!(host.host.create(create("b"), None).await.is_err());
-        assert_eq!(host.host.host_info().disk_allocated_gib, 2);
-        host.host.delete("a").await.unwrap();
-        host.host.create(create("b"), None).await.unwrap();
-    }
-}
+mod tests;
