@@ -135,7 +135,16 @@ pub async fn serve(
                     };
                     if let Some(reason) = refused {
                         tracing::warn!(%reason, "refused an API connection");
-                        let (_, mut write) = stream.into_split();
+                        let (read, mut write) = stream.into_split();
+                        // Take the request first (unread), so the client's write does not
+                        // fail on a closed socket before it can read why.
+                        let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+                        let mut ignored = String::new();
+                        let _ = tokio::time::timeout(
+                            REQUEST_READ_TIMEOUT,
+                            reader.read_line(&mut ignored),
+                        )
+                        .await;
                         let error = ApiError::new(ErrorKind::Refused, reason);
                         let _ = write_response(&mut write, &Response::Error(error)).await;
                         return;
