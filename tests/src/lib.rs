@@ -6,6 +6,7 @@
 
 pub mod benchmarks;
 pub mod netns;
+pub mod postgres;
 pub mod soak;
 pub mod workload;
 

@@ -19,6 +19,8 @@ pub const VSOCK_ROOT_PORT: &str = "vsockport";
 pub const VSOCK_CHARDEV_ID: &str = "vsock0";
 /// Block node of the VM's disk; a migration mirrors it, and exports it, by this name.
 pub const DISK_NODE: &str = "disk0";
+/// Block node of an image's shared read-only root; every host has its own copy.
+pub const ROOT_NODE: &str = "root0";
 /// virtio-mem block size: the granularity of a memory resize.
 pub const VIRTIO_MEM_BLOCK_BYTES: u64 = 2 << 20;
 
@@ -59,6 +61,9 @@ pub struct MachineSpec {
     pub nic: Nic,
     /// A raw disk image, the guest's `/dev/vda`.
     pub disk: Option<PathBuf>,
+    /// A raw root file system shared by every VM of an image, attached read-only: the
+    /// guest tells it from its own disk by the device's read-only flag.
+    pub root_image: Option<PathBuf>,
     /// Empty `pcie-root-port`s for devices plugged later (vsock, disks).
     pub spare_root_ports: u32,
     /// The vhost-user socket of the guest's vsock backend, if it has one at start.
@@ -202,6 +207,23 @@ impl MachineSpec {
                 &format!("virtio-blk-pci,id=vda,drive={DISK_NODE}"),
             ]);
         }
+        if let Some(root) = &self.root_image {
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name={ROOT_NODE}-file,filename={},read-only=on",
+                    root.display().to_string().replace(',', ",,")
+                ),
+            ]);
+            push(&[
+                "-blockdev",
+                &format!("driver=raw,node-name={ROOT_NODE},file={ROOT_NODE}-file,read-only=on"),
+            ]);
+            push(&[
+                "-device",
+                &format!("virtio-blk-pci,id=vdroot,drive={ROOT_NODE}"),
+            ]);
+        }
         if let Nic::Tap { ifname, mac } = &self.nic {
             push(&[
                 "-netdev",
@@ -277,6 +299,7 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             nic: Nic::None,
             disk: None,
+            root_image: None,
             spare_root_ports: 2,
             vhost_user_vsock: None,
             incoming: false,
@@ -313,6 +336,26 @@ mod tests {
         );
         assert!(
             line.contains("-device virtio-blk-pci,id=vda,drive=disk0"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn an_image_root_is_read_only_on_both_nodes() {
+        let line = joined(&MachineSpec {
+            root_image: Some("/images/pg/root.img".into()),
+            ..spec()
+        });
+        assert!(
+            line.contains("-blockdev driver=file,node-name=root0-file,filename=/images/pg/root.img,read-only=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-blockdev driver=raw,node-name=root0,file=root0-file,read-only=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-device virtio-blk-pci,id=vdroot,drive=root0"),
             "{line}"
         );
     }

@@ -73,6 +73,14 @@ pub struct CreateVm {
     /// Size of the VM's own writable disk (`/dev/vda` in the guest), in GiB; none if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u32>,
+    /// The id the image must have on this host. Set when a VM moves: its root file system
+    /// must be the same one on every host it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// The compute spec handed to the guest's computectl when it first asks (Postgres
+    /// images). The guest judges it; the host only keeps and delivers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_spec: Option<serde_json::Value>,
 }
 
 fn yes() -> bool {
@@ -136,6 +144,24 @@ pub enum Request {
     Undrain,
     /// How far this host's drain got.
     DrainStatus,
+    /// Asks the Postgres compute manager (computectl) in a VM's guest.
+    Compute {
+        name: String,
+        action: ComputeAction,
+    },
+}
+
+/// What `Request::Compute` asks of a VM's computectl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ComputeAction {
+    Status,
+    /// Keep `spec` as the VM's compute spec and apply it in the guest now.
+    Configure {
+        spec: serde_json::Value,
+    },
+    /// A fast shutdown of Postgres; the VM keeps running.
+    Terminate,
 }
 
 impl Request {
@@ -288,6 +314,9 @@ pub struct VmInfo {
     /// QEMU's own run state (`running`, `paused`, ...), asked live by `show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_status: Option<String>,
+    /// Its Postgres compute as computectl last reported it, for a VM with a compute spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<vmhost_compute_api::ComputeStatus>,
 }
 
 /// What vmhostd knows of the guest through its monitor.
@@ -410,6 +439,11 @@ pub enum Reply {
     MigrationProgress(MigrationProgress),
     Migrated(MigrationSummary),
     Drain(DrainReport),
+    /// A VM's compute, as its computectl reports it.
+    Compute {
+        name: String,
+        status: vmhost_compute_api::ComputeStatus,
+    },
 }
 
 /// Error classes; each maps to one `vmctl` exit code.

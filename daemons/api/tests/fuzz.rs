@@ -53,6 +53,8 @@ fn create() -> impl Strategy<Value = CreateVm> {
                 agent,
                 lease,
                 disk_gib,
+                image_id: None,
+                compute_spec: None,
             },
         )
 }

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod bucket;
+pub mod compute;
 mod guest_log;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ use vmhost_api::{
 
 #[macro_use]
 mod output;
+mod compute;
 mod drain;
 
 use output::{print_reply, top};
@@ -64,6 +65,10 @@ enum Command {
         /// Give the VM a writable disk of this many GiB (sparse; /dev/vda in the guest).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(vmhost_api::MAX_DISK_GIB)))]
         disk_gib: Option<u32>,
+        /// A Postgres compute spec (JSON) for the guest's computectl; the host keeps it and
+        /// hands it over on the VM's first boot.
+        #[arg(long, value_name = "FILE", value_parser = compute::read_spec)]
+        spec: Option<serde_json::Value>,
     },
     /// List the VMs of the whole fleet (with --local, of this host only).
     List {
@@ -153,6 +158,12 @@ enum Command {
     /// Fleet credentials: the CA and host certificates for mutual TLS between hosts.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Ask a VM's Postgres compute manager (computectl) in the guest.
+    Compute {
+        name: String,
+        #[command(subcommand)]
+        action: compute::ComputeCommand,
+    },
     /// Each VM's size, goal, load and memory, refreshed every second.
     Top {
         /// Stop after this many refreshes.
@@ -237,6 +248,7 @@ impl Command {
                 no_autoscale,
                 agent,
                 disk_gib,
+                spec,
             } => Request::Create(CreateVm {
                 name,
                 image: image_from_here(&image),
@@ -247,7 +259,13 @@ impl Command {
                 agent: agent.into_iter().collect(),
                 lease: None,
                 disk_gib,
+                image_id: None,
+                compute_spec: spec,
             }),
+            Command::Compute { name, action } => Request::Compute {
+                name,
+                action: action.into_action(),
+            },
             Command::List { local: true } => Request::List,
             Command::List { local: false } => Request::FleetList,
             Command::Hosts => Request::Hosts,

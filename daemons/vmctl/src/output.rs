@@ -59,6 +59,7 @@ pub fn print_reply(reply: &Reply, json: bool) {
             Reply::Host(host) => serde_json::to_value(host),
             Reply::Hosts(hosts) => serde_json::to_value(hosts),
             Reply::Drain(report) => serde_json::to_value(report),
+            Reply::Compute { status, .. } => serde_json::to_value(status),
             Reply::Deleted { name } => Ok(serde_json::json!({ "deleted": name })),
             Reply::Events(events) => {
                 // One JSON object per line, the same as a followed stream.
@@ -115,6 +116,7 @@ pub fn print_reply(reply: &Reply, json: bool) {
         Reply::Event(event) => print_event(event),
         Reply::MigrationProgress(progress) => print_progress(progress),
         Reply::Migrated(summary) => print_summary(summary),
+        Reply::Compute { name, status } => crate::compute::print_status(name, status),
     }
 }
 
@@ -168,12 +170,17 @@ pub fn print_summary(s: &vmhost_api::MigrationSummary) {
     );
 }
 
-pub fn print_event(event: &vmhost_api::Event) {
-    let secs = event.unix_ms / 1000;
+/// The UTC time of day of a wall-clock millisecond count.
+pub fn format_unix_ms(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
     let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", unix_ms % 1000)
+}
+
+pub fn print_event(event: &vmhost_api::Event) {
     outln!(
-        "{h:02}:{m:02}:{s:02}.{:03}Z  {:<16} {:<18} {}",
-        event.unix_ms % 1000,
+        "{}  {:<16} {:<18} {}",
+        format_unix_ms(event.unix_ms),
         event.vm,
         event.kind.to_string(),
         event.message

@@ -32,6 +32,7 @@ fn vm(i: usize) -> VmInfo {
         serial_log: format!("/var/lib/vmhost/vms/db{i}/serial.log"),
         guest: None,
         qemu_status: None,
+        compute: None,
     }
 }
 

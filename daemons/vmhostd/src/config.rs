@@ -301,6 +301,10 @@ pub struct ImageConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
+    /// A root file system shared read-only by every VM of the image (the Postgres image's
+    /// `root.img`). Its VMs keep their writable state on their own disk, so they need one.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
 }
 
 fn default_api_socket() -> PathBuf {
@@ -402,10 +406,13 @@ impl Config {
                 return Err(format!("image name '{name}' must be a plain word"));
             }
             if !image.kernel.is_absolute()
-                || image.initrd.as_ref().is_some_and(|p| !p.is_absolute())
+                || [&image.initrd, &image.root]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| !p.is_absolute())
             {
                 return Err(format!(
-                    "images.{name}: kernel and initrd must be absolute paths"
+                    "images.{name}: kernel, initrd and root must be absolute paths"
                 ));
             }
         }

@@ -3,6 +3,7 @@
 use crate::store::StoreError;
 use vmhost_api::{ApiError, ErrorKind, VmState};
 use vmhost_capacity::ledger::LedgerError;
+use vmhost_guest_link::compute::ComputeError;
 use vmhost_guest_link::DownscaleError;
 use vmm::VmmError;
 
@@ -48,6 +49,12 @@ pub enum HostError {
     /// A request between hosts that failed on the other host or on the way.
     #[error("{0}")]
     Peer(ApiError),
+    #[error("VM '{name}': {source}")]
+    Compute {
+        name: String,
+        #[source]
+        source: vmhost_guest_link::compute::ComputeError,
+    },
 }
 
 impl HostError {
@@ -61,6 +68,13 @@ impl HostError {
             HostError::WrongState { .. } => ErrorKind::WrongState,
             HostError::Downscale { .. } => ErrorKind::Refused,
             HostError::Peer(error) => error.kind,
+            HostError::Compute { source, .. } => match source {
+                ComputeError::Refused { status, .. } if (400..500).contains(status) => {
+                    ErrorKind::InvalidArgument
+                }
+                ComputeError::Unreachable(_) => ErrorKind::WrongState,
+                _ => ErrorKind::Internal,
+            },
             HostError::Vmm { .. }
             | HostError::Store(_)
             | HostError::Net(_)

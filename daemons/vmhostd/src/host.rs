@@ -137,6 +137,7 @@ impl Host {
             serial_log: self.paths(&spec.name).serial_log.display().to_string(),
             qemu_status: None,
             guest: record.guest.as_ref().map(|g| g.info()),
+            compute: record.compute.as_ref().and_then(|c| c.last()),
         }
     }
 
@@ -167,6 +168,7 @@ impl Host {
                 goal_cu: vm.goal_cu.map(|g| g.as_f64()),
                 guest_connected: vm.guest.as_ref().is_some_and(|g| g.connected),
                 guest_healthy: vm.guest.as_ref().is_some_and(|g| g.healthy),
+                compute: vm.compute.map(|c| (c.build_tag, c.state)),
                 vm: vm.name,
             })
             .collect()

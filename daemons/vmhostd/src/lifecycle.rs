@@ -241,6 +241,7 @@ impl Host {
             kernel_cmdline: spec.boot.cmdline.clone(),
             nic,
             disk: spec.disk_gib.map(|_| self.store.disk_path(&spec.name)),
+            root_image: spec.boot.root.clone(),
             spare_root_ports: SPARE_ROOT_PORTS,
             vhost_user_vsock: (!incoming).then(|| paths.vsock.vhost_socket.clone()),
             incoming,
@@ -403,6 +404,7 @@ impl Host {
         }
         record.machine = Some(machine.clone());
         record.agent = self.start_agent(&record.spec);
+        record.compute = self.watch_compute(&record.spec);
         record.guest = self.open_guest_link(&name);
         self.watch_exit(&name, machine);
     }
@@ -418,6 +420,7 @@ impl Host {
         record.machine = None;
         record.guest = None;
         record.agent = None;
+        record.compute = None;
         record.goal = None;
         self.hypervisor
             .stop_vsock(&self.paths(&record.spec.name).vsock);

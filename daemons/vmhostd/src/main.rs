@@ -4,6 +4,7 @@ mod admission;
 mod agent_task;
 mod api;
 mod cold;
+mod compute;
 mod config;
 #[cfg(test)]
 mod config_fuzz;

@@ -53,6 +53,8 @@ pub struct VmGauges {
     pub goal_cu: Option<f64>,
     pub guest_connected: bool,
     pub guest_healthy: bool,
+    /// Its compute's build tag and state, as computectl last reported them.
+    pub compute: Option<(String, vmhost_compute_api::ComputeState)>,
 }
 
 /// Label values are quoted; backslash, quote and newline must be escaped.
@@ -111,6 +113,25 @@ pub fn render(stats: &ScalingStats, vms: &[VmGauges]) -> String {
                 u8::from(value(vm))
             );
         }
+    }
+    // Counts with no VM label: a fleet-wide aggregate of computectl's `compute_ctl_up`.
+    gauge(
+        &mut out,
+        "vmhost_computes",
+        "Postgres computes on this host by build tag and status.",
+    );
+    let mut computes: BTreeMap<(&str, String), u32> = BTreeMap::new();
+    for (tag, state) in vms.iter().filter_map(|vm| vm.compute.as_ref()) {
+        *computes
+            .entry((tag.as_str(), state.to_string()))
+            .or_default() += 1;
+    }
+    for ((tag, status), count) in computes {
+        let _ = writeln!(
+            out,
+            "vmhost_computes{{build_tag=\"{}\",status=\"{status}\"}} {count}",
+            label(tag)
+        );
     }
     let c = stats.inner.lock().unwrap();
     let _ = writeln!(
@@ -185,21 +206,30 @@ pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> String + Send 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmhost_compute_api::ComputeState;
 
     #[test]
     fn renders_gauges_counters_and_escapes_labels() {
         let stats = ScalingStats::default();
         stats.operation("db1", "up", "applied", 0.25);
         stats.operation("db1", "down", "denied", 0.0);
+        let running = Some(("v1".to_string(), ComputeState::Running));
+        let vm = |name: &str, compute| VmGauges {
+            vm: name.into(),
+            cu: 1.5,
+            goal_cu: Some(2.0),
+            guest_connected: true,
+            guest_healthy: false,
+            compute,
+        };
         let text = render(
             &stats,
-            &[VmGauges {
-                vm: "db\"1".into(),
-                cu: 1.5,
-                goal_cu: Some(2.0),
-                guest_connected: true,
-                guest_healthy: false,
-            }],
+            &[
+                vm("db\"1", running.clone()),
+                vm("db2", running),
+                vm("db3", Some(("v1".into(), ComputeState::Failed))),
+                vm("web", None),
+            ],
         );
         assert!(text.contains("vmhost_vm_cu{vm=\"db\\\"1\"} 1.5"), "{text}");
         assert!(text.contains("vmhost_vm_goal_cu{vm=\"db\\\"1\"} 2"));
@@ -209,5 +239,8 @@ mod tests {
         ));
         assert!(text.contains("vmhost_scaling_latency_seconds_count{direction=\"up\"} 1"));
         assert!(text.contains("vmhost_downscale_denials_total{vm=\"db1\"} 1"));
+        assert!(text.contains("vmhost_computes{build_tag=\"v1\",status=\"running\"} 2"));
+        assert!(text.contains("vmhost_computes{build_tag=\"v1\",status=\"failed\"} 1"));
+        assert_eq!(text.matches("vmhost_computes{").count(), 2, "{text}");
     }
 }

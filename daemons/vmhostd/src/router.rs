@@ -139,6 +139,10 @@ fn changes_vms(request: &Request) -> bool {
             | Request::Host
             | Request::Events { .. }
             | Request::DrainStatus
+            | Request::Compute {
+                action: vmhost_api::ComputeAction::Status,
+                ..
+            }
     )
 }
 
@@ -198,6 +202,7 @@ pub async fn on_this_host(
         }
         Request::Undrain => host.undrain().map(Reply::Drain),
         Request::DrainStatus => Ok(Reply::Drain(host.drain_report())),
+        Request::Compute { name, action } => host.compute(&name, action).await,
         Request::FleetList | Request::Hosts | Request::OnHost { .. } | Request::Migrate(_) => {
             Err(HostError::Invalid(
                 "this request involves other hosts; it is not run on one host".into(),

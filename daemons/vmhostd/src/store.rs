@@ -157,6 +157,9 @@ pub struct VmSpec {
     /// Size of its writable disk, `disk.raw` in its folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u32>,
+    /// The compute spec for the guest's computectl (see `compute.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_spec: Option<serde_json::Value>,
 }
 
 fn yes() -> bool {
@@ -179,6 +182,12 @@ pub struct BootSource {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// The image's shared read-only root file system, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// The image's identity, the hash its builder wrote beside the root (`image-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -432,6 +441,8 @@ pub(crate) mod tests {
                 kernel: "/img/vmlinuz".into(),
                 initrd: None,
                 cmdline: "console=ttyS0".into(),
+                root: None,
+                image_id: None,
             },
             cu_shape: CuShape::default(),
             min_cu: ComputeUnits::whole(1),
@@ -443,6 +454,7 @@ pub(crate) mod tests {
             launched_bounds: None,
             incoming: false,
             disk_gib: None,
+            compute_spec: None,
         }
     }
 

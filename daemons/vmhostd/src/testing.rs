@@ -120,6 +120,8 @@ impl TestHost {
             agent: Default::default(),
             lease: None,
             disk_gib,
+            image_id: None,
+            compute_spec: None,
         }
     }
 

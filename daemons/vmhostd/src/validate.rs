@@ -7,6 +7,8 @@ use crate::error::HostError;
 use crate::store::{BootSource, VmSpec};
 use vmhost_api::{ComputeUnits, CreateVm, ImageRef};
 
+/// The largest compute spec kept with a VM.
+pub const MAX_COMPUTE_SPEC_BYTES: usize = 256 << 10;
 /// q35 with x2APIC supports up to 288 vCPUs; stay well below.
 const MAX_VCPUS: u32 = 255;
 
@@ -63,6 +65,8 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
                 kernel: configured.kernel.clone(),
                 initrd: configured.initrd.clone(),
                 cmdline: configured.cmdline.clone(),
+                image_id: configured.root.as_deref().and_then(image_id),
+                root: configured.root.clone(),
             }
         }
         ImageRef::Path(dir) => {
@@ -74,14 +78,20 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
                 )));
             }
             let initrd = dir.join("initrd.img");
+            let root = dir.join(IMAGE_ROOT_FILE);
             BootSource {
                 kernel: dir.join("vmlinuz"),
                 initrd: initrd.exists().then_some(initrd),
                 cmdline: crate::config::default_cmdline(),
+                image_id: image_id(&root),
+                root: root.exists().then_some(root),
             }
         }
     };
-    for file in std::iter::once(&boot.kernel).chain(&boot.initrd) {
+    for file in std::iter::once(&boot.kernel)
+        .chain(&boot.initrd)
+        .chain(&boot.root)
+    {
         if !file.is_file() {
             return Err(HostError::Invalid(format!(
                 "image '{image}': {} does not exist",
@@ -90,6 +100,48 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
         }
     }
     Ok(boot)
+}
+
+/// The host keeps a compute spec, and the guest judges it: here only its shape and size.
+pub fn check_compute_spec(spec: &serde_json::Value) -> Result<(), HostError> {
+    let bytes = serde_json::to_vec(spec).map_or(usize::MAX, |b| b.len());
+    if spec.is_object() && bytes <= MAX_COMPUTE_SPEC_BYTES {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "a compute spec is a JSON object of at most {} KiB",
+            MAX_COMPUTE_SPEC_BYTES >> 10
+        )))
+    }
+}
+
+/// The shared root file system in an image folder.
+const IMAGE_ROOT_FILE: &str = "root.img";
+/// The image's identity, written by its builder beside the root.
+const IMAGE_ID_FILE: &str = "image-id";
+
+/// The id in the `image-id` file beside `root`: a hash, so anything else is no id.
+fn image_id(root: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.with_file_name(IMAGE_ID_FILE)).ok()?;
+    let id = text.trim();
+    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| id.to_string())
+}
+
+/// A VM that moves here must find the very image it runs: its root file system is not
+/// copied, only its own disk is.
+fn check_image_id(
+    image: &ImageRef,
+    boot: &BootSource,
+    wanted: Option<&str>,
+) -> Result<(), HostError> {
+    match wanted {
+        Some(wanted) if boot.image_id.as_deref() != Some(wanted) => Err(HostError::Invalid(format!(
+            "image '{image}' here is {}, but the VM runs image {wanted}: build or copy the same image on this host",
+            boot.image_id.as_deref().unwrap_or("without an id")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The create request that makes `spec` again on another host, under `lease` there.
@@ -104,6 +156,8 @@ pub fn request_for(spec: &VmSpec, lease: u64) -> CreateVm {
         agent: spec.agent.clone(),
         lease: Some(lease),
         disk_gib: spec.disk_gib,
+        image_id: spec.boot.image_id.clone(),
+        compute_spec: spec.compute_spec.clone(),
     }
 }
 
@@ -121,9 +175,20 @@ pub fn spec_for(config: &Config, request: CreateVm) -> Result<VmSpec, HostError>
         )));
     }
     let shape = config.cu_shape();
+    let boot = resolve_image(config, &request.image)?;
+    check_image_id(&request.image, &boot, request.image_id.as_deref())?;
+    if boot.root.is_some() && request.disk_gib.is_none() {
+        return Err(HostError::Invalid(format!(
+            "image '{}' keeps each VM's writable state (its data, logs and /etc) on the VM's own disk: give it one with --disk-gib",
+            request.image
+        )));
+    }
+    if let Some(spec) = &request.compute_spec {
+        check_compute_spec(spec)?;
+    }
     let spec = VmSpec {
         name: request.name.clone(),
-        boot: resolve_image(config, &request.image)?,
+        boot,
         image: request.image,
         cu_shape: shape,
         min_cu: request.min_cu,
@@ -135,6 +200,7 @@ pub fn spec_for(config: &Config, request: CreateVm) -> Result<VmSpec, HostError>
         agent: request.agent,
         incoming: false,
         disk_gib: request.disk_gib,
+        compute_spec: request.compute_spec,
     };
     check_bounds(&spec, spec.cu)?;
     agent_task::effective_config(&config.agent, &spec.agent).map_err(HostError::Invalid)?;
@@ -160,5 +226,60 @@ mod tests {
         for bad in ["", "-x", "Db1", "a/b", "a b", "../etc", &"x".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// A config whose image `pg` has a shared root with the id `id`.
+    fn config_with_root_image(dir: &std::path::Path, id: &str) -> Config {
+        for (file, bytes) in [("vmlinuz", "k"), ("root.img", "r"), ("image-id", id)] {
+            std::fs::write(dir.join(file), bytes).unwrap();
+        }
+        let text = format!(
+            "state_dir = \"/s\"\napi_socket = \"/s/api.sock\"\n[capacity]\nvcpus = 4\nmemory_mib = 4096\n[images.pg]\nkernel = \"{d}/vmlinuz\"\nroot = \"{d}/root.img\"\n",
+            d = dir.display()
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn request(disk_gib: Option<u32>, image_id: Option<&str>) -> CreateVm {
+        CreateVm {
+            image: ImageRef::Named("pg".into()),
+            image_id: image_id.map(str::to_string),
+            ..crate::testing::TestHost::request("db1", 1, 2, disk_gib)
+        }
+    }
+
+    #[test]
+    fn an_image_with_a_shared_root_needs_a_disk_and_is_known_by_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_with_root_image(dir.path(), "0123abcd");
+        let error = spec_for(&config, request(None, None)).unwrap_err();
+        assert!(error.to_string().contains("--disk-gib"), "{error}");
+        let spec = spec_for(&config, request(Some(2), None)).unwrap();
+        assert_eq!(spec.boot.root, Some(dir.path().join("root.img")));
+        assert_eq!(spec.boot.image_id.as_deref(), Some("0123abcd"));
+        // A VM that moves here must find the same image.
+        spec_for(&config, request(Some(2), Some("0123abcd"))).unwrap();
+        let error = spec_for(&config, request(Some(2), Some("ffff0000"))).unwrap_err();
+        assert!(
+            error.to_string().contains("0123abcd") && error.to_string().contains("ffff0000"),
+            "{error}"
+        );
+        // Whatever the id file holds that is not a hash is no id.
+        let config = config_with_root_image(dir.path(), "../../etc/passwd");
+        assert_eq!(
+            spec_for(&config, request(Some(2), None))
+                .unwrap()
+                .boot
+                .image_id,
+            None
+        );
+    }
+
+    #[test]
+    fn a_compute_spec_is_an_object_of_bounded_size() {
+        check_compute_spec(&serde_json::json!({"format_version": 1})).unwrap();
+        assert!(check_compute_spec(&serde_json::json!([1, 2])).is_err());
+        let huge = "x".repeat(MAX_COMPUTE_SPEC_BYTES);
+        assert!(check_compute_spec(&serde_json::json!({ "settings": { "a": huge } })).is_err());
     }
 }

@@ -49,13 +49,14 @@ pub enum Action {
     Migrate,
     ResumeMigration,
     RecoverArrival,
+    Compute,
 }
 
 impl Action {
     /// The states the action is allowed in.
     fn allowed_in(self) -> &'static [VmState] {
         match self {
-            Action::Scale | Action::Migrate => &[Running],
+            Action::Scale | Action::Migrate | Action::Compute => &[Running],
             Action::Stop => &[Running, Crashed],
             Action::Start => &[Stopped, Crashed],
             // Not while starting: a create that fails removes the VM under that lock.
@@ -74,6 +75,7 @@ impl Action {
             Action::Migrate => "migrate",
             Action::ResumeMigration => "resume the migration of",
             Action::RecoverArrival => "recover the migration of",
+            Action::Compute => "reach the compute of",
         }
     }
 }
@@ -98,6 +100,8 @@ pub struct VmRecord {
     pub guest: Option<Arc<GuestLink>>,
     /// The autoscaling agent, while QEMU runs and the VM autoscales.
     pub agent: Option<AgentHandle>,
+    /// The watch of its Postgres compute, while QEMU runs and the VM has a compute spec.
+    pub compute: Option<crate::compute::ComputeWatch>,
     /// The agent's latest goal.
     pub goal: Option<ComputeUnits>,
     /// Wall-clock milliseconds of its migration here, if it came by one since this
@@ -119,6 +123,7 @@ impl VmRecord {
             vcpu_plug_budget: None,
             guest: None,
             agent: None,
+            compute: None,
             goal: None,
             arrived_at_ms: None,
             grew_at: None,

@@ -31,6 +31,19 @@ impl Workload {
             .unwrap_or(0)
     }
 
+    /// The workload's anonymous memory: what it cannot give back without swapping, unlike
+    /// its page cache.
+    pub fn anon_bytes(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.lines()
+                    .find_map(|line| line.strip_prefix("anon "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// A hard limit only: unlike `memory.high` it never throttles the workload below it.
     pub fn set_memory_max(&self, bytes: u64) -> std::io::Result<()> {
         std::fs::write(self.dir.join("memory.max"), bytes.to_string())

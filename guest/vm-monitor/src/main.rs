@@ -166,13 +166,21 @@ fn serve_connection(args: &Args, workload: &cgroup::Workload, link: &Link) -> st
             Ok(HostMessage::HealthCheck { id }) => GuestMessage::HealthCheckReply { id },
             Ok(HostMessage::MetricsRequest) => GuestMessage::Metrics(metrics(workload)),
             Ok(HostMessage::DownscaleRequest { id, target }) => {
-                let used = sysinfo::meminfo().used();
+                let used = policy::memory_in_use(
+                    sysinfo::meminfo().used(),
+                    workload.anon_bytes(),
+                    args.reserve_mib << 20,
+                );
                 let verdict =
                     policy::check_downscale(used, target.memory_bytes, args.margin_mib << 20);
                 log(&format!(
                     "downscale to {} MiB: {verdict:?}",
                     target.memory_bytes >> 20
                 ));
+                // The workload's settings shrink before its memory goes.
+                if verdict.is_ok() {
+                    run_retune_hook(args, target.memory_bytes, target.vcpus);
+                }
                 GuestMessage::DownscaleResult {
                     id,
                     ok: verdict.is_ok(),
@@ -259,18 +267,25 @@ fn retune(args: &Args, workload: &cgroup::Workload, now: Metrics) {
         now.mem_total_bytes >> 20,
         workload_max >> 20
     ));
-    if let Some(hook) = &args.retune_hook {
-        let status = std::process::Command::new(hook)
-            .env("VMHOST_MEM_TOTAL_BYTES", now.mem_total_bytes.to_string())
-            .env("VMHOST_ONLINE_CPUS", now.online_cpus.to_string())
-            .env("VMHOST_WORKLOAD_MAX_BYTES", workload_max.to_string())
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            log(&format!(
-                "retune hook {} failed: {status:?}",
-                hook.display()
-            ));
-        }
+    run_retune_hook(args, now.mem_total_bytes, now.online_cpus);
+}
+
+/// Lets the workload follow a size: after an upscale is online, before a downscale goes.
+fn run_retune_hook(args: &Args, mem_total_bytes: u64, online_cpus: u32) {
+    let Some(hook) = &args.retune_hook else {
+        return;
+    };
+    let workload_max = mem_total_bytes.saturating_sub(args.reserve_mib << 20);
+    let status = std::process::Command::new(hook)
+        .env("VMHOST_MEM_TOTAL_BYTES", mem_total_bytes.to_string())
+        .env("VMHOST_ONLINE_CPUS", online_cpus.to_string())
+        .env("VMHOST_WORKLOAD_MAX_BYTES", workload_max.to_string())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        log(&format!(
+            "retune hook {} failed: {status:?}",
+            hook.display()
+        ));
     }
 }
 

@@ -22,6 +22,13 @@ pub fn check_downscale(
     }
 }
 
+/// The memory a downscale must leave room for: what the guest uses that it cannot reclaim,
+/// and at least the workload's anonymous memory (Postgres's own use, not its page cache)
+/// plus what the kernel and the monitor keep for themselves.
+pub fn memory_in_use(guest_used_bytes: u64, workload_anon_bytes: u64, reserve_bytes: u64) -> u64 {
+    guest_used_bytes.max(workload_anon_bytes.saturating_add(reserve_bytes))
+}
+
 /// Turns pressure signals into upscale requests, at most one per `interval`.
 #[derive(Debug)]
 pub struct UpscaleLimiter {
@@ -57,6 +64,15 @@ pub fn over_threshold(workload_bytes: u64, total_bytes: u64, fraction: f64) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_workloads_anonymous_memory_counts_with_the_reserve() {
+        // Page cache is not in use: the guest's own figure wins when the workload is small.
+        assert_eq!(memory_in_use(300 << 20, 100 << 20, 96 << 20), 300 << 20);
+        // A workload holding more than the guest-wide figure shows sets the floor.
+        assert_eq!(memory_in_use(300 << 20, 500 << 20, 96 << 20), 596 << 20);
+        assert_eq!(memory_in_use(0, u64::MAX, 96 << 20), u64::MAX);
+    }
 
     const MIB: u64 = 1 << 20;
 

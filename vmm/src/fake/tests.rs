@@ -21,6 +21,7 @@ fn spec(name: &str) -> MachineSpec {
         kernel_cmdline: String::new(),
         nic: Nic::None,
         disk: Some(format!("/state/{name}/disk.raw").into()),
+        root_image: None,
         spare_root_ports: 0,
         vhost_user_vsock: None,
         incoming: false,

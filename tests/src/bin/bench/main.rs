@@ -55,6 +55,7 @@ impl RawQemu {
             kernel_cmdline: vmm::cmdline::DEFAULT_KERNEL_CMDLINE.into(),
             nic: Nic::None,
             disk: None,
+            root_image: None,
             spare_root_ports: 4,
             // Raw QEMU has no guest channel; ours includes starting its backend.
             vhost_user_vsock: None,
