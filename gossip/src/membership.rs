@@ -43,6 +43,10 @@ pub struct HostView {
     /// Set while the host drains: it takes no placements or arrivals.
     #[serde(default)]
     pub drain: Option<DrainPhase>,
+    /// The images configured on the host, by name, with their ids ("" for an image
+    /// without one): placement prefers hosts that already have a VM's image.
+    #[serde(default)]
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 impl HostView {
@@ -61,6 +65,16 @@ impl HostView {
         used.checked_add(size).is_some_and(|total| {
             total.fits_in(self.capacity) && total.memory_bytes <= self.watermark_memory_bytes
         })
+    }
+
+    /// Whether the host has image `name` (with id `id`, when one is asked for). A host
+    /// that publishes no images (an older version) is not ruled out: it judges for itself.
+    pub fn has_image(&self, name: &str, id: Option<&str>) -> bool {
+        self.images.is_empty()
+            || self
+                .images
+                .get(name)
+                .is_some_and(|own| id.is_none_or(|id| own == id))
     }
 
     pub fn free(&self) -> Resources {
@@ -390,6 +404,22 @@ fn rand_u64() -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_host_has_an_image_by_name_and_id() {
+        let mut host = view(8, 0);
+        assert!(
+            host.has_image("postgres", Some("abc")),
+            "a host that says nothing"
+        );
+        host.images.insert("test".into(), String::new());
+        host.images.insert("postgres".into(), "abc".into());
+        assert!(host.has_image("postgres", None));
+        assert!(host.has_image("postgres", Some("abc")));
+        assert!(!host.has_image("postgres", Some("def")));
+        assert!(!host.has_image("other", None));
+        assert!(host.has_image("test", None));
+    }
+
     fn view(memory_gib: u64, allocated_gib: u64) -> HostView {
         HostView {
             name: "b".into(),
@@ -408,6 +438,7 @@ mod tests {
             vms: 1,
             version: "0".into(),
             drain: None,
+            images: Default::default(),
         }
     }
 

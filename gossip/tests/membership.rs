@@ -56,6 +56,7 @@ async fn start_speaking(
         vms: 0,
         version: "test".into(),
         drain: None,
+        images: Default::default(),
     };
     let config = MembershipConfig {
         cluster: CLUSTER.into(),

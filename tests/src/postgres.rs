@@ -39,31 +39,20 @@ pub fn postgres_image_config(guest_ip: &str) -> String {
     )
 }
 
-/// A SCRAM-SHA-256 verifier of `password`, as Postgres stores it (RFC 5802, RFC 7677): what
-/// a spec carries instead of the password.
-pub fn scram_verifier(password: &str, salt: &[u8; 16]) -> String {
-    use base64::Engine;
-    use ring::{digest, hmac, pbkdf2};
-    const ITERATIONS: u32 = 4096;
-    let mut salted = [0u8; 32];
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        std::num::NonZeroU32::new(ITERATIONS).unwrap(),
-        salt,
-        password.as_bytes(),
-        &mut salted,
-    );
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
-    let client_key = hmac::sign(&key, b"Client Key");
-    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
-    let server_key = hmac::sign(&key, b"Server Key");
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    format!(
-        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
-        b64(salt),
-        b64(stored_key.as_ref()),
-        b64(server_key.as_ref())
-    )
+/// The verifier of `password` that `vmctl hash-password` prints: what a spec carries.
+pub fn password_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(bin("vmctl"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_success("vmctl hash-password", &output);
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
 }
 
 /// A Postgres client in the namespace `netns`, logging in as `user` with `password`.

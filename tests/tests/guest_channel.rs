@@ -50,7 +50,7 @@ fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
         guest_connected,
     );
     let guest = &shown["guest"];
-    assert_eq!(guest["protocol_version"], 1);
+    assert_eq!(guest["protocol_version"], 2);
     assert_eq!(guest["healthy"], true);
     assert_eq!(guest["online_cpus"], 1);
     assert!(guest["metrics_age_ms"].as_u64().unwrap() < 5000, "{guest}");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::postgres::{
-    compute_state, finish_pgbench, postgres_image_config, scram_verifier, wait_compute_state,
+    compute_state, finish_pgbench, password_hash, postgres_image_config, wait_compute_state,
     PgClient,
 };
 use vmhost_tests::{process_alive, Limits, TestHost};
@@ -16,11 +16,20 @@ const PASSWORD: &str = "correct horse battery staple";
 /// First boot: systemd, initdb and the first start of Postgres, all under emulation.
 const FIRST_BOOT: Duration = Duration::from_secs(420);
 
-fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
+/// Two Postgres guests at once would share two cores under emulation: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialized() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn hosts(lab: &Lab, pki: &Path, names: &[&str]) -> Vec<TestHost> {
     start_live_fleet(
         lab,
         pki,
-        &["a", "b"],
+        names,
         Limits {
             vcpus: 4,
             memory_mib: 6144,
@@ -36,7 +45,7 @@ fn two_hosts(lab: &Lab, pki: &Path) -> Vec<TestHost> {
 fn spec(extra_role: Option<serde_json::Value>) -> serde_json::Value {
     let mut roles = vec![serde_json::json!({
         "name": "app",
-        "password_hash": scram_verifier(PASSWORD, b"vmhost-test-salt"),
+        "password_hash": password_hash(PASSWORD),
     })];
     roles.extend(extra_role);
     serde_json::json!({
@@ -84,9 +93,10 @@ fn assert_pgbench_consistent(client: &PgClient) -> u64 {
 
 #[test]
 fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migration() {
+    let _one = serialized();
     let lab = Lab::new(2);
     let pki = tempfile::tempdir().unwrap();
-    let hosts = two_hosts(&lab, pki.path());
+    let hosts = hosts(&lab, pki.path(), &["a", "b"]);
     let (a, b) = (&hosts[0], &hosts[1]);
     let specs = tempfile::tempdir().unwrap();
     let good = write_spec(specs.path(), "good.json", &spec(None));
@@ -210,5 +220,64 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
     assert!(
         restart.contains("empty -> init"),
         "computectl did not start from its own spec after the restart:\n{restart}"
+    );
+}
+
+#[test]
+fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
+    let _one = serialized();
+    let lab = Lab::new(1);
+    let pki = tempfile::tempdir().unwrap();
+    let hosts = hosts(&lab, pki.path(), &["a"]);
+    let a = &hosts[0];
+    let specs = tempfile::tempdir().unwrap();
+    let good = write_spec(specs.path(), "good.json", &spec(None));
+    a.vmctl_ok(&[
+        "create",
+        "db2",
+        "--image",
+        "postgres",
+        "--spec",
+        &good,
+        "--disk-gib",
+        "2",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "3",
+    ]);
+    wait_compute_state(a, "db2", "running", FIRST_BOOT);
+    let client = PgClient {
+        netns: lab.client_namespace(),
+        host: GUEST_IP.into(),
+        user: "app".into(),
+        password: PASSWORD.into(),
+        database: "appdb".into(),
+    };
+    client.wait_ready(Duration::from_secs(60), &a.serial_log("db2"));
+    let postmaster_started = client.query_ok("select pg_postmaster_start_time()");
+    let before = a.wait_guest_report("db2");
+
+    // A hash aggregate over 8 million groups, allowed to keep them all in memory: far more
+    // than the workload may hold at 1 CU.
+    let groups = client.query_ok(
+        "set work_mem = '2GB'; \
+         select count(*) from (select g, count(*) from generate_series(1, 8000000) g group by g) s",
+    );
+    assert_eq!(groups, "8000000");
+    let after = a.guest_view("db2").unwrap();
+    assert!(
+        after.mem_total_kb > before.mem_total_kb,
+        "the guest never grew: {before:?} then {after:?}"
+    );
+    let console = std::fs::read_to_string(a.serial_log("db2")).unwrap();
+    assert!(
+        !console.contains("Out of memory"),
+        "the OOM killer acted:\n{console}"
+    );
+    assert_eq!(
+        client.query_ok("select pg_postmaster_start_time()"),
+        postmaster_started,
+        "Postgres restarted"
     );
 }

@@ -6,6 +6,16 @@
 //! goal = used / memory target / memory per CU, rounded up to a quarter CU and clamped to the
 //! VM's bounds. Upscales go ledger → vmm → monitor; downscales go monitor → vmm → ledger,
 //! one CU at a time and not within the cooldown of the last change.
+//!
+//! load1 averages a minute, too slow for a load step. A guest that sends the fast CPU
+//! signal (protocol 2) adds a third goal, from the last seconds:
+//!
+//! fast CPU goal = util × vCPUs × (1 + PSI some avg10 / 100) / load target / vCPUs per CU
+//!
+//! util × vCPUs is how many vCPUs were busy; as util cannot pass 1, the share of time some
+//! task waited for a CPU stands for the demand it cannot show, up to double. The goal is the
+//! largest of the three, so the fast signal can only raise it: a lull never shrinks the VM
+//! sooner or further than load1 alone would.
 
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -99,6 +109,19 @@ impl AgentConfig {
 pub struct Metrics {
     pub load1: f64,
     pub mem_used_bytes: u64,
+    /// None from a guest that does not send it (protocol 1): the goal is Neon's alone.
+    pub cpu: Option<FastCpu>,
+}
+
+/// The fast CPU signal: what the guest's vCPUs did in the last seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FastCpu {
+    /// Busy share of the online vCPUs over the last few seconds (1.0 = all busy).
+    pub util: f64,
+    /// Percent of the last 10 s in which some task waited for a CPU (PSI `some avg10`).
+    pub pressure: f64,
+    /// The online vCPUs `util` is a share of.
+    pub vcpus: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,16 +261,44 @@ impl Agent {
             .then_some(metrics)
     }
 
+    /// The CU the metrics call for, unrounded, and why.
+    fn wanted(&self, m: Metrics) -> (f64, String) {
+        let vcpus_per_cu = f64::from(self.shape.vcpus_per_cu);
+        let cpu = m.load1.max(0.0) / self.config.load_target / vcpus_per_cu;
+        let memory = m.mem_used_bytes as f64
+            / self.config.memory_target
+            / self.shape.memory_per_cu_bytes as f64;
+        let load = format!("load1 {:.2} → {cpu:.2} CU", m.load1);
+        let used = format!(
+            "memory used {} MiB → {memory:.2} CU",
+            m.mem_used_bytes >> 20
+        );
+        let Some(c) = m.cpu else {
+            return (cpu.max(memory), format!("{load}, {used}"));
+        };
+        let busy_vcpus = c.util.clamp(0.0, 1.0) * f64::from(c.vcpus);
+        let queued = 1.0 + c.pressure.clamp(0.0, 100.0) / 100.0;
+        let fast = busy_vcpus * queued / self.config.load_target / vcpus_per_cu;
+        let driver = if fast > cpu.max(memory) {
+            "cpu util (fast)"
+        } else if cpu >= memory {
+            "load1 (slow)"
+        } else {
+            "memory"
+        };
+        let reason = format!(
+            "cpu util {:.2} over {} vCPU, pressure {:.0}% → {fast:.2} CU (fast), {load} (slow), \
+             {used}; driven by {driver}",
+            c.util, c.vcpus, c.pressure
+        );
+        (cpu.max(memory).max(fast), reason)
+    }
+
     /// The size the agent wants now, and why.
     pub fn goal(&self, now: Instant) -> (ComputeUnits, String) {
         let (mut goal, mut reason) = match self.fresh_metrics(now) {
             Some(m) => {
-                let cpu =
-                    m.load1.max(0.0) / self.config.load_target / f64::from(self.shape.vcpus_per_cu);
-                let memory = m.mem_used_bytes as f64
-                    / self.config.memory_target
-                    / self.shape.memory_per_cu_bytes as f64;
-                let wanted = cpu.max(memory);
+                let (wanted, reason) = self.wanted(m);
                 // Round up to a quarter CU; NaN and huge values end at the maximum.
                 let quarters = (wanted * 4.0).ceil();
                 let quarters = if quarters.is_finite() {
@@ -255,14 +306,7 @@ impl Agent {
                 } else {
                     u32::MAX / 2
                 };
-                (
-                    cu(quarters),
-                    format!(
-                        "load1 {:.2} → {cpu:.2} CU, memory used {} MiB → {memory:.2} CU",
-                        m.load1,
-                        m.mem_used_bytes >> 20
-                    ),
-                )
+                (cu(quarters), reason)
             }
             None => (
                 self.current,

@@ -329,6 +329,9 @@ pub struct GuestInfo {
     pub online_cpus: Option<u32>,
     pub mem_total_bytes: Option<u64>,
     pub metrics: Option<vmhost_guest_protocol::Metrics>,
+    /// The fast CPU signal of those metrics, from a guest speaking protocol 2 or later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<vmhost_guest_protocol::CpuUsage>,
     pub metrics_age_ms: Option<u64>,
     pub upscale_requests: u64,
     pub protocol_errors: u64,

@@ -7,8 +7,8 @@ use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use vmhost_api::units::MAX_CU;
 use vmhost_api::{
-    ApiError, ComputeUnits, CreateVm, Envelope, ErrorKind, Event, EventKind, ImageRef, PeerCall,
-    PeerEnvelope, PeerRequest, Reply, Request, Response,
+    ApiError, ComputeAction, ComputeUnits, CreateVm, Envelope, ErrorKind, Event, EventKind,
+    ImageRef, PeerCall, PeerEnvelope, PeerRequest, Reply, Request, Response,
 };
 
 fn text() -> impl Strategy<Value = String> {
@@ -79,6 +79,16 @@ fn request() -> impl Strategy<Value = Request> {
         (proptest::option::of(text()), any::<bool>())
             .prop_map(|(name, follow)| Request::Events { name, follow }),
         Just(Request::Hosts),
+        (text(), agent_value()).prop_map(|(name, value)| Request::Compute {
+            name,
+            action: ComputeAction::Configure {
+                spec: serde_json::json!({ "settings": { "key": value } }),
+            },
+        }),
+        text().prop_map(|name| Request::Compute {
+            name,
+            action: ComputeAction::Terminate,
+        }),
     ];
     leaf.prop_recursive(3, 8, 1, |inner| {
         (text(), inner).prop_map(|(host, request)| Request::OnHost {

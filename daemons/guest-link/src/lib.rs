@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmhost_api::GuestInfo;
 use vmhost_guest_protocol::{
-    self as protocol, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
+    self as protocol, CpuUsage, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
 };
 
 use bucket::TokenBucket;
@@ -85,7 +85,8 @@ struct Status {
     connected: bool,
     protocol_version: Option<u16>,
     last_seen: Option<Instant>,
-    metrics: Option<(Metrics, Instant)>,
+    /// The latest metrics, with the fast CPU signal if the guest sends it (protocol 2).
+    metrics: Option<(Metrics, Option<CpuUsage>, Instant)>,
     upscale_requests: u64,
     protocol_errors: u64,
 }
@@ -143,7 +144,7 @@ impl GuestLink {
     pub fn info(&self) -> GuestInfo {
         let status = self.shared.status.lock().unwrap();
         let now = Instant::now();
-        let metrics = status.metrics.map(|(m, _)| m);
+        let metrics = status.metrics.map(|(m, _, _)| m);
         GuestInfo {
             connected: status.connected,
             healthy: status.connected
@@ -154,16 +155,19 @@ impl GuestLink {
             online_cpus: metrics.map(|m| m.online_cpus),
             mem_total_bytes: metrics.map(|m| m.mem_total_bytes),
             metrics,
-            metrics_age_ms: status.metrics.map(|(_, at)| (now - at).as_millis() as u64),
+            cpu: status.metrics.and_then(|(_, cpu, _)| cpu),
+            metrics_age_ms: status
+                .metrics
+                .map(|(_, _, at)| (now - at).as_millis() as u64),
             upscale_requests: status.upscale_requests,
             protocol_errors: status.protocol_errors,
         }
     }
 
-    /// The latest metrics and how old they are.
-    pub fn latest_metrics(&self) -> Option<(Metrics, Duration)> {
+    /// The latest metrics, their fast CPU signal if the guest sends it, and how old they are.
+    pub fn latest_metrics(&self) -> Option<(Metrics, Option<CpuUsage>, Duration)> {
         let status = self.shared.status.lock().unwrap();
-        status.metrics.map(|(m, at)| (m, at.elapsed()))
+        status.metrics.map(|(m, cpu, at)| (m, cpu, at.elapsed()))
     }
 
     fn send(&self, message: HostMessage) -> bool {
@@ -401,10 +405,12 @@ async fn message_loop(
             continue;
         }
         match message {
-            GuestMessage::Metrics(metrics) => match metrics.check() {
-                Ok(()) => shared.status.lock().unwrap().metrics = Some((metrics, now)),
-                Err(reason) => refuse(shared, tx, &mut errors_here, reason)?,
-            },
+            GuestMessage::Metrics(metrics) => {
+                record_metrics(shared, tx, &mut errors_here, (metrics, None), now)?
+            }
+            GuestMessage::MetricsV2 { metrics, cpu } => {
+                record_metrics(shared, tx, &mut errors_here, (metrics, Some(cpu)), now)?
+            }
             GuestMessage::UpscaleRequest {
                 id,
                 pressure_age_us,
@@ -444,6 +450,26 @@ async fn message_loop(
                     .warn(format_args!("guest reports an error: {reason}"));
             }
         }
+    }
+}
+
+/// Keeps metrics that pass their checks as the latest; refuses the others.
+fn record_metrics(
+    shared: &Shared,
+    tx: &mpsc::Sender<HostMessage>,
+    errors_here: &mut u64,
+    (metrics, cpu): (Metrics, Option<CpuUsage>),
+    now: Instant,
+) -> Result<(), String> {
+    let checked = metrics
+        .check()
+        .and_then(|()| cpu.map_or(Ok(()), |c| c.check()));
+    match checked {
+        Ok(()) => {
+            shared.status.lock().unwrap().metrics = Some((metrics, cpu, now));
+            Ok(())
+        }
+        Err(reason) => refuse(shared, tx, errors_here, reason),
     }
 }
 

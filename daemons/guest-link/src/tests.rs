@@ -21,6 +21,16 @@ impl FakeGuest {
 
     /// Connects and says hello; None if the host refused the connection instead.
     async fn try_hello(socket: &Path) -> Option<FakeGuest> {
+        let hello = FakeGuest::try_speaking(socket, protocol::VERSIONS).await;
+        hello.map(|(guest, _)| guest)
+    }
+
+    /// Connects speaking `versions`: the guest and the version agreed, or None if the host
+    /// refused the connection.
+    async fn try_speaking(
+        socket: &Path,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Option<(FakeGuest, u16)> {
         let stream = UnixStream::connect(socket).await.unwrap();
         let mut guest = FakeGuest {
             stream,
@@ -28,12 +38,12 @@ impl FakeGuest {
         };
         guest
             .send(&GuestMessage::Hello {
-                min_version: *protocol::VERSIONS.start(),
-                max_version: *protocol::VERSIONS.end(),
+                min_version: *versions.start(),
+                max_version: *versions.end(),
             })
             .await;
         match guest.receive().await {
-            Some(HostMessage::Welcome { .. }) => Some(guest),
+            Some(HostMessage::Welcome { version }) => Some((guest, version)),
             Some(HostMessage::InvalidMessage { reason }) if reason == REDIAL_REFUSAL => None,
             other => panic!("neither welcomed nor refused: {other:?}"),
         }
@@ -268,4 +278,52 @@ async fn non_finite_metrics_are_refused_and_never_stored() {
         info["metrics"].is_null() && info["protocol_errors"] == 1,
         "{info}"
     );
+}
+
+#[tokio::test]
+async fn the_fast_cpu_signal_comes_from_version_2_guests_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (link, socket) = listen(&dir);
+    let metrics = Metrics {
+        load1: 0.4,
+        load5: 0.2,
+        mem_total_bytes: 1 << 30,
+        mem_used_bytes: 1 << 20,
+        mem_cached_bytes: 0,
+        workload_mem_bytes: 0,
+        online_cpus: 2,
+    };
+    let cpu = CpuUsage {
+        util: 0.95,
+        pressure_some_avg10: 42.5,
+    };
+
+    // A version-1 guest: its metrics come without the signal.
+    let (mut old, version) = FakeGuest::try_speaking(&socket, 1..=1).await.unwrap();
+    assert_eq!(version, 1);
+    old.send(&GuestMessage::metrics(version, metrics, Some(cpu)))
+        .await;
+    old.finish().await;
+    assert!(!old.drain().await.iter().any(is_invalid));
+    assert_eq!(
+        link.latest_metrics().map(|(m, c, _)| (m, c)),
+        Some((metrics, None))
+    );
+
+    // A version-2 guest sends it; one out of range is refused and the last good one kept.
+    let (mut new, version) = FakeGuest::try_speaking(&socket, protocol::VERSIONS)
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+    new.send(&GuestMessage::metrics(version, metrics, Some(cpu)))
+        .await;
+    let impossible = CpuUsage { util: 1.5, ..cpu };
+    new.send(&GuestMessage::metrics(version, metrics, Some(impossible)))
+        .await;
+    new.finish().await;
+    let said = new.drain().await;
+    assert_eq!(said.iter().filter(|m| is_invalid(m)).count(), 1, "{said:?}");
+    assert_eq!(link.latest_metrics().and_then(|(_, c, _)| c), Some(cpu));
+    let info = serde_json::to_value(link.info()).unwrap();
+    assert_eq!(info["cpu"]["pressure_some_avg10"], 42.5, "{info}");
 }

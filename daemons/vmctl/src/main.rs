@@ -158,6 +158,9 @@ enum Command {
     /// Fleet credentials: the CA and host certificates for mutual TLS between hosts.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Print the SCRAM-SHA-256 verifier of the password read from stdin, for a compute
+    /// spec's `password_hash`.
+    HashPassword,
     /// Ask a VM's Postgres compute manager (computectl) in the guest.
     Compute {
         name: String,
@@ -309,7 +312,9 @@ impl Command {
             } => on(target, Request::Drain(DrainHost { cold, parallel })),
             Command::Undrain { target } => on(target, Request::Undrain),
             Command::DrainStatus { target } => on(target, Request::DrainStatus),
-            Command::Fleet(_) => unreachable!("fleet commands run locally"),
+            Command::Fleet(_) | Command::HashPassword => {
+                unreachable!("run locally, without vmhostd")
+            }
         }
     }
 }
@@ -331,6 +336,13 @@ fn main() {
         if let Err(error) = fleet.run() {
             errln!("vmctl: {error}");
             std::process::exit(1);
+        }
+        return;
+    }
+    if let Command::HashPassword = cli.command {
+        if let Err(error) = compute::hash_password() {
+            errln!("vmctl: {error}");
+            std::process::exit(2);
         }
         return;
     }

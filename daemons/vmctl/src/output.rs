@@ -196,8 +196,9 @@ pub fn top(socket: &std::path::Path, count: Option<u64>) -> Result<(), ClientErr
         };
         // Clear the screen and go home, then draw.
         out!("\x1b[H\x1b[2J");
+        // The fast CPU signal (the last seconds) beside the slow one (load1, a minute).
         outln!(
-            "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
+            "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>5} {:>6} {:>6} {:>10} {:>10}",
             "NAME",
             "STATE",
             "CU",
@@ -205,15 +206,18 @@ pub fn top(socket: &std::path::Path, count: Option<u64>) -> Result<(), ClientErr
             "VCPUS",
             "MEMORY",
             "LOAD1",
+            "UTIL",
+            "CPUPSI",
             "LOAD5",
             "USED",
             "WORKLOAD"
         );
         for vm in &vms {
             let metrics = vm.guest.as_ref().and_then(|g| g.metrics);
+            let cpu = vm.guest.as_ref().and_then(|g| g.cpu);
             let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             outln!(
-                "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>6} {:>10} {:>10}",
+                "{:<20} {:<9} {:>5} {:>5} {:>6} {:>10} {:>6} {:>5} {:>6} {:>6} {:>10} {:>10}",
                 vm.name,
                 vm.state.to_string(),
                 vm.cu.to_string(),
@@ -221,6 +225,8 @@ pub fn top(socket: &std::path::Path, count: Option<u64>) -> Result<(), ClientErr
                 vm.vcpus,
                 format_bytes(vm.memory_bytes),
                 or_dash(metrics.map(|m| format!("{:.2}", m.load1))),
+                or_dash(cpu.map(|c| format!("{:.0}%", c.util * 100.0))),
+                or_dash(cpu.map(|c| format!("{:.1}%", c.pressure_some_avg10))),
                 or_dash(metrics.map(|m| format!("{:.2}", m.load5))),
                 or_dash(metrics.map(|m| format_bytes(m.mem_used_bytes))),
                 or_dash(metrics.map(|m| format_bytes(m.workload_mem_bytes))),
@@ -294,6 +300,13 @@ pub fn describe_guest(guest: &vmhost_api::GuestInfo) -> String {
             format_bytes(m.mem_used_bytes),
             format_bytes(m.mem_total_bytes),
             format_bytes(m.workload_mem_bytes)
+        );
+    }
+    if let Some(c) = &guest.cpu {
+        text += &format!(
+            ", cpu util {:.0}% (last seconds), cpu pressure {:.1}% (10 s)",
+            c.util * 100.0,
+            c.pressure_some_avg10
         );
     }
     text
@@ -379,4 +392,45 @@ pub fn print_host(host: &HostInfo) {
         host.disk_capacity_gib
     );
     outln!("vms        {}", host.vms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_shows_the_fast_cpu_signal_when_it_sends_one() {
+        let mut info = serde_json::json!({
+            "connected": true,
+            "healthy": true,
+            "protocol_version": 1,
+            "online_cpus": 2,
+            "mem_total_bytes": 1 << 30,
+            "metrics": {
+                "load1": 0.4,
+                "load5": 0.2,
+                "mem_total_bytes": 1 << 30,
+                "mem_used_bytes": 1 << 28,
+                "mem_cached_bytes": 0,
+                "workload_mem_bytes": 0,
+                "online_cpus": 2
+            },
+            "metrics_age_ms": 300,
+            "upscale_requests": 0,
+            "protocol_errors": 0
+        });
+        // What a vmhostd without the fast signal answers still reads.
+        let old = describe_guest(&serde_json::from_value(info.clone()).unwrap());
+        assert!(
+            old.contains("load 0.40/0.20") && !old.contains("util"),
+            "{old}"
+        );
+        info["protocol_version"] = 2.into();
+        info["cpu"] = serde_json::json!({ "util": 0.95, "pressure_some_avg10": 42.5 });
+        let new = describe_guest(&serde_json::from_value(info).unwrap());
+        assert!(
+            new.ends_with("cpu util 95% (last seconds), cpu pressure 42.5% (10 s)"),
+            "{new}"
+        );
+    }
 }

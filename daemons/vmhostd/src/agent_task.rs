@@ -5,9 +5,10 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
-use vmhost_agent::{Action, Agent, AgentConfig, Decision, Outcome};
+use vmhost_agent::{Action, Agent, AgentConfig, Decision, FastCpu, Outcome};
 use vmhost_api::{ComputeUnits, CuShape, EventKind};
 use vmhost_guest_link::UpscaleRequest;
+use vmhost_guest_protocol::{CpuUsage, Metrics};
 
 /// What the agent needs of the host: its VM's view, and a way to act and to be heard.
 #[async_trait::async_trait]
@@ -28,6 +29,21 @@ pub struct AgentView {
     pub max: ComputeUnits,
     /// The latest guest metrics and their age.
     pub metrics: Option<(vmhost_agent::Metrics, Duration)>,
+}
+
+/// The guest's metrics as the agent takes them; `cpu` is the fast signal of a guest that
+/// sends it.
+pub fn agent_metrics(m: Metrics, cpu: Option<CpuUsage>) -> vmhost_agent::Metrics {
+    vmhost_agent::Metrics {
+        load1: f64::from(m.load1),
+        mem_used_bytes: m.mem_used_bytes,
+        cpu: cpu.map(|c| FastCpu {
+            util: f64::from(c.util),
+            pressure: f64::from(c.pressure_some_avg10),
+            // The vCPUs the utilisation was measured over.
+            vcpus: m.online_cpus,
+        }),
+    }
 }
 
 /// Handle to a running agent; dropping it stops the agent.

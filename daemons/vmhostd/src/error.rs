@@ -15,6 +15,9 @@ pub enum HostError {
     AlreadyExists(String),
     #[error("{0}")]
     Invalid(String),
+    /// The image named is not configured here; another host of the fleet may have it.
+    #[error("{0}")]
+    NoImage(String),
     #[error(transparent)]
     Capacity(#[from] LedgerError),
     /// No room here for what was asked, other than in the CPU and memory ledger: the host
@@ -63,7 +66,7 @@ impl HostError {
         match self {
             HostError::NotFound(_) => ErrorKind::NotFound,
             HostError::AlreadyExists(_) => ErrorKind::AlreadyExists,
-            HostError::Invalid(_) => ErrorKind::InvalidArgument,
+            HostError::Invalid(_) | HostError::NoImage(_) => ErrorKind::InvalidArgument,
             HostError::Capacity(_) | HostError::NoRoom(_) => ErrorKind::CapacityExceeded,
             HostError::WrongState { .. } => ErrorKind::WrongState,
             HostError::Downscale { .. } => ErrorKind::Refused,

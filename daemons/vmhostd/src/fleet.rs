@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmhost_api::{
-    ApiError, CreateVm, ErrorKind, FleetHost, PeerCall, PeerEnvelope, Reply, Request, Resources,
-    Response, PEER_API_VERSION,
+    ApiError, CreateVm, ErrorKind, FleetHost, ImageRef, PeerCall, PeerEnvelope, Reply, Request,
+    Resources, Response, PEER_API_VERSION,
 };
 use vmhost_capacity::lease::{LeaseRequest, LeaseResponse};
 use vmhost_capacity::ledger::Lease;
@@ -121,17 +121,27 @@ impl Fleet {
     /// lease, trying the next when one refuses.
     pub async fn create(&self, create: CreateVm) -> Result<Reply, ApiError> {
         let local_refusal = match self.host.create(create.clone(), None).await {
-            Err(refusal @ (HostError::Capacity(_) | HostError::NoRoom(_))) => refusal,
+            Err(
+                refusal @ (HostError::Capacity(_) | HostError::NoRoom(_) | HostError::NoImage(_)),
+            ) => refusal,
             other => return other.map(|vm| Reply::Vm(Box::new(vm))).map_err(Into::into),
         };
         let cu = create.cu.unwrap_or(create.min_cu);
+        // Hosts that have the image come first; without it here, only they can take the VM.
+        let image = match &create.image {
+            ImageRef::Named(name) => Some(name.as_str()),
+            ImageRef::Path(_) => None,
+        };
+        let has_image = |v: &HostView| image.is_none_or(|name| v.has_image(name, None));
+        let image_required = matches!(local_refusal, HostError::NoImage(_));
         let mut candidates: Vec<HostView> = self
             .live_peers()
             .await
             .into_iter()
             .filter(|v| v.has_room_for(v.cu_shape.resources(cu)))
+            .filter(|v| !image_required || has_image(v))
             .collect();
-        candidates.sort_by_key(|v| std::cmp::Reverse(v.free().memory_bytes));
+        candidates.sort_by_key(|v| (!has_image(v), std::cmp::Reverse(v.free().memory_bytes)));
         self.suspects.rank(&mut candidates, Instant::now());
         let mut refusals = vec![format!("{}: {local_refusal}", self.host.name())];
         for target in candidates {
@@ -377,6 +387,15 @@ fn serve_peer(
     }
 }
 
+/// Whether `view`'s host can boot `spec`: it has the VM's image under the same id. A VM
+/// booted from a path carries no image name to look for.
+fn has_image_of(view: &HostView, spec: &crate::store::VmSpec) -> bool {
+    match &spec.image {
+        ImageRef::Named(name) => view.has_image(name, spec.boot.image_id.as_deref()),
+        ImageRef::Path(_) => true,
+    }
+}
+
 fn own_view(host: &Host, config: &FleetConfig) -> HostView {
     let info = host.host_info();
     HostView {
@@ -390,6 +409,7 @@ fn own_view(host: &Host, config: &FleetConfig) -> HostView {
         vms: info.vms as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
         drain: host.drain_phase(),
+        images: crate::validate::image_ids(&host.config),
     }
 }
 

@@ -36,7 +36,7 @@ impl Host {
                         .guest
                         .as_ref()
                         .and_then(|g| g.latest_metrics())
-                        .map_or(0.0, |(m, _)| {
+                        .map_or(0.0, |(m, _, _)| {
                             f64::from(m.load1) / f64::from(record.applied.vcpus.max(1))
                         })
                 };

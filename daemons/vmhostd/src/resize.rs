@@ -322,15 +322,7 @@ impl AgentPort for Host {
             .guest
             .as_ref()
             .and_then(|g| g.latest_metrics())
-            .map(|(m, age)| {
-                (
-                    vmhost_agent::Metrics {
-                        load1: f64::from(m.load1),
-                        mem_used_bytes: m.mem_used_bytes,
-                    },
-                    age,
-                )
-            });
+            .map(|(m, cpu, age)| (agent_task::agent_metrics(m, cpu), age));
         Some(AgentView {
             cu: record.spec.cu,
             min: record.spec.min_cu,

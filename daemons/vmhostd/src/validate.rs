@@ -52,7 +52,7 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
         ImageRef::Named(name) => {
             let configured = config.images.get(name).ok_or_else(|| {
                 let known: Vec<_> = config.images.keys().map(String::as_str).collect();
-                HostError::Invalid(format!(
+                HostError::NoImage(format!(
                     "image '{name}' is not configured on this host (configured: {})",
                     if known.is_empty() {
                         "none".into()
@@ -113,6 +113,19 @@ pub fn check_compute_spec(spec: &serde_json::Value) -> Result<(), HostError> {
             MAX_COMPUTE_SPEC_BYTES >> 10
         )))
     }
+}
+
+/// Every configured image by name, with its id ("" for an image without one): what the
+/// host tells the fleet it has.
+pub fn image_ids(config: &Config) -> std::collections::BTreeMap<String, String> {
+    config
+        .images
+        .iter()
+        .map(|(name, image)| {
+            let id = image.root.as_deref().and_then(image_id);
+            (name.clone(), id.unwrap_or_default())
+        })
+        .collect()
 }
 
 /// The shared root file system in an image folder.

@@ -5,6 +5,10 @@
 //! version both speak, or [`HostMessage::VersionRefused`] and closes. Every request carries
 //! an id that its reply repeats.
 //!
+//! Postcard is not self-describing, so a message never changes shape: a new version adds
+//! variants at the end of an enum, and a peer sends them only once that version is agreed.
+//! Version 2 adds [`GuestMessage::MetricsV2`], metrics with the fast CPU signal.
+//!
 //! Everything here is pure: the decoder takes bytes and returns frames, so it can be
 //! property-tested and fuzzed without a guest.
 
@@ -15,7 +19,9 @@ use std::ops::RangeInclusive;
 /// `<uds>_1024`.
 pub const GUEST_PORT: u32 = 1024;
 /// Protocol versions this build speaks. Only the current and the previous are kept.
-pub const VERSIONS: RangeInclusive<u16> = 1..=1;
+pub const VERSIONS: RangeInclusive<u16> = 1..=2;
+/// The first version with [`GuestMessage::MetricsV2`].
+pub const CPU_USAGE_VERSION: u16 = 2;
 /// The largest frame body either side accepts.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024;
 const LENGTH_BYTES: usize = 4;
@@ -55,6 +61,32 @@ impl Metrics {
     }
 }
 
+/// The fast CPU signal: the last seconds, where load1 averages a minute.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuUsage {
+    /// Busy share of the online vCPUs over the last ~3 s (1.0 = all busy).
+    pub util: f32,
+    /// `some avg10` of /proc/pressure/cpu: percent of the last 10 s in which some task
+    /// waited for a CPU.
+    pub pressure_some_avg10: f32,
+}
+
+impl CpuUsage {
+    /// Refuses values outside what the kernel can report (NaN included).
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.util) {
+            return Err(format!("cpu util {} is not within 0..=1", self.util));
+        }
+        if !(0.0..=100.0).contains(&self.pressure_some_avg10) {
+            return Err(format!(
+                "cpu pressure {} is not a percentage",
+                self.pressure_some_avg10
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum GuestMessage {
     Hello {
@@ -85,6 +117,23 @@ pub enum GuestMessage {
     InternalError {
         reason: String,
     },
+    /// Metrics with the fast CPU signal; version 2 on. Last, so older variants keep their
+    /// index on the wire.
+    MetricsV2 {
+        metrics: Metrics,
+        cpu: CpuUsage,
+    },
+}
+
+impl GuestMessage {
+    /// The metrics message the agreed `version` can carry: the fast CPU signal is dropped
+    /// for a version-1 host, which could not decode it.
+    pub fn metrics(version: u16, metrics: Metrics, cpu: Option<CpuUsage>) -> GuestMessage {
+        match cpu {
+            Some(cpu) if version >= CPU_USAGE_VERSION => GuestMessage::MetricsV2 { metrics, cpu },
+            _ => GuestMessage::Metrics(metrics),
+        }
+    }
 }
 
 /// What a change left the guest with, as the host sees it.
@@ -210,6 +259,13 @@ mod tests {
         }
     }
 
+    fn cpu() -> CpuUsage {
+        CpuUsage {
+            util: 0.95,
+            pressure_some_avg10: 42.5,
+        }
+    }
+
     #[test]
     fn negotiates_the_highest_common_version() {
         assert_eq!(negotiate(&(1..=3), &(2..=5)), Some(3));
@@ -235,6 +291,10 @@ mod tests {
                 reason: "would starve".into(),
             },
             GuestMessage::HealthCheckReply { id: 9 },
+            GuestMessage::MetricsV2 {
+                metrics: metrics(),
+                cpu: cpu(),
+            },
         ];
         for message in guest {
             let frame = encode(&message).unwrap();
@@ -243,6 +303,43 @@ mod tests {
             let body = decoder.next_frame().unwrap().unwrap();
             assert_eq!(decode::<GuestMessage>(&body).unwrap(), message);
             assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn a_version_1_host_reads_what_the_guest_sends_it() {
+        // The version-1 encoding of `metrics()`, byte for byte.
+        let v1 = [
+            0x01, 0, 0, 0, 0x3f, 0, 0, 0x80, 0x3e, 0x80, 0x80, 0x80, 0x80, 0x04, 0x80, 0x80, 0x80,
+            0x32, 0x80, 0x80, 0x80, 0x05, 0x80, 0x80, 0x80, 0x19, 0x02,
+        ];
+        let to_v1 = GuestMessage::metrics(1, metrics(), Some(cpu()));
+        assert_eq!(postcard::to_stdvec(&to_v1).unwrap(), v1);
+        assert_eq!(
+            GuestMessage::metrics(2, metrics(), Some(cpu())),
+            GuestMessage::MetricsV2 {
+                metrics: metrics(),
+                cpu: cpu()
+            }
+        );
+        // No sample yet: the version-1 form, which a version-2 host accepts too.
+        assert_eq!(
+            GuestMessage::metrics(2, metrics(), None),
+            GuestMessage::Metrics(metrics())
+        );
+        assert_eq!(negotiate(&VERSIONS, &(1..=1)), Some(1));
+        assert_eq!(negotiate(&(1..=1), &VERSIONS), Some(1));
+    }
+
+    #[test]
+    fn cpu_usage_outside_what_a_kernel_reports_is_refused() {
+        assert!(cpu().check().is_ok());
+        for (util, pressure) in [(f32::NAN, 0.0), (1.5, 0.0), (-0.1, 0.0), (0.5, 101.0)] {
+            let bad = CpuUsage {
+                util,
+                pressure_some_avg10: pressure,
+            };
+            assert!(bad.check().is_err(), "{bad:?}");
         }
     }
 

@@ -5,7 +5,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use vmhost_guest_protocol::{
-    decode, encode, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
+    decode, encode, CpuUsage, FrameDecoder, FrameError, GuestMessage, HostMessage, Metrics, Size,
     MAX_FRAME_BYTES,
 };
 
@@ -25,6 +25,13 @@ fn metrics() -> impl Strategy<Value = Metrics> {
             online_cpus: cpus,
         },
     )
+}
+
+fn cpu_usage() -> impl Strategy<Value = CpuUsage> {
+    (any::<f32>(), any::<f32>()).prop_map(|(util, pressure_some_avg10)| CpuUsage {
+        util,
+        pressure_some_avg10,
+    })
 }
 
 fn size() -> impl Strategy<Value = Size> {
@@ -55,6 +62,7 @@ fn guest_message() -> impl Strategy<Value = GuestMessage> {
         any::<u64>().prop_map(|id| G::HealthCheckReply { id }),
         text().prop_map(|reason| G::InvalidMessage { reason }),
         text().prop_map(|reason| G::InternalError { reason }),
+        (metrics(), cpu_usage()).prop_map(|(metrics, cpu)| G::MetricsV2 { metrics, cpu }),
     ]
 }
 
@@ -176,6 +184,23 @@ proptest! {
         frame.truncate(keep.index(frame.len() + 1));
         frame.extend_from_slice(&tail);
         decode_stream(&frame, &[7]);
+    }
+
+    /// A version-1 host decodes every metrics message a guest sends it, and reads the same
+    /// metrics a version-2 host does.
+    #[test]
+    fn metrics_for_version_1_decode_as_version_1(metrics in metrics(),
+                                                 cpu in prop::option::of(cpu_usage())) {
+        let to_v1 = encode(&GuestMessage::metrics(1, metrics, cpu)).unwrap();
+        prop_assert_eq!(&to_v1, &encode(&GuestMessage::Metrics(metrics)).unwrap());
+        let to_v2 = encode(&GuestMessage::metrics(2, metrics, cpu)).unwrap();
+        let sent = match decode::<GuestMessage>(&to_v2[4..]).unwrap() {
+            GuestMessage::Metrics(m) => m,
+            GuestMessage::MetricsV2 { metrics: m, .. } => m,
+            other => panic!("not metrics: {other:?}"),
+        };
+        // Compared as bytes: a NaN load never equals itself.
+        prop_assert_eq!(encode(&GuestMessage::Metrics(sent)).unwrap(), to_v1);
     }
 
     /// A message encodes exactly when its body fits a frame, so whatever is sent can be read.

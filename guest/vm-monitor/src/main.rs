@@ -15,7 +15,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{
-    self as protocol, FrameDecoder, GuestMessage, HostMessage, Metrics, GUEST_PORT,
+    self as protocol, CpuUsage, FrameDecoder, GuestMessage, HostMessage, Metrics, GUEST_PORT,
 };
 
 #[derive(Parser, Clone)]
@@ -47,16 +47,31 @@ struct Args {
     retune_hook: Option<PathBuf>,
 }
 
-/// The sender of the live connection, if any: threads that report find the link here.
-type Link = Arc<Mutex<Option<Sender<GuestMessage>>>>;
+/// The sender of the live connection and its protocol version, if any: threads that
+/// report find the link here.
+type Link = Arc<Mutex<Option<(Sender<GuestMessage>, u16)>>>;
+
+/// The span of the CPU utilisation the host sees: short, so a load step shows within
+/// seconds where load1 takes a minute.
+const CPU_WINDOW: Duration = Duration::from_secs(3);
+
+/// Utilisation since a sample ~[`CPU_WINDOW`] old, shared by whoever reads metrics.
+type CpuWindow = Mutex<sysinfo::UtilWindow>;
 
 fn log(message: &str) {
     eprintln!("vm-monitor: {message}");
 }
 
 fn send(link: &Link, message: GuestMessage) {
-    if let Some(sender) = link.lock().unwrap().as_ref() {
+    if let Some((sender, _)) = link.lock().unwrap().as_ref() {
         let _ = sender.send(message);
+    }
+}
+
+/// Metrics in the form the live connection's version can carry.
+fn send_metrics(link: &Link, (metrics, cpu): (Metrics, Option<CpuUsage>)) {
+    if let Some((sender, version)) = link.lock().unwrap().as_ref() {
+        let _ = sender.send(GuestMessage::metrics(*version, metrics, cpu));
     }
 }
 
@@ -73,9 +88,11 @@ fn main() {
         }
     };
     let link: Link = Arc::new(Mutex::new(None));
+    let cpu: Arc<CpuWindow> = Arc::new(Mutex::new(sysinfo::UtilWindow::new(CPU_WINDOW)));
     {
-        let (args, workload, link) = (args.clone(), workload.clone(), link.clone());
-        std::thread::spawn(move || report_metrics(&args, &workload, &link));
+        let (args, workload, link, cpu) =
+            (args.clone(), workload.clone(), link.clone(), cpu.clone());
+        std::thread::spawn(move || report_metrics(&args, &workload, &cpu, &link));
     }
     {
         let (args, workload, link) = (args.clone(), workload.clone(), link.clone());
@@ -83,7 +100,7 @@ fn main() {
     }
     let mut backoff = Duration::from_millis(100);
     loop {
-        match serve_connection(&args, &workload, &link) {
+        match serve_connection(&args, &workload, &cpu, &link) {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => log(&format!("link to host: {e}")),
         }
@@ -130,7 +147,12 @@ fn write_message(stream: &mut File, message: &GuestMessage) -> std::io::Result<(
 }
 
 /// One connection: handshake, then serve host requests until it drops.
-fn serve_connection(args: &Args, workload: &cgroup::Workload, link: &Link) -> std::io::Result<()> {
+fn serve_connection(
+    args: &Args,
+    workload: &cgroup::Workload,
+    cpu: &CpuWindow,
+    link: &Link,
+) -> std::io::Result<()> {
     let mut stream = dial(args)?;
     let mut decoder = FrameDecoder::new();
     write_message(
@@ -159,12 +181,16 @@ fn serve_connection(args: &Args, workload: &cgroup::Workload, link: &Link) -> st
             }
         }
     });
-    *link.lock().unwrap() = Some(sender.clone());
-    let _ = sender.send(GuestMessage::Metrics(metrics(workload)));
+    *link.lock().unwrap() = Some((sender.clone(), version));
+    let metrics_message = || {
+        let (metrics, usage) = metrics(workload, cpu);
+        GuestMessage::metrics(version, metrics, usage)
+    };
+    let _ = sender.send(metrics_message());
     loop {
         let reply = match read_message(&mut stream, &mut decoder) {
             Ok(HostMessage::HealthCheck { id }) => GuestMessage::HealthCheckReply { id },
-            Ok(HostMessage::MetricsRequest) => GuestMessage::Metrics(metrics(workload)),
+            Ok(HostMessage::MetricsRequest) => metrics_message(),
             Ok(HostMessage::DownscaleRequest { id, target }) => {
                 let used = policy::memory_in_use(
                     sysinfo::meminfo().used(),
@@ -218,10 +244,17 @@ fn serve_connection(args: &Args, workload: &cgroup::Workload, link: &Link) -> st
     }
 }
 
-fn metrics(workload: &cgroup::Workload) -> Metrics {
+/// The metrics, and the fast CPU signal once the window holds two samples.
+fn metrics(workload: &cgroup::Workload, cpu: &CpuWindow) -> (Metrics, Option<CpuUsage>) {
     let mem = sysinfo::meminfo();
     let (load1, load5) = sysinfo::loadavg();
-    Metrics {
+    let util = sysinfo::cpu_times().and_then(|t| cpu.lock().unwrap().update(Instant::now(), t));
+    let cpu = util.map(|util| CpuUsage {
+        util,
+        // Without PSI in the kernel, the signal rests on utilisation alone.
+        pressure_some_avg10: sysinfo::cpu_pressure().unwrap_or(0.0),
+    });
+    let metrics = Metrics {
         load1,
         load5,
         mem_total_bytes: mem.total,
@@ -229,21 +262,23 @@ fn metrics(workload: &cgroup::Workload) -> Metrics {
         mem_cached_bytes: mem.cached,
         workload_mem_bytes: workload.memory_current(),
         online_cpus: sysinfo::online_cpus(),
-    }
+    };
+    (metrics, cpu)
 }
 
 /// Every second: metrics to the host; on a size change, new cgroup limits and the hook.
-fn report_metrics(args: &Args, workload: &cgroup::Workload, link: &Link) {
+fn report_metrics(args: &Args, workload: &cgroup::Workload, cpu: &CpuWindow, link: &Link) {
     let mut last_size = None;
     loop {
-        let now = metrics(workload);
+        let sample = metrics(workload, cpu);
+        let now = sample.0;
         let size = (now.online_cpus, now.mem_total_bytes);
         if last_size != Some(size) {
             retune(args, workload, now);
             // Report a size change at once, not on the next tick.
             last_size = Some(size);
         }
-        send(link, GuestMessage::Metrics(now));
+        send_metrics(link, sample);
         // Short ticks so a resize is reported within a fraction of a second; full metrics
         // go out every second.
         for _ in 0..10 {

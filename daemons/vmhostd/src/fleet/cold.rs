@@ -69,6 +69,7 @@ impl Fleet {
             .await
             .into_iter()
             .filter(|v| v.cu_shape == spec.cu_shape && v.has_room_for(size))
+            .filter(|v| super::has_image_of(v, spec))
             .max_by_key(|v| (self.trusted(v), v.free().memory_bytes))
             .ok_or_else(|| {
                 ApiError::new(

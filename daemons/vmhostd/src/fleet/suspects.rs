@@ -53,6 +53,7 @@ mod tests {
             vms: 0,
             version: "0".into(),
             drain: None,
+            images: Default::default(),
         }
     }
 

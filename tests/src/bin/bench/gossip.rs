@@ -37,6 +37,7 @@ fn view(name: &str, addr: SocketAddr, allocated_vcpus: u32) -> HostView {
         vms: 0,
         version: "bench".into(),
         drain: None,
+        images: Default::default(),
     }
 }
 

@@ -1,11 +1,12 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres [N]
 
 mod drain;
 mod gossip;
 mod migration;
+mod postgres;
 mod tunnel;
 
 use std::path::Path;
@@ -359,8 +360,9 @@ async fn main() {
         "tunnel" => tunnel::throughput(runs.max(64)),
         "migration" => migration::downtime(runs, &test_image(), accel).await,
         "drain" => drain::drain(runs, 3),
+        "postgres" => postgres::postgres(runs, accel).await,
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration or drain"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain or postgres"
         ),
     }
 }
