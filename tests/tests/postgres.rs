@@ -42,6 +42,33 @@ fn hosts(lab: &Lab, pki: &Path, names: &[&str]) -> Vec<TestHost> {
     )
 }
 
+/// A lab of hosts with Postgres, and the good spec in a file. Fields drop in order: the
+/// hosts (and their VMs) before the lab's namespaces.
+struct Setup {
+    hosts: Vec<TestHost>,
+    _pki: tempfile::TempDir,
+    specs: tempfile::TempDir,
+    good: String,
+    lab: Lab,
+}
+
+impl Setup {
+    fn new(names: &[&str]) -> Setup {
+        let lab = Lab::new(names.len());
+        let pki = tempfile::tempdir().unwrap();
+        let hosts = hosts(&lab, pki.path(), names);
+        let specs = tempfile::tempdir().unwrap();
+        let good = write_spec(specs.path(), "good.json", &spec(None));
+        Setup {
+            hosts,
+            _pki: pki,
+            specs,
+            good,
+            lab,
+        }
+    }
+}
+
 fn spec(extra_role: Option<serde_json::Value>) -> serde_json::Value {
     let mut roles = vec![serde_json::json!({
         "name": "app",
@@ -61,6 +88,40 @@ fn write_spec(dir: &Path, name: &str, spec: &serde_json::Value) -> String {
     let path = dir.join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
     path.display().to_string()
+}
+
+/// Creates `vm` of the Postgres image on `host` with the good spec and `sizes` (create
+/// arguments), and returns a client of it once its compute runs and Postgres lets the
+/// client in, from the lab's client namespace.
+fn create_compute(
+    lab: &Lab,
+    host: &TestHost,
+    vm: &str,
+    spec_file: &str,
+    sizes: &[&str],
+) -> PgClient {
+    let mut args = vec![
+        "create",
+        vm,
+        "--image",
+        "postgres",
+        "--spec",
+        spec_file,
+        "--disk-gib",
+        "2",
+    ];
+    args.extend(sizes);
+    host.vmctl_ok(&args);
+    wait_compute_state(host, vm, "running", FIRST_BOOT);
+    let client = PgClient {
+        netns: lab.client_namespace(),
+        host: GUEST_IP.into(),
+        user: "app".into(),
+        password: PASSWORD.into(),
+        database: "appdb".into(),
+    };
+    client.wait_ready(Duration::from_secs(60), &host.serial_log(vm));
+    client
 }
 
 fn qemu_pid(host: &TestHost, vm: &str) -> i32 {
@@ -94,43 +155,29 @@ fn assert_pgbench_consistent(client: &PgClient) -> u64 {
 #[test]
 fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migration() {
     let _one = serialized();
-    let lab = Lab::new(2);
-    let pki = tempfile::tempdir().unwrap();
-    let hosts = hosts(&lab, pki.path(), &["a", "b"]);
-    let (a, b) = (&hosts[0], &hosts[1]);
-    let specs = tempfile::tempdir().unwrap();
-    let good = write_spec(specs.path(), "good.json", &spec(None));
+    let setup = Setup::new(&["a", "b"]);
+    let (a, b) = (&setup.hosts[0], &setup.hosts[1]);
+    let (lab, specs, good) = (&setup.lab, &setup.specs, &setup.good);
 
     let (code, error) = a.vmctl_err(&["create", "nodisk", "--image", "postgres"]);
     assert_eq!(code, 2, "{error}");
     assert!(error.contains("--disk-gib"), "{error}");
 
-    a.vmctl_ok(&[
-        "create",
+    let client = create_compute(
+        lab,
+        a,
         "db1",
-        "--image",
-        "postgres",
-        "--spec",
-        &good,
-        "--disk-gib",
-        "2",
-        "--min-cu",
-        "1",
-        "--max-cu",
-        "2",
-        "--cu",
-        "2",
-        "--no-autoscale",
-    ]);
-    wait_compute_state(a, "db1", "running", FIRST_BOOT);
-    let client = PgClient {
-        netns: lab.client_namespace(),
-        host: GUEST_IP.into(),
-        user: "app".into(),
-        password: PASSWORD.into(),
-        database: "appdb".into(),
-    };
-    client.wait_ready(Duration::from_secs(60), &a.serial_log("db1"));
+        good,
+        &[
+            "--min-cu",
+            "1",
+            "--max-cu",
+            "2",
+            "--cu",
+            "2",
+            "--no-autoscale",
+        ],
+    );
     assert_eq!(client.query_ok("select current_user"), "app");
     assert!(client.query("select 1").is_ok());
     let wrong = PgClient {
@@ -171,7 +218,7 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
             "{name}: the VM did not keep running"
         );
     }
-    a.vmctl_ok(&["compute", "db1", "configure", &good]);
+    a.vmctl_ok(&["compute", "db1", "configure", good]);
     assert_eq!(compute_state(a, "db1").as_deref(), Some("running"));
     assert_eq!(client.query_ok("select current_user"), "app");
 
@@ -226,37 +273,26 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
 #[test]
 fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
     let _one = serialized();
-    let lab = Lab::new(1);
-    let pki = tempfile::tempdir().unwrap();
-    let hosts = hosts(&lab, pki.path(), &["a"]);
-    let a = &hosts[0];
-    let specs = tempfile::tempdir().unwrap();
-    let good = write_spec(specs.path(), "good.json", &spec(None));
-    a.vmctl_ok(&[
-        "create",
+    let setup = Setup::new(&["a"]);
+    let a = &setup.hosts[0];
+    let client = create_compute(
+        &setup.lab,
+        a,
         "db2",
-        "--image",
-        "postgres",
-        "--spec",
-        &good,
-        "--disk-gib",
-        "2",
-        "--min-cu",
-        "1",
-        "--max-cu",
-        "3",
-    ]);
-    wait_compute_state(a, "db2", "running", FIRST_BOOT);
-    let client = PgClient {
-        netns: lab.client_namespace(),
-        host: GUEST_IP.into(),
-        user: "app".into(),
-        password: PASSWORD.into(),
-        database: "appdb".into(),
-    };
-    client.wait_ready(Duration::from_secs(60), &a.serial_log("db2"));
+        &setup.good,
+        &[
+            "--min-cu",
+            "1",
+            "--max-cu",
+            "3",
+            // Only memory may grow it: the CPU of its boot and initdb must not.
+            "--agent",
+            "load_target=1000",
+        ],
+    );
     let postmaster_started = client.query_ok("select pg_postmaster_start_time()");
     let before = a.wait_guest_report("db2");
+    assert_eq!(before.cpus, 1, "{before:?}: the VM grew before the query");
 
     // A hash aggregate over 8 million groups, allowed to keep them all in memory: far more
     // than the workload may hold at 1 CU.
@@ -264,7 +300,7 @@ fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
         "set work_mem = '2GB'; \
          select count(*) from (select g, count(*) from generate_series(1, 8000000) g group by g) s",
     );
-    assert_eq!(groups, "8000000");
+    assert_eq!(groups.lines().last(), Some("8000000"), "{groups}");
     let after = a.guest_view("db2").unwrap();
     assert!(
         after.mem_total_kb > before.mem_total_kb,
@@ -279,5 +315,70 @@ fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
         client.query_ok("select pg_postmaster_start_time()"),
         postmaster_started,
         "Postgres restarted"
+    );
+}
+
+/// How long the guest itself takes to show `wanted` vCPUs, polled from its own reports;
+/// on a timeout, the agent's decisions say why.
+fn time_until_cpus(
+    host: &TestHost,
+    vm: &str,
+    wanted: impl Fn(u32) -> bool,
+    timeout: Duration,
+) -> Duration {
+    let started = std::time::Instant::now();
+    while !host.guest_view(vm).is_some_and(|v| wanted(v.cpus)) {
+        if started.elapsed() > timeout {
+            panic!(
+                "{vm} reports {:?} after {timeout:?}; the agent's decisions:\n{}",
+                host.guest_view(vm),
+                host.vmctl_ok(&["events", vm])
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_pgbench_load_step_grows_the_compute_and_it_shrinks_back_after() {
+    let _one = serialized();
+    let setup = Setup::new(&["a"]);
+    let a = &setup.hosts[0];
+    let client = create_compute(
+        &setup.lab,
+        a,
+        "db3",
+        &setup.good,
+        &[
+            "--min-cu",
+            "1",
+            "--max-cu",
+            "4",
+            "--agent",
+            "downscale_cooldown_secs=15",
+        ],
+    );
+    client.pgbench_init(2);
+    // Boot and initdb were load too: start from the minimum.
+    time_until_cpus(a, "db3", |cpus| cpus == 1, Duration::from_secs(420));
+
+    let bench = client.pgbench(8, 60);
+    let up = time_until_cpus(a, "db3", |cpus| cpus > 1, Duration::from_secs(60));
+    let result = finish_pgbench(bench);
+    assert_eq!(result.failed, 0, "{}", result.output);
+    let peak = a.guest_view("db3").unwrap();
+    let down = time_until_cpus(a, "db3", |cpus| cpus == 1, Duration::from_secs(420));
+    eprintln!(
+        "load step: grew within {:.1} s (to {} vCPU by the end, {:.0} tps), back to 1 vCPU {:.1} s after the load stopped",
+        up.as_secs_f64(),
+        peak.cpus,
+        result.tps,
+        down.as_secs_f64()
+    );
+    let events = a.vmctl_ok(&["events", "db3"]);
+    assert!(
+        events.contains("(fast)"),
+        "no decision names the fast signal:\n{events}"
     );
 }
