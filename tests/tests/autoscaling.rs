@@ -18,10 +18,15 @@ const FAST_AGENT: [&str; 6] = [
 
 /// Creates an autoscaled VM of 1 to `max_cu` CU with the fast agent settings.
 fn create_fast(host: &TestHost, name: &str, image: &str, max_cu: &str) {
+    create_fast_with(host, name, image, max_cu, &[]);
+}
+
+fn create_fast_with(host: &TestHost, name: &str, image: &str, max_cu: &str, extra: &[&str]) {
     let mut args = vec![
         "create", name, "--image", image, "--min-cu", "1", "--max-cu", max_cu,
     ];
     args.extend(FAST_AGENT);
+    args.extend(extra);
     host.vmctl_ok(&args);
 }
 
@@ -111,7 +116,15 @@ fn memory_pressure_gets_memory_before_oom_and_shrinks_only_as_the_monitor_allows
         vcpus: 4,
         memory_mib: 8192,
     });
-    create_fast(&host, "hog", "memhog", "3");
+    // The workload's page faults keep a vCPU busy: with the CPU signals on, the agent
+    // would grow the VM for them and the monitor would never need to ask for memory.
+    create_fast_with(
+        &host,
+        "hog",
+        "memhog",
+        "3",
+        &["--agent", "load_target=1000"],
+    );
     let serial = host.serial_log("hog");
     let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
     // Follow the events while it runs, as an operator would.
