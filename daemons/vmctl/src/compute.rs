@@ -3,7 +3,6 @@
 use clap::Subcommand;
 use std::path::PathBuf;
 use vmhost_api::ComputeAction;
-use vmhost_compute_api::ComputeStatus;
 
 #[derive(Subcommand)]
 pub enum ComputeCommand {
@@ -57,7 +56,7 @@ pub fn scram_verifier(password: &str, salt: &[u8; 16]) -> String {
 }
 
 /// `vmctl hash-password`: the verifier of the password on stdin (one line), with a random salt.
-pub fn hash_password() -> Result<(), String> {
+pub fn hash_password() -> Result<String, String> {
     use ring::rand::SecureRandom;
     let mut line = String::new();
     std::io::stdin()
@@ -72,8 +71,7 @@ pub fn hash_password() -> Result<(), String> {
     ring::rand::SystemRandom::new()
         .fill(&mut salt)
         .map_err(|_| "no randomness for the salt".to_string())?;
-    outln!("{}", scram_verifier(password, &salt));
-    Ok(())
+    Ok(scram_verifier(password, &salt))
 }
 
 /// A spec file, read where vmctl runs: the host gets its contents, not its path.
@@ -82,17 +80,6 @@ pub fn read_spec(path: &str) -> Result<serde_json::Value, String> {
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read spec {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("spec {} is not JSON: {e}", path.display()))
-}
-
-pub fn print_status(name: &str, status: &ComputeStatus) {
-    let when = |ms: Option<u64>| ms.map_or("-".into(), crate::output::format_unix_ms);
-    outln!("compute of {name}: {}", status.state);
-    if let Some(error) = &status.error {
-        outln!("  error: {error}");
-    }
-    outln!("  started: {}", when(Some(status.start_time_ms)));
-    outln!("  last active: {}", when(status.last_active_ms));
-    outln!("  build: {}", status.build_tag);
 }
 
 #[cfg(test)]

@@ -340,9 +340,12 @@ fn main() {
         return;
     }
     if let Command::HashPassword = cli.command {
-        if let Err(error) = compute::hash_password() {
-            errln!("vmctl: {error}");
-            std::process::exit(2);
+        match compute::hash_password() {
+            Ok(verifier) => outln!("{verifier}"),
+            Err(error) => {
+                errln!("vmctl: {error}");
+                std::process::exit(2);
+            }
         }
         return;
     }

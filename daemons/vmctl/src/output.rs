@@ -116,7 +116,7 @@ pub fn print_reply(reply: &Reply, json: bool) {
         Reply::Event(event) => print_event(event),
         Reply::MigrationProgress(progress) => print_progress(progress),
         Reply::Migrated(summary) => print_summary(summary),
-        Reply::Compute { name, status } => crate::compute::print_status(name, status),
+        Reply::Compute { name, status } => print_compute(name, status),
     }
 }
 
@@ -392,6 +392,18 @@ pub fn print_host(host: &HostInfo) {
         host.disk_capacity_gib
     );
     outln!("vms        {}", host.vms);
+}
+
+/// A compute as computectl reports it.
+fn print_compute(name: &str, status: &vmhost_compute_api::ComputeStatus) {
+    let when = |ms: Option<u64>| ms.map_or("-".into(), format_unix_ms);
+    outln!("compute of {name}: {}", status.state);
+    if let Some(error) = &status.error {
+        outln!("  error: {error}");
+    }
+    outln!("  started: {}", when(Some(status.start_time_ms)));
+    outln!("  last active: {}", when(status.last_active_ms));
+    outln!("  build: {}", status.build_tag);
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! computectl keeps the spec it was given on the VM's own disk, so a restarted VM comes
 //! back through `Init` without the host sending it again.
 
+use crate::compute_watch::ComputeWatch;
 use crate::error::HostError;
 use crate::host::Host;
 use crate::store::VmSpec;
@@ -25,25 +26,6 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A configure or terminate: initdb and a start of Postgres under emulation take a while.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Watches one running VM's compute; dropping it stops the watch.
-pub struct ComputeWatch {
-    task: tokio::task::JoinHandle<()>,
-    last: Arc<Mutex<Option<ComputeStatus>>>,
-}
-
-impl Drop for ComputeWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl ComputeWatch {
-    /// The status last read, if computectl answered the last read.
-    pub fn last(&self) -> Option<ComputeStatus> {
-        self.last.lock().unwrap().clone()
-    }
-}
-
 impl Host {
     fn compute_client(&self, name: &str, timeout: Duration) -> ComputeClient {
         ComputeClient::new(&self.paths(name).vsock.uds_path, timeout)
@@ -60,7 +42,7 @@ impl Host {
             self.compute_client(&spec.name, APPLY_TIMEOUT),
             last.clone(),
         ));
-        Some(ComputeWatch { task, last })
+        Some(ComputeWatch::new(task, last))
     }
 
     /// An operator's request to a VM's computectl.

@@ -5,6 +5,7 @@ mod agent_task;
 mod api;
 mod cold;
 mod compute;
+mod compute_watch;
 mod config;
 #[cfg(test)]
 mod config_fuzz;

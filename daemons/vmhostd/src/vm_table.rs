@@ -101,7 +101,7 @@ pub struct VmRecord {
     /// The autoscaling agent, while QEMU runs and the VM autoscales.
     pub agent: Option<AgentHandle>,
     /// The watch of its Postgres compute, while QEMU runs and the VM has a compute spec.
-    pub compute: Option<crate::compute::ComputeWatch>,
+    pub compute: Option<crate::compute_watch::ComputeWatch>,
     /// The agent's latest goal.
     pub goal: Option<ComputeUnits>,
     /// Wall-clock milliseconds of its migration here, if it came by one since this
