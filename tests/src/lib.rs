@@ -17,6 +17,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{self as protocol, FrameDecoder, GuestMessage, HostMessage};
 
+/// `vmctl create` arguments that switch the agent's CPU goals off, so that only memory can
+/// grow the VM: a memory workload's page faults, or a boot, keep a vCPU busy, and the CPU
+/// signals would grow the VM before its monitor ever asked for memory.
+pub const MEMORY_GOAL_ONLY: [&str; 2] = ["--agent", "load_target=1000"];
+
 /// Directory of the workspace's built binaries (`target/debug` or `target/release`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vmhost_tests::{bin, wait_until, Limits, TestHost, MEMHOG_MIB};
+use vmhost_tests::{bin, wait_until, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
 
 /// Short agent intervals, so a test sees several decisions in a minute or two.
 const FAST_AGENT: [&str; 6] = [
@@ -116,15 +116,7 @@ fn memory_pressure_gets_memory_before_oom_and_shrinks_only_as_the_monitor_allows
         vcpus: 4,
         memory_mib: 8192,
     });
-    // The workload's page faults keep a vCPU busy: with the CPU signals on, the agent
-    // would grow the VM for them and the monitor would never need to ask for memory.
-    create_fast_with(
-        &host,
-        "hog",
-        "memhog",
-        "3",
-        &["--agent", "load_target=1000"],
-    );
+    create_fast_with(&host, "hog", "memhog", "3", &MEMORY_GOAL_ONLY);
     let serial = host.serial_log("hog");
     let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
     // Follow the events while it runs, as an operator would.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{self as protocol, GuestMessage, HostMessage};
-use vmhost_tests::{wait_until, FakeGuest, Limits, TestHost, MEMHOG_MIB};
+use vmhost_tests::{wait_until, FakeGuest, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
 
 const GIB: u64 = 1 << 30;
 
@@ -80,20 +80,11 @@ fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
 #[test]
 fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
     let host = TestHost::start(roomy());
-    // The workload's page faults keep a vCPU busy: the agent's CPU goal is switched off so
-    // that only the monitor's request can grow the VM.
-    host.vmctl_ok(&[
-        "create",
-        "hog",
-        "--image",
-        "memhog",
-        "--min-cu",
-        "1",
-        "--max-cu",
-        "3",
-        "--agent",
-        "load_target=1000",
-    ]);
+    let mut args = vec![
+        "create", "hog", "--image", "memhog", "--min-cu", "1", "--max-cu", "3",
+    ];
+    args.extend(MEMORY_GOAL_ONLY);
+    host.vmctl_ok(&args);
     // 900 MiB does not fit in the 1 CU guest (the workload's limit is MemTotal − 96 MiB):
     // it only gets there if the upscale lands first.
     let shown = wait_show(

@@ -9,7 +9,7 @@ use vmhost_tests::postgres::{
     compute_state, finish_pgbench, password_hash, postgres_image_config, wait_compute_state,
     PgClient,
 };
-use vmhost_tests::{process_alive, Limits, TestHost};
+use vmhost_tests::{process_alive, Limits, TestHost, MEMORY_GOAL_ONLY};
 
 const GUEST_IP: &str = "10.88.0.60";
 const PASSWORD: &str = "correct horse battery staple";
@@ -285,9 +285,8 @@ fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
             "1",
             "--max-cu",
             "3",
-            // Only memory may grow it: the CPU of its boot and initdb must not.
-            "--agent",
-            "load_target=1000",
+            MEMORY_GOAL_ONLY[0],
+            MEMORY_GOAL_ONLY[1],
         ],
     );
     let postmaster_started = client.query_ok("select pg_postmaster_start_time()");

@@ -61,32 +61,31 @@ impl ComputeClient {
 
     /// `GET /status`.
     pub async fn status(&self) -> Result<ComputeStatus, ComputeError> {
-        let body = self.call(Method::GET, "/status", None).await?;
-        serde_json::from_slice(&body).map_err(|e| ComputeError::BadReply(e.to_string()))
+        self.call(Method::GET, "/status", None).await
     }
 
     /// `POST /configure` with `spec`; returns the status after it was applied.
     pub async fn configure(&self, spec: &serde_json::Value) -> Result<ComputeStatus, ComputeError> {
         let body = serde_json::to_vec(spec).map_err(|e| ComputeError::BadReply(e.to_string()))?;
-        let reply = self.call(Method::POST, "/configure", Some(body)).await?;
-        serde_json::from_slice(&reply).map_err(|e| ComputeError::BadReply(e.to_string()))
+        self.call(Method::POST, "/configure", Some(body)).await
     }
 
     /// `POST /terminate`: a fast shutdown of Postgres; returns the final status.
     pub async fn terminate(&self) -> Result<ComputeStatus, ComputeError> {
-        let reply = self.call(Method::POST, "/terminate", None).await?;
-        serde_json::from_slice(&reply).map_err(|e| ComputeError::BadReply(e.to_string()))
+        self.call(Method::POST, "/terminate", None).await
     }
 
+    /// Every route answers with the compute's status once it is done.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Bytes, ComputeError> {
-        tokio::time::timeout(self.timeout, self.exchange(method, path, body))
+    ) -> Result<ComputeStatus, ComputeError> {
+        let reply = tokio::time::timeout(self.timeout, self.exchange(method, path, body))
             .await
-            .map_err(|_| ComputeError::Timeout(self.timeout))?
+            .map_err(|_| ComputeError::Timeout(self.timeout))??;
+        serde_json::from_slice(&reply).map_err(|e| ComputeError::BadReply(e.to_string()))
     }
 
     async fn exchange(

@@ -7,6 +7,7 @@ use crate::error::HostError;
 use crate::host::Host;
 use anyhow::Context;
 use futures::future::BoxFuture;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmhost_api::{
@@ -45,6 +46,9 @@ pub struct Fleet {
     own_moves: tokio::sync::Semaphore,
     /// Peers whose gossip overstated their room, ranked last for a while.
     suspects: suspects::Suspects,
+    /// The images this host has, by name, with their ids: read once, as images change
+    /// only with a restart.
+    images: BTreeMap<String, String>,
 }
 
 impl Fleet {
@@ -64,6 +68,7 @@ impl Fleet {
         endpoint.serve_peers(Arc::new(move |peer, request| {
             serve_peer(&served, calls.clone(), peer, request)
         }));
+        let images = crate::validate::image_ids(&host.config);
         let membership = Membership::start(
             endpoint.clone(),
             MembershipConfig {
@@ -74,7 +79,7 @@ impl Fleet {
                 gossip_interval: Duration::from_millis(config.gossip_interval_ms),
                 dead_host_grace: Duration::from_secs(config.dead_host_grace_secs),
             },
-            &own_view(&host, &config),
+            &own_view(&host, &config, &images),
         )
         .await?;
         tracing::info!(addr = %config.advertise(), cluster = %config.cluster, seeds = ?config.seeds, "joined the fleet");
@@ -86,6 +91,7 @@ impl Fleet {
             config,
             followed: Default::default(),
             suspects: Default::default(),
+            images,
         });
         fleet.spawn_drainer();
         if fleet.config.rebalance {
@@ -97,7 +103,7 @@ impl Fleet {
                 fleet.host.admission.expire_leases();
                 fleet
                     .membership
-                    .publish(&own_view(&fleet.host, &fleet.config))
+                    .publish(&own_view(&fleet.host, &fleet.config, &fleet.images))
                     .await;
                 drop(fleet);
                 tokio::time::sleep(PUBLISH_INTERVAL).await;
@@ -396,7 +402,7 @@ fn has_image_of(view: &HostView, spec: &crate::store::VmSpec) -> bool {
     }
 }
 
-fn own_view(host: &Host, config: &FleetConfig) -> HostView {
+fn own_view(host: &Host, config: &FleetConfig, images: &BTreeMap<String, String>) -> HostView {
     let info = host.host_info();
     HostView {
         name: info.name,
@@ -409,7 +415,7 @@ fn own_view(host: &Host, config: &FleetConfig) -> HostView {
         vms: info.vms as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
         drain: host.drain_phase(),
-        images: crate::validate::image_ids(&host.config),
+        images: images.clone(),
     }
 }
 

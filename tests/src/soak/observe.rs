@@ -135,16 +135,10 @@ impl Snapshot {
 
     /// VMs listed in `state` on an answering host, with that host.
     pub fn in_state(&self, state: VmState) -> Vec<(usize, String)> {
-        self.hosts
-            .iter()
-            .enumerate()
-            .flat_map(|(i, h)| {
-                h.vms
-                    .iter()
-                    .flatten()
-                    .filter(move |v| v.state == state)
-                    .map(move |v| (i, v.name.clone()))
-            })
+        self.placements()
+            .into_iter()
+            .filter(|(_, _, s, _)| *s == state)
+            .map(|(name, i, _, _)| (i, name))
             .collect()
     }
 
