@@ -231,7 +231,12 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
 
     // Migration under load: pgbench's connections survive and none of its transactions fail.
     let bench = client.pgbench(4, 60);
-    std::thread::sleep(Duration::from_secs(10));
+    // The move starts once pgbench's transactions are committing, as the database shows.
+    vmhost_tests::wait_until(Duration::from_secs(30), "pgbench to commit", || {
+        client
+            .query("select count(*) from pgbench_history")
+            .is_ok_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 20))
+    });
     a.vmctl_ok(&["migrate", "db1", "--to", "b"]);
     let result = finish_pgbench(bench);
     assert_eq!(result.failed, 0, "{}", result.output);
