@@ -5,7 +5,10 @@
 //! and busybox-static). When something is missing they fail with a message saying what.
 
 pub mod benchmarks;
+pub mod cgroups;
 pub mod netns;
+pub mod nspawn;
+pub mod package;
 pub mod postgres;
 pub mod soak;
 pub mod workload;
@@ -107,6 +110,7 @@ pub struct Limits {
 /// One vmhostd with its own state dir and socket. Dropping it kills the daemon and every
 /// QEMU it started, even when the test failed.
 pub struct TestHost {
+    pub name: String,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -127,12 +131,19 @@ pub struct HostOptions {
 impl HostOptions {
     pub fn new(limits: Limits) -> HostOptions {
         HostOptions {
-            name: "test-host".into(),
+            name: unique_host_name(),
             limits,
             netns: None,
             extra_config: String::new(),
         }
     }
+}
+
+/// Test hosts run side by side and their VMs' cgroups are named after them.
+fn unique_host_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test-host-{}-{n}", std::process::id())
 }
 
 /// The real-QEMU tier runs real parts or fails, loudly, naming what is missing: it never
@@ -243,6 +254,7 @@ cmdline = "{cmdline} vmhost.monitor=off"
         )
         .unwrap();
         let mut host = TestHost {
+            name: options.name,
             dir,
             config,
             socket,
@@ -294,9 +306,13 @@ cmdline = "{cmdline} vmhost.monitor=off"
             .open(self.daemon_log())
             .unwrap();
         let mut command = match &self.netns {
+            // Not `ip netns exec`, which mounts a new /sys without the cgroup filesystems
+            // that vmhostd places its VMs in.
             Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns]).arg(bin("vmhostd"));
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .arg(bin("vmhostd"));
                 command
             }
             None => Command::new(bin("vmhostd")),
@@ -484,6 +500,7 @@ impl Drop for TestHost {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        cgroups::remove_host_cgroups(&self.name);
     }
 }
 

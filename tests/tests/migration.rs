@@ -242,6 +242,7 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     assert_continued(&before, b, "mover");
     // The guest channel moved too: its monitor talks to b now.
     b.wait_monitor("mover");
+    vmhost_tests::cgroups::assert_confined(b, "mover", 2u64 << 30);
 }
 
 #[test]

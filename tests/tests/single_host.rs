@@ -1,6 +1,8 @@
 //! One host, real QEMU guests under the accelerator `auto` picks, driven through vmctl.
 
-use vmhost_tests::{process_alive, GuestView, Limits, TestHost};
+use std::time::Duration;
+use vmhost_tests::cgroups::limits_of;
+use vmhost_tests::{process_alive, wait_until, GuestView, HostOptions, Limits, TestHost};
 
 const GIB: u64 = 1 << 30;
 const GIB_KB: u64 = 1 << 20;
@@ -286,4 +288,85 @@ fn a_user_outside_the_api_group_is_refused_even_when_the_socket_is_open_to_all()
         "{stderr}"
     );
     host.vmctl_ok(&["list"]);
+}
+
+#[test]
+fn each_vm_runs_in_a_cgroup_whose_limits_follow_its_size() {
+    const OVERHEAD: u64 = 300 << 20;
+    let mut options = HostOptions::new(roomy());
+    options.extra_config = "[cgroups]\nqemu_overhead_mib = 300\n".into();
+    let mut host = TestHost::start_with(options);
+    host.vmctl_ok(&[
+        "create",
+        "db1",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "3",
+        "--no-autoscale",
+    ]);
+    host.wait_guest_ready("db1");
+    let boot = host.wait_guest_report("db1");
+    let qemu = host.qemu_pids()[0];
+    let backend: i32 = std::fs::read_to_string(host.state_dir().join("vms/db1/vsock.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let limits = limits_of(qemu);
+    assert!(
+        limits
+            .memory_cgroup
+            .ends_with(&format!("/vmhost-{}/db1", host.name)),
+        "QEMU is in {limits:?}"
+    );
+    assert_eq!(
+        limits_of(backend),
+        limits,
+        "the vsock backend shares QEMU's cgroup"
+    );
+    assert_eq!(limits.memory_bytes, GIB + OVERHEAD);
+    assert_eq!(limits.cpu_quota_us, 100_000);
+
+    host.vmctl_ok(&["scale", "db1", "--cu", "3"]);
+    host.wait_guest_view(
+        "db1",
+        GuestView {
+            cpus: 3,
+            mem_total_kb: boot.mem_total_kb + 2 * GIB_KB,
+        },
+    );
+    let grown = limits_of(qemu);
+    assert_eq!(grown.memory_bytes, 3 * GIB + OVERHEAD);
+    assert_eq!(grown.cpu_quota_us, 300_000);
+
+    host.wait_monitor("db1");
+    host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
+    host.wait_guest_view(
+        "db1",
+        GuestView {
+            cpus: 2,
+            mem_total_kb: boot.mem_total_kb + GIB_KB,
+        },
+    );
+    assert_eq!(limits_of(qemu).memory_bytes, 2 * GIB + OVERHEAD);
+    assert_eq!(limits_of(qemu).cpu_quota_us, 200_000);
+
+    // The cgroup is the kernel's: it outlives vmhostd, which finds it again.
+    host.kill_daemon();
+    host.start_daemon();
+    assert_eq!(host.show("db1")["pid"], qemu);
+    assert_eq!(limits_of(qemu).memory_bytes, 2 * GIB + OVERHEAD);
+    assert_eq!(limits_of(backend), limits_of(qemu));
+
+    let memory_cgroup = limits_of(qemu).memory_cgroup;
+    host.vmctl_ok(&["delete", "db1"]);
+    wait_until(Duration::from_secs(10), "the VM's cgroup to go", || {
+        !std::path::Path::new("/sys/fs/cgroup/memory")
+            .join(memory_cgroup.trim_start_matches('/'))
+            .exists()
+            && !std::path::Path::new("/sys/fs/cgroup")
+                .join(memory_cgroup.trim_start_matches('/'))
+                .exists()
+    });
 }

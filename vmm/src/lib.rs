@@ -5,6 +5,7 @@
 //! or the fakes of `fake` (feature `fake`) in tests.
 
 pub mod accel;
+pub mod cgroup;
 pub mod cmdline;
 pub mod disk_mirror;
 #[cfg(any(test, feature = "fake"))]

@@ -49,7 +49,15 @@ impl VsockBackend {
     }
 
     pub fn is_running(&self) -> bool {
-        read_pid(&self.pidfile).is_ok_and(|pid| process_serves(pid, &self.vhost_socket))
+        self.running_pid().is_some()
+    }
+
+    /// The backend's process, while it serves this VM's socket.
+    pub fn running_pid(&self) -> Option<u32> {
+        read_pid(&self.pidfile)
+            .ok()
+            .filter(|pid| process_serves(*pid, &self.vhost_socket))
+            .and_then(|pid| u32::try_from(pid.as_raw()).ok())
     }
 
     /// Starts the backend unless it already runs, and waits for its control socket.

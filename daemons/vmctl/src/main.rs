@@ -1,6 +1,6 @@
 //! vmctl: operate the VMs of a vmhost host through its local vmhostd.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use vmhost_api::{
@@ -173,6 +173,12 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Print the completion script for SHELL, e.g.
+    /// `vmctl completions bash > /etc/bash_completion.d/vmctl`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages, vmctl.1 and one per subcommand, into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -312,7 +318,10 @@ impl Command {
             } => on(target, Request::Drain(DrainHost { cold, parallel })),
             Command::Undrain { target } => on(target, Request::Undrain),
             Command::DrainStatus { target } => on(target, Request::DrainStatus),
-            Command::Fleet(_) | Command::HashPassword => {
+            Command::Fleet(_)
+            | Command::HashPassword
+            | Command::Completions { .. }
+            | Command::Manpages { .. } => {
                 unreachable!("run locally, without vmhostd")
             }
         }
@@ -348,6 +357,25 @@ fn main() {
             }
         }
         return;
+    }
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "vmctl", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            return;
+        }
+        Command::Manpages { dir } => {
+            if let Err(error) = clap_mangen::generate_to(Cli::command(), dir) {
+                errln!(
+                    "vmctl: cannot write the manual pages into {}: {error}",
+                    dir.display()
+                );
+                std::process::exit(1);
+            }
+            return;
+        }
+        _ => {}
     }
     let on_host = |request: Request| match &cli.host {
         // Another host lists its own VMs.
@@ -432,8 +460,17 @@ mod tests {
 
     #[test]
     fn cli_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn manual_pages_cover_every_subcommand_but_the_hidden_one() {
+        let dir = tempfile::tempdir().unwrap();
+        clap_mangen::generate_to(Cli::command(), dir.path()).unwrap();
+        for page in ["vmctl.1", "vmctl-create.1", "vmctl-fleet-issue-cert.1"] {
+            assert!(dir.path().join(page).is_file(), "{page} is missing");
+        }
+        assert!(!dir.path().join("vmctl-manpages.1").exists());
     }
 
     #[test]

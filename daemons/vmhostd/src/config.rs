@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub cgroups: CgroupConfig,
+    #[serde(default)]
     pub images: BTreeMap<String, ImageConfig>,
     /// Membership in a fleet of hosts; without it the host stands alone.
     pub fleet: Option<FleetConfig>,
@@ -203,6 +205,25 @@ impl Default for GuestConfig {
     fn default() -> Self {
         GuestConfig {
             downscale_answer_secs: 10,
+        }
+    }
+}
+
+/// Per-VM cgroups: each VM's QEMU and vsock backend limited to the VM's size.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    pub enabled: bool,
+    /// QEMU's own memory beyond the guest's, added to each VM's memory limit; by default
+    /// 128 MiB under KVM and 512 MiB under TCG, whose translated code takes memory too.
+    pub qemu_overhead_mib: Option<u64>,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enabled: true,
+            qemu_overhead_mib: None,
         }
     }
 }
@@ -484,6 +505,30 @@ mod tests {
         assert_eq!(config.cu_shape(), CuShape::default());
         assert_eq!(config.network, NetworkConfig::None);
         assert_eq!(config.capacity().memory_bytes, 16 << 30);
+    }
+
+    /// What the Debian package installs as /etc/vmhost/vmhostd.toml.
+    const PACKAGED: &str = include_str!("../package/vmhostd.toml");
+
+    #[test]
+    fn the_packaged_config_parses_as_is_and_with_every_commented_key_set() {
+        let config = load(PACKAGED).unwrap();
+        assert_eq!(
+            config.vsock_backend,
+            Path::new("/usr/libexec/vmhost/vhost-device-vsock")
+        );
+        // A commented line that is TOML on its own is a key or a table to uncomment.
+        let uncommented: String = PACKAGED
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(setting) if toml::from_str::<toml::Table>(setting).is_ok() => setting,
+                _ => line,
+            })
+            .flat_map(|line| [line, "\n"])
+            .collect();
+        let full = load(&uncommented).unwrap();
+        assert!(full.fleet.is_some() && full.images.contains_key("test"));
+        assert_eq!(full.capacity.disk_gib, Some(2000));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Host {
     pub cold: ColdArrivals,
     /// The latest upscale this host could not give in full, for the rebalancer.
     pub room_wanted: RoomWanted,
+    /// Each VM's cgroup; `None` where they cannot be used or are turned off.
+    pub cgroups: Option<Arc<vmm::cgroup::VmCgroups>>,
     name: String,
 }
 
@@ -56,6 +58,7 @@ impl Host {
             }
         }
         let admission = Admission::open(config.capacity(), disks, store.clone())?;
+        let cgroups = crate::cgroups::open(&config);
         let host = Arc::new(Host {
             events: EventLog::default(),
             stats: ScalingStats::default(),
@@ -70,7 +73,9 @@ impl Host {
             drain: DrainState::default(),
             cold: ColdArrivals::default(),
             room_wanted: RoomWanted::default(),
+            cgroups,
         });
+        crate::service::status(&format!("reattaching {} VMs", specs.len()));
         for spec in specs {
             host.reattach(spec).await;
         }

@@ -179,6 +179,7 @@ impl Host {
         self.set_down(&mut slot.record(), VmState::Stopped);
         self.store.remove_vm(name)?;
         self.admission.disks.release(name);
+        self.release_cgroup(name);
         net::remove_tap(name);
         self.stats.forget(name);
         self.events.forget(name);
@@ -262,6 +263,8 @@ impl Host {
                 }
             })?;
         tracing::info!(vm = %spec.name, pid = machine.pid(), accel = %self.accel.accel, "QEMU started");
+        // An arriving VM is limited to its full size from the start: its memory comes in.
+        self.confine(&spec.name, machine.pid(), spec.cu_shape.resources(spec.cu));
         Ok((machine, budget))
     }
 
@@ -315,6 +318,7 @@ impl Host {
                     tracing::warn!(vm = %name, "host is over capacity after reattaching (was capacity lowered?)");
                 }
                 tracing::info!(vm = %name, pid = machine.pid(), size = %applied, "reattached to running VM");
+                self.confine(&name, machine.pid(), applied);
                 if leaving {
                     // Its migration lost its orchestration; see `resume_interrupted_departure`.
                     let mut record = VmRecord::new(spec, VmState::Migrating, applied);
@@ -361,6 +365,7 @@ impl Host {
             tracing::error!(vm = %name, error = %error_chain(&error), "cannot remove the files of a VM handed over to another host");
         }
         net::remove_tap(name);
+        self.release_cgroup(name);
         tracing::info!(vm = %name, "finished removing a VM handed over to another host before the restart");
     }
 
@@ -424,6 +429,7 @@ impl Host {
         record.goal = None;
         self.hypervisor
             .stop_vsock(&self.paths(&record.spec.name).vsock);
+        self.release_cgroup(&record.spec.name);
         self.admission.release(&record.spec.name);
     }
 

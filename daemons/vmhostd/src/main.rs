@@ -3,6 +3,7 @@
 mod admission;
 mod agent_task;
 mod api;
+mod cgroups;
 mod cold;
 mod compute;
 mod compute_watch;
@@ -24,6 +25,7 @@ mod rebalance;
 mod reload;
 mod resize;
 mod router;
+mod service;
 mod store;
 #[cfg(test)]
 mod testing;
@@ -32,46 +34,51 @@ mod validate;
 mod vm_table;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(version, about = "vmhost host daemon")]
+#[command(
+    version,
+    about = "vmhost host daemon",
+    long_about = "Runs, resizes and supervises the QEMU VMs of one host, and serves vmctl on \
+        its API socket, as the systemd unit vmhostd.service. VMs outlive it: a restarted \
+        vmhostd reattaches to them.\n\n\
+        SIGHUP rereads the config and the fleet credentials: the fleet's CAs, certificate and \
+        denied hosts apply at once, other changes at the next restart. VMHOST_LOG sets the \
+        log filter (e.g. VMHOST_LOG=debug). The README's Configuration section \
+        (/usr/share/doc/vmhost/README.md) describes every key of the config."
+)]
 struct Args {
     /// Host config file (TOML).
     #[arg(long, default_value = "/etc/vmhost/vmhostd.toml")]
     config: PathBuf,
-}
-
-/// Logs go to journald under systemd, to stderr otherwise (or if journald is unreachable).
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
-            return;
-        }
-    }
-    registry
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .init();
+    /// Write the manual page, vmhostd.8, into DIR and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    manpage_dir: Option<PathBuf>,
 }
 
 fn main() {
     let args = Args::parse();
-    init_logging();
+    if let Some(dir) = &args.manpage_dir {
+        let page = clap_mangen::Man::new(Args::command()).section("8");
+        if let Err(error) = page.generate_to(dir) {
+            eprintln!(
+                "vmhostd: cannot write the manual page into {}: {error}",
+                dir.display()
+            );
+            std::process::exit(1);
+        }
+        return;
+    }
+    let loaded = config::Config::load_with_table(&args.config);
+    let host_name = loaded.as_ref().map(|(c, _)| c.host_name());
+    service::init_logging(host_name.as_deref().unwrap_or_default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    if let Err(error) = runtime.block_on(run(args)) {
+    if let Err(error) = runtime.block_on(run(args.config, loaded)) {
         // One line: the chain of causes, outermost first.
         eprintln!("vmhostd: {error:#}");
         tracing::error!("{error:#}");
@@ -79,8 +86,11 @@ fn main() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let (config, running) = config::Config::load_with_table(&args.config)?;
+async fn run(
+    config_path: PathBuf,
+    loaded: Result<(config::Config, toml::Table), config::ConfigError>,
+) -> anyhow::Result<()> {
+    let (config, running) = loaded?;
     let accel = vmm::accel::decide(config.accel, &vmm::HostFacts::probe())?;
     tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     let api_socket = config.api_socket.clone();
@@ -104,10 +114,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let fleet = fleet::Fleet::start(host.clone(), router::peer_calls(host.clone())).await?;
-    reload::on_hangup(args.config.clone(), running, fleet.clone())?;
+    reload::on_hangup(config_path, running, fleet.clone())?;
     tracing::info!(socket = %api_socket.display(), vms = host.list().len(), "vmhostd ready");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    spawn_watchdog();
+    service::ready(&host);
+    service::spawn_watchdog(host.clone());
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
@@ -120,22 +130,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fleet.close();
     }
     // VMs keep running: a restarted vmhostd reattaches to them.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    service::stopping();
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("vmhostd stopping; VMs keep running");
     Ok(())
-}
-
-/// Pings systemd's watchdog at half its interval, from the runtime, so a wedged runtime
-/// gets the daemon restarted.
-fn spawn_watchdog() {
-    if let Some(timeout) = sd_notify::watchdog_enabled() {
-        let interval = timeout / 2;
-        tokio::spawn(async move {
-            loop {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                tokio::time::sleep(interval).await;
-            }
-        });
-    }
 }

@@ -44,10 +44,15 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Asks the kernel of this network namespace, not /sys, which may be another's.
+fn link_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
 /// Creates (or reuses) the VM's tap and puts it on `bridge`.
 pub fn ensure_tap(vm: &str, bridge: &str) -> Result<String, NetError> {
     let tap = tap_name(vm);
-    let exists = std::path::Path::new("/sys/class/net").join(&tap).exists();
+    let exists = link_exists(&tap);
     let result = (|| {
         if !exists {
             ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
@@ -65,7 +70,7 @@ pub fn ensure_tap(vm: &str, bridge: &str) -> Result<String, NetError> {
 
 pub fn remove_tap(vm: &str) {
     let tap = tap_name(vm);
-    if std::path::Path::new("/sys/class/net").join(&tap).exists() {
+    if link_exists(&tap) {
         if let Err(error) = ip(&["link", "del", &tap]) {
             tracing::warn!(%tap, %error, "cannot remove tap");
         }

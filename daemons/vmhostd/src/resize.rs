@@ -242,6 +242,7 @@ impl Host {
                 return Err(error.into());
             }
         }
+        self.limit(name, booking(cu));
         if plugs > 0 {
             await_guest_up(guest.as_ref(), timeout).await;
         }
@@ -270,6 +271,7 @@ impl Host {
                 // Shrinking the booking to what QEMU holds always fits.
                 let _ = self.admission.set(name, measured);
                 record.applied = measured;
+                self.limit(name, measured);
             }
         }
         applied.map_err(vmm_error(name, "resize"))?;

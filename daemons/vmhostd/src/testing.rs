@@ -38,6 +38,8 @@ fn config(dir: &Path, name: &str) -> Config {
         downscale_answer_secs = 1
         [timeouts]
         hotplug_secs = 1
+        [cgroups]
+        enabled = false
         [images.test]
         kernel = "{dir}/vmlinuz"
         [fleet]

@@ -190,6 +190,10 @@ impl Host {
         if let Err(error) = plugged {
             tracing::error!(vm = %name, error = %error_chain(&error), "the guest has no vsock device; it cannot reach this host until it restarts");
         }
+        if let Ok(slot) = self.slot(name) {
+            let size = slot.record().applied;
+            self.confine(name, machine.pid(), size);
+        }
     }
 
     /// Plugs back the hotplug memory a move unplugged, if it did.
