@@ -4,6 +4,7 @@
 //! These tests need root-free access to QEMU and the image builder's inputs (a guest kernel
 //! and busybox-static). When something is missing they fail with a message saying what.
 
+pub mod ansible;
 pub mod benchmarks;
 pub mod cgroups;
 pub mod netns;

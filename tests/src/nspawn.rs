@@ -1,6 +1,7 @@
 //! A Debian host booted with a real systemd as PID 1 (`systemd-nspawn -b`), with the vmhost
 //! package installed: for what only systemd shows, such as readiness, the watchdog, the
-//! journal and the unit's hardening.
+//! journal and the unit's hardening. Or without it, in a lab's network namespace, for Ansible
+//! to install it over ssh.
 
 use crate::package::{build_package, host_root, run};
 use crate::wait_until;
@@ -32,6 +33,29 @@ impl Machine {
             .args(["dpkg", "-i", "/tmp/vmhost.deb"])
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
         std::fs::write(root.join("etc/vmhost/vmhostd.toml"), config).unwrap();
+        Machine::boot(name, dir, "--private-network")
+    }
+
+    /// Boots a fresh clean root, without the package, in the network namespace `netns`
+    /// (`/run/netns/NAME`, e.g. a `Lab` host's: the machine has its addresses), once
+    /// `prepare` has changed the root (seen from this host); waits until systemd has
+    /// finished starting up.
+    pub fn boot_clean_in_netns(
+        name: &str,
+        netns: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Machine {
+        let dir = host_root("vmhost-machine-");
+        prepare(&dir.path().join("root"));
+        Machine::boot(
+            name,
+            dir,
+            &format!("--network-namespace-path=/run/netns/{netns}"),
+        )
+    }
+
+    fn boot(name: &str, dir: tempfile::TempDir, network: &str) -> Machine {
+        let root = dir.path().join("root");
         std::fs::write(root.join("etc/hostname"), format!("{name}\n")).unwrap();
         let log = std::fs::File::create(dir.path().join("console.log")).unwrap();
         let nspawn = Command::new("systemd-nspawn")
@@ -40,12 +64,7 @@ impl Machine {
             .arg(format!("--bind-ro={IMAGE_CACHE}"))
             // No systemd runs this host's services: no machined to register with, and no
             // scope to make.
-            .args([
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                "--private-network",
-            ])
+            .args(["--boot", "--register=no", "--keep-unit", network])
             .arg("--console=pipe")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

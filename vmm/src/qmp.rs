@@ -36,6 +36,47 @@ pub enum QmpError {
     },
 }
 
+/// qapi's reader ends at the first line it cannot decode, and an ended reader means QEMU
+/// is gone. QEMU may send events qapi-qmp's schema does not know (a newer QEMU, or an event
+/// a guest provokes with odd fields): those are logged and dropped here, before qapi reads,
+/// so the VM is not taken for dead while it runs.
+fn known_messages_only(
+    read: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+) -> tokio::io::ReadHalf<tokio::io::DuplexStream> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (filtered, mut to_qapi) = tokio::io::duplex(64 << 10);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut dropped = 0u64;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if !is_known(&line) {
+                // Once at warning level: a guest may provoke the same event endlessly.
+                dropped += 1;
+                if dropped == 1 {
+                    tracing::warn!(message = %line, "QMP event this QEMU client does not know; ignored, as are any more");
+                } else {
+                    tracing::debug!(message = %line, dropped, "QMP event ignored");
+                }
+                continue;
+            }
+            if to_qapi.write_all(line.as_bytes()).await.is_err()
+                || to_qapi.write_all(b"\n").await.is_err()
+            {
+                break;
+            }
+        }
+    });
+    tokio::io::split(filtered).0
+}
+
+/// Whether `line` is not an event, or an event qapi-qmp decodes.
+fn is_known(line: &str) -> bool {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(value) if value.get("event").is_some() => serde_json::from_value::<Event>(value).is_ok(),
+        _ => true,
+    }
+}
+
 /// A connected QMP monitor.
 pub struct QmpClient {
     service: QapiService<Writer>,
@@ -52,7 +93,11 @@ impl QmpClient {
             source,
         };
         let negotiated = tokio::time::timeout(timeout, async {
-            QmpStreamTokio::open_uds(path).await?.negotiate().await
+            let (read, write) = tokio::io::split(UnixStream::connect(path).await?);
+            QmpStreamTokio::open_split(known_messages_only(read), write)
+                .await?
+                .negotiate()
+                .await
         })
         .await
         .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
@@ -535,6 +580,79 @@ qmp_command!(MigrateContinue => "migrate-continue", qapi::Empty);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_events_qapi_cannot_decode_are_dropped() {
+        let known = r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        let unknown =
+            r#"{"event": "NO_SUCH_EVENT", "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        let odd = r#"{"event": "DEVICE_DELETED", "data": {"path": 7}, "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        assert!(is_known(known));
+        assert!(!is_known(unknown));
+        assert!(!is_known(odd));
+        assert!(is_known(r#"{"return": {}}"#));
+        assert!(is_known("not json: qapi reports it"));
+    }
+
+    /// A QMP server that greets, then sends `events` and answers one `query-status`.
+    async fn serve_qmp(listener: tokio::net::UnixListener, events: Vec<&'static str>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (socket, _) = listener.accept().await.unwrap();
+        let (read, mut write) = tokio::io::split(socket);
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#;
+        write
+            .write_all(format!("{greeting}\n").as_bytes())
+            .await
+            .unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let request: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = request["id"].clone();
+            if request["execute"] == "query-status" {
+                for event in &events {
+                    write
+                        .write_all(format!("{event}\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+                let reply =
+                    serde_json::json!({"return": {"status": "running", "running": true}, "id": id});
+                write
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .unwrap();
+            } else {
+                let reply = serde_json::json!({"return": {}, "id": id});
+                write
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_qapi_does_not_know_does_not_end_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let unknown = r#"{"event": "NO_SUCH_EVENT", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        let known = r#"{"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        tokio::spawn(serve_qmp(listener, vec![unknown, known]));
+        let client = QmpClient::connect(&path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut events = client.subscribe();
+        let status = client.execute(qapi::qmp::query_status {}).await.unwrap();
+        assert!(status.running);
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(event, Event::RESUME { .. }), "{event:?}");
+        assert!(!client.is_closed());
+        client.execute(qapi::qmp::query_status {}).await.unwrap();
+    }
 
     #[test]
     fn parses_qemu_7_2_hotpluggable_cpus_reply() {
