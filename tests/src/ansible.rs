@@ -72,7 +72,12 @@ impl ControlNode {
 
     /// The fleet CA's folder (`vmhost_ca_dir`): on the control node only.
     pub fn ca_dir(&self) -> PathBuf {
-        self.dir.path().join("ca")
+        self.path("ca")
+    }
+
+    /// A file of the control node's own folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Writes the inventory (YAML's JSON subset) that `playbook` uses.

@@ -60,8 +60,15 @@ impl Fleet {
             control,
             _lab: lab,
         };
+        std::fs::copy(build_package(), fleet.package()).unwrap();
         fleet.control.write_inventory(&fleet.inventory(&fleet._lab));
         fleet
+    }
+
+    /// The package under test, copied to the control node: other tests rebuild the one
+    /// under target/ meanwhile.
+    fn package(&self) -> PathBuf {
+        self.control.path("vmhost.deb")
     }
 
     /// One group `vmhost`: each host reached and enrolled at its lab address, small hosts
@@ -84,7 +91,7 @@ impl Fleet {
             "ansible_user": "root",
             "ansible_ssh_private_key_file": self.control.private_key(),
             "ansible_python_interpreter": "/usr/bin/python3",
-            "vmhost_package_file": build_package(),
+            "vmhost_package_file": self.package(),
             "vmhost_ca_dir": self.control.ca_dir(),
             "vmhost_controller_vmctl": bin("vmctl"),
             "vmhost_fleet_cluster": "ansible-test",
@@ -259,7 +266,7 @@ fn the_role_installs_a_fleet_under_systemd_and_rolls_an_upgrade_while_its_vm_run
         .collect();
 
     let scratch = tempfile::tempdir().unwrap();
-    let (deb, new_version) = next_version(&build_package(), scratch.path());
+    let (deb, new_version) = next_version(&fleet.package(), scratch.path());
     let extra = format!("vmhost_package_file={}", deb.display());
     let upgrade = fleet
         .control

@@ -341,7 +341,10 @@ impl Host {
             return;
         };
         if migrating {
-            self.resume_interrupted_departure(&slot).await;
+            // Cancelling the migration and giving the guest its memory back can take the
+            // hotplug timeout: it must not hold up the restart (and systemd's READY).
+            let host = self.clone();
+            tokio::spawn(async move { host.resume_interrupted_departure(&slot).await });
         }
     }
 

@@ -189,10 +189,10 @@ async fn a_source_restarted_after_its_qemu_completed_hands_the_vm_over() {
     let _ = m.task.await;
     src.release(Step::MigrationInfo);
     let restarted = m.source.restart().await;
-    assert!(
-        restarted.state("a").is_none(),
-        "the completed source copy is listed"
-    );
+    until("the completed source copy is let go", || {
+        restarted.state("a").is_none()
+    })
+    .await;
     assert!(src.exited_now());
     assert!(!restarted.vm_dir("a").exists());
 }

@@ -141,9 +141,31 @@ async fn a_source_restarted_before_the_switchover_cancels_and_runs_the_vm_on() {
     m.task.abort();
     let _ = m.task.await;
     let restarted = m.source.restart().await;
-    assert_eq!(restarted.state("a"), Some(VmState::Running));
+    until("the VM runs on", || {
+        restarted.state("a") == Some(VmState::Running)
+    })
+    .await;
     assert!(src.count(Step::CancelMigration) >= 1);
     assert!(src.vsock_plugged());
+}
+
+#[tokio::test]
+async fn a_restart_serves_at_once_while_an_interrupted_departure_is_wound_down() {
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    m.task.abort();
+    let _ = m.task.await;
+    src.stall(Step::CancelMigration);
+    let restarted = tokio::time::timeout(Duration::from_secs(5), m.source.restart())
+        .await
+        .expect("the restart waited for the interrupted departure");
+    assert_eq!(restarted.state("a"), Some(VmState::Migrating));
+    src.release(Step::CancelMigration);
+    until("the VM runs on", || {
+        restarted.state("a") == Some(VmState::Running)
+    })
+    .await;
 }
 
 #[tokio::test]
