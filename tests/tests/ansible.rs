@@ -60,15 +60,29 @@ impl Fleet {
             control,
             _lab: lab,
         };
-        std::fs::copy(build_package(), fleet.package()).unwrap();
+        fleet.copy_package();
         fleet.control.write_inventory(&fleet.inventory(&fleet._lab));
         fleet
     }
 
-    /// The package under test, copied to the control node: other tests rebuild the one
-    /// under target/ meanwhile.
+    /// The package under test, on the control node.
     fn package(&self) -> PathBuf {
         self.control.path("vmhost.deb")
+    }
+
+    /// Copies the package under test to the control node. Tests running meanwhile rebuild
+    /// it under target/: a copy taken mid-write is taken again.
+    fn copy_package(&self) {
+        for _ in 0..5 {
+            std::fs::copy(build_package(), self.package()).unwrap();
+            let mut check = Command::new("dpkg-deb");
+            let check = check.arg("--info").arg(self.package()).output();
+            if check.is_ok_and(|out| out.status.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        panic!("the package under target/debian is never whole");
     }
 
     /// One group `vmhost`: each host reached and enrolled at its lab address, small hosts

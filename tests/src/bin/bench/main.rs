@@ -1,11 +1,12 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres|overhead [N]
 
 mod drain;
 mod gossip;
 mod migration;
+mod overhead;
 mod postgres;
 mod tunnel;
 
@@ -361,8 +362,9 @@ async fn main() {
         "migration" => migration::downtime(runs, &test_image(), accel).await,
         "drain" => drain::drain(runs, 3),
         "postgres" => postgres::postgres(runs, accel).await,
+        "overhead" => overhead::overhead(runs, accel),
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain or postgres"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain, postgres or overhead"
         ),
     }
 }
