@@ -66,6 +66,8 @@ pub fn test_image() -> PathBuf {
         .arg(bin("vmhost-cpuburn"))
         .arg("--with-binary")
         .arg(bin("vmhost-dirtier"))
+        .arg("--with-binary")
+        .arg(bin("vmhost-pressure"))
         .stderr(Stdio::inherit())
         .output()
         .expect("cannot run images/build-test-image");
@@ -95,6 +97,9 @@ pub fn parse_guest_view(line: &str) -> Option<GuestView> {
 /// What the `memhog` image's workload allocates, and how long it holds it.
 pub const MEMHOG_MIB: u64 = 900;
 pub const MEMHOG_HOLD_SECS: u64 = 20;
+
+/// The pressure benchmark's workload, at the monitor's default upscale threshold.
+pub const PRESSURE_WORKLOAD: &str = "vmhost.workload=vmhost-pressure,0.7";
 
 /// What the `cpuburn` image's workload runs.
 pub const CPUBURN_THREADS: u64 = 6;
@@ -236,6 +241,12 @@ cmdline = "{cmdline} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB}"
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 cmdline = "{cmdline} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB} vmhost.diskwriter"
+# The same image with a workload that allocates past the monitor's upscale threshold at
+# once, then reports when MemTotal grew (the pressure benchmark).
+[images.pressure]
+kernel = "{image}/vmlinuz"
+initrd = "{image}/initrd.img"
+cmdline = "{cmdline} {PRESSURE_WORKLOAD}"
 # The same image without its monitor, so a test can play the guest.
 [images.nomonitor]
 kernel = "{image}/vmlinuz"

@@ -1,13 +1,14 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres|overhead [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres|overhead|pressure [N]
 
 mod drain;
 mod gossip;
 mod migration;
 mod overhead;
 mod postgres;
+mod pressure;
 mod tunnel;
 
 use std::path::Path;
@@ -18,14 +19,14 @@ use vmhost_tests::benchmarks::{append, today};
 use vmhost_tests::{test_image, wait_until, FakeGuest, Limits, TestHost};
 use vmm::{Accel, AccelChoice, HostFacts, Machine, MachineSpec, Nic};
 
-const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 
 fn median(samples: &mut [Duration]) -> f64 {
     samples.sort();
     samples[samples.len() / 2].as_secs_f64()
 }
 
-fn wait_ready(serial_log: &Path) {
+pub(crate) fn wait_ready(serial_log: &Path) {
     wait_until(Duration::from_secs(180), "the guest to boot", || {
         std::fs::read_to_string(serial_log)
             .unwrap_or_default()
@@ -35,9 +36,9 @@ fn wait_ready(serial_log: &Path) {
 
 /// A QEMU started by hand with vmm's command line, no vmhostd: 1 vCPU + 1 GiB at boot,
 /// room for `max_vcpus` and `hotplug` more memory.
-struct RawQemu {
+pub(crate) struct RawQemu {
     _dir: tempfile::TempDir,
-    spec: MachineSpec,
+    pub(crate) spec: MachineSpec,
 }
 
 impl RawQemu {
@@ -77,7 +78,7 @@ impl RawQemu {
     }
 
     /// Starts QEMU (booting, or waiting for a migration) without waiting for the guest.
-    fn start_with(
+    pub(crate) fn start_with(
         image: &Path,
         accel: Accel,
         max_vcpus: u32,
@@ -363,8 +364,9 @@ async fn main() {
         "drain" => drain::drain(runs, 3),
         "postgres" => postgres::postgres(runs, accel).await,
         "overhead" => overhead::overhead(runs, accel),
+        "pressure" => pressure::pressure(runs, &test_image(), accel).await,
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain, postgres or overhead"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain, postgres, overhead or pressure"
         ),
     }
 }
