@@ -33,13 +33,14 @@ impl Machine {
             .args(["dpkg", "-i", "/tmp/vmhost.deb"])
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
         std::fs::write(root.join("etc/vmhost/vmhostd.toml"), config).unwrap();
-        Machine::boot(name, dir, "--private-network")
+        Machine::boot(name, dir, &["--private-network".into()])
     }
 
     /// Boots a fresh clean root, without the package, in the network namespace `netns`
     /// (`/run/netns/NAME`, e.g. a `Lab` host's: the machine has its addresses), once
     /// `prepare` has changed the root (seen from this host); waits until systemd has
-    /// finished starting up.
+    /// finished starting up. Its root may lock memory, as a real host's: QEMU checks that it
+    /// can (munlockall) before a post-copy migration.
     pub fn boot_clean_in_netns(
         name: &str,
         netns: &str,
@@ -47,14 +48,11 @@ impl Machine {
     ) -> Machine {
         let dir = host_root("vmhost-machine-");
         prepare(&dir.path().join("root"));
-        Machine::boot(
-            name,
-            dir,
-            &format!("--network-namespace-path=/run/netns/{netns}"),
-        )
+        let network = format!("--network-namespace-path=/run/netns/{netns}");
+        Machine::boot(name, dir, &[network, "--capability=CAP_IPC_LOCK".into()])
     }
 
-    fn boot(name: &str, dir: tempfile::TempDir, network: &str) -> Machine {
+    fn boot(name: &str, dir: tempfile::TempDir, options: &[String]) -> Machine {
         let root = dir.path().join("root");
         std::fs::write(root.join("etc/hostname"), format!("{name}\n")).unwrap();
         let log = std::fs::File::create(dir.path().join("console.log")).unwrap();
@@ -64,7 +62,8 @@ impl Machine {
             .arg(format!("--bind-ro={IMAGE_CACHE}"))
             // No systemd runs this host's services: no machined to register with, and no
             // scope to make.
-            .args(["--boot", "--register=no", "--keep-unit", network])
+            .args(["--boot", "--register=no", "--keep-unit"])
+            .args(options)
             .arg("--console=pipe")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -77,16 +76,35 @@ impl Machine {
             nspawn,
             leader: 0,
         };
+        // nspawn's first child sets the container up and exits: the leader is the child that
+        // has executed the machine's init, no longer a copy of nspawn.
         wait_until(Duration::from_secs(60), "the machine's systemd", || {
-            machine.leader = child_of(machine.nspawn.id()).unwrap_or(0);
+            let child = child_of(machine.nspawn.id()).filter(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+                comm.is_ok_and(|c| c.trim() != "systemd-nspawn")
+            });
+            machine.leader = child.unwrap_or(0);
             machine.leader != 0
         });
-        wait_until(Duration::from_secs(120), "the machine to boot", || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
             let state = machine.run(&["systemctl", "is-system-running"]);
             let state = String::from_utf8_lossy(&state.stdout);
-            matches!(state.trim(), "running" | "degraded")
-        });
-        machine
+            if matches!(state.trim(), "running" | "degraded") {
+                return machine;
+            }
+            if std::time::Instant::now() > deadline {
+                let jobs = machine.run(&["systemctl", "list-jobs", "--no-pager"]);
+                let console = std::fs::read_to_string(machine.dir.path().join("console.log"));
+                panic!(
+                    "machine {name} did not boot in 120 s ({}); its jobs:\n{}\nits console:\n{}",
+                    state.trim(),
+                    String::from_utf8_lossy(&jobs.stdout),
+                    console.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The machine's root file system, seen from this host.

@@ -9,8 +9,8 @@
 //! `rolling-upgrade.yml` moves every host to a new package version one by one: the VM
 //! migrates live away from each drained host and runs on in the same boot.
 //!
-//! Needs root, systemd-nspawn, mmdebstrap, cargo-deb and the Ansible venv of scripts/setup;
-//! fails, never skips, without them.
+//! Needs root, systemd-nspawn, mmdebstrap, cargo-deb, ssh and the Ansible venv of
+//! scripts/setup; fails, never skips, without them.
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ const SERIAL_LOG: &str = "/var/lib/vmhost/vms/db1/serial.log";
 struct Fleet {
     machines: Vec<Machine>,
     control: ControlNode,
-    _lab: Lab,
+    lab: Lab,
 }
 
 impl Fleet {
@@ -58,10 +58,10 @@ impl Fleet {
         let fleet = Fleet {
             machines,
             control,
-            _lab: lab,
+            lab,
         };
         fleet.copy_package();
-        fleet.control.write_inventory(&fleet.inventory(&fleet._lab));
+        fleet.control.write_inventory(&fleet.inventory());
         fleet
     }
 
@@ -88,14 +88,14 @@ impl Fleet {
     /// One group `vmhost`: each host reached and enrolled at its lab address, small hosts
     /// of 2 vCPUs and 2 GiB, the test image, and an image whose guest reports its boot id
     /// every second (a light `dirtier`), to follow it across hosts.
-    fn inventory(&self, lab: &Lab) -> Value {
+    fn inventory(&self) -> Value {
         let image = test_image();
         let (kernel, initrd) = (image.join("vmlinuz"), image.join("initrd.img"));
         let hosts: serde_json::Map<String, Value> = NAMES
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let addr = lab.addr(i).to_string();
+                let addr = self.lab.addr(i).to_string();
                 let vars = json!({"ansible_host": addr, "vmhost_fleet_address": addr});
                 (name.to_string(), vars)
             })
@@ -275,7 +275,9 @@ fn the_role_installs_a_fleet_under_systemd_and_rolls_an_upgrade_while_its_vm_run
         boot_id = ready.unwrap_or_default().trim().to_string();
         !boot_id.is_empty() && !ticks(a).is_empty()
     });
-    let invocations: Vec<_> = (fleet.machines.iter())
+    let invocations: Vec<_> = fleet
+        .machines
+        .iter()
         .map(|m| m.unit_property("vmhostd", "InvocationID"))
         .collect();
 
@@ -301,7 +303,10 @@ fn the_role_installs_a_fleet_under_systemd_and_rolls_an_upgrade_while_its_vm_run
 
     // db1 runs on, moved live by the drains: the same boot, and no write lost.
     let listed: Value = serde_json::from_str(&a.run_ok(&["vmctl", "--json", "list"])).unwrap();
-    let db1 = (listed.as_array().unwrap().iter())
+    let db1 = listed
+        .as_array()
+        .unwrap()
+        .iter()
         .find(|vm| vm["name"] == "db1")
         .unwrap_or_else(|| panic!("db1 is not listed: {listed}"));
     assert_eq!(db1["state"], "running", "{db1}");
