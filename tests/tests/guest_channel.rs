@@ -42,7 +42,16 @@ fn guest_connected(shown: &serde_json::Value) -> bool {
 #[test]
 fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
     let host = TestHost::start(roomy());
-    host.vmctl_ok(&["create", "db1", "--min-cu", "1", "--max-cu", "2"]);
+    // The operator's sizes alone: the agent would grow a guest busy booting.
+    host.vmctl_ok(&[
+        "create",
+        "db1",
+        "--min-cu",
+        "1",
+        "--max-cu",
+        "2",
+        "--no-autoscale",
+    ]);
     let shown = wait_show(
         &host,
         "db1",
