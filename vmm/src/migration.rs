@@ -8,7 +8,8 @@ use crate::machine::{Machine, VmmError};
 use crate::qmp::{
     ChardevAddUnix, ChardevDeviceAdd, ChardevRemove, DeviceDel, Migrate, MigrateCancel,
     MigrateContinue, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
-    MigrateStartPostcopy, MigrationCapability, MigrationInfo, OobMonitor, QmpError, QueryMigrate,
+    MigrateStartPostcopy, MigrationCapability, MigrationInfo, OobMonitor, QmpError, QomList,
+    QueryMigrate,
 };
 use crate::status::MigrationStatus;
 use qapi::qmp::Event;
@@ -211,6 +212,18 @@ impl Machine {
             Err(QmpError::Command { message, .. }) if message.contains("not found") => Ok(()),
             other => other.map(|_| ()).map_err(Into::into),
         }
+    }
+
+    /// Whether the VM has its vsock device: a migration target that finished its arrival
+    /// has it, one still arriving does not.
+    pub async fn vsock_plugged(&self) -> Result<bool, VmmError> {
+        let devices = self
+            .qmp()
+            .execute(QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await?;
+        Ok(devices.iter().any(|device| device.name == VSOCK_DEVICE_ID))
     }
 
     /// Plugs a vhost-user-vsock device served by the backend at `vhost_socket` into the

@@ -499,6 +499,18 @@ pub struct ChardevRemove {
 }
 qmp_command!(ChardevRemove => "chardev-remove", qapi::Empty);
 
+/// The children of a QOM path, e.g. `/machine/peripheral`: the devices added with an id.
+#[derive(Debug, Serialize)]
+pub struct QomList {
+    pub path: String,
+}
+qmp_command!(QomList => "qom-list", Vec<QomProperty>);
+
+#[derive(Debug, Deserialize)]
+pub struct QomProperty {
+    pub name: String,
+}
+
 /// `device_add` of a device bound to a chardev on a given bus.
 #[derive(Debug, Serialize)]
 pub struct ChardevDeviceAdd {

@@ -84,6 +84,7 @@ pub trait Vm: Send + Sync {
 
     async fn unplug_vsock(&self, timeout: Duration) -> Result<(), VmmError>;
     async fn plug_vsock(&self, vhost_socket: &Path) -> Result<(), VmmError>;
+    async fn vsock_plugged(&self) -> Result<bool, VmmError>;
 }
 
 /// What starts VMs, finds them again after a restart, and runs their vsock backends.
@@ -236,5 +237,8 @@ impl Vm for Machine {
     }
     async fn plug_vsock(&self, vhost_socket: &Path) -> Result<(), VmmError> {
         Machine::plug_vsock(self, vhost_socket).await
+    }
+    async fn vsock_plugged(&self) -> Result<bool, VmmError> {
+        Machine::vsock_plugged(self).await
     }
 }

@@ -430,4 +430,9 @@ impl Vm for FakeMachine {
         st.vsock_plugged = true;
         Ok(())
     }
+
+    async fn vsock_plugged(&self) -> Result<bool, VmmError> {
+        self.enter(Step::VsockPlugged, String::new()).await?;
+        Ok(self.state().vsock_plugged)
+    }
 }

@@ -54,6 +54,7 @@ pub enum Step {
     AbandonDiskMirror,
     UnplugVsock,
     PlugVsock,
+    VsockPlugged,
     // FakeHypervisor
     Launch,
     Attach,
@@ -92,6 +93,7 @@ impl Step {
             Step::AbandonDiskMirror => "abandon_disk_mirror",
             Step::UnplugVsock => "unplug_vsock",
             Step::PlugVsock => "plug_vsock",
+            Step::VsockPlugged => "vsock_plugged",
             Step::Launch => "launch",
             Step::Attach => "attach",
             Step::EnsureVsock => "ensure_vsock",

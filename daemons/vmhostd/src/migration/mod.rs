@@ -176,10 +176,24 @@ impl Drop for TaskGuard {
 
 impl Host {
     /// Gives a VM that runs here after a migration, either way, a vsock device on a fresh
-    /// backend: the move took its device away.
+    /// backend: the move took its device away. A device already plugged to a live backend
+    /// is kept: a restart that finishes an arrival again must not cut the guest's channel.
     async fn replug_vsock(&self, name: &str, machine: &dyn Vm) {
         let paths = self.paths(name);
         let plugged = async {
+            let device = machine.vsock_plugged().await;
+            if device.map_err(vmm_error(name, "list its devices"))? {
+                if self.hypervisor.vsock_running(&paths.vsock) {
+                    return Ok(());
+                }
+                machine
+                    .unplug_vsock(self.config.timeouts.hotplug())
+                    .await
+                    .map_err(vmm_error(
+                        name,
+                        "unplug its vsock device, whose backend is gone",
+                    ))?;
+            }
             self.hypervisor.restart_vsock(&paths.vsock).await?;
             machine
                 .plug_vsock(&paths.vsock.vhost_socket)

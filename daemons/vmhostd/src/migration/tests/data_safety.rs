@@ -222,3 +222,35 @@ async fn only_the_source_of_an_arrival_can_have_it_listen_again() {
     let _ = src;
     m.task.abort();
 }
+
+#[tokio::test]
+async fn an_arrival_it_could_not_save_is_finished_again_after_a_restart_keeping_its_channel() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    // The save writes spec.tmp first; a folder in its place fails it, as a full disk does.
+    let blocker = m.target.vm_dir("a").join("spec.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    src.complete_migration();
+    dst.complete_migration();
+    finished(m.task).await.unwrap();
+    until("the target runs the VM", || {
+        m.target.state("a") == Some(VmState::Running)
+    })
+    .await;
+    let backend_starts = m.target.qemu.count(Step::RestartVsock);
+    std::fs::remove_dir(&blocker).unwrap();
+    let restarted = m.target.restart().await;
+    let spec = restarted.vm_dir("a").join("spec.json");
+    until("the arrival is saved", || {
+        std::fs::read_to_string(&spec).is_ok_and(|s| !s.contains("\"incoming\""))
+    })
+    .await;
+    assert_eq!(restarted.state("a"), Some(VmState::Running));
+    assert!(dst.vsock_plugged(), "the guest lost its vsock device");
+    assert_eq!(
+        restarted.qemu.count(Step::RestartVsock),
+        backend_starts,
+        "the backend was restarted under the guest's plugged device"
+    );
+    assert!(!restarted.vm_dir("a").join("switched-over").exists());
+}
