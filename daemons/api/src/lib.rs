@@ -462,13 +462,15 @@ pub enum ErrorKind {
     /// The guest's monitor vetoed the change.
     Refused,
     Internal,
+    /// A migration target ended the VM's arrival before the switchover reached it.
+    NeverArrived,
 }
 
 impl ErrorKind {
     pub fn exit_code(self) -> i32 {
         match self {
             ErrorKind::InvalidArgument => 2,
-            ErrorKind::NotFound => 3,
+            ErrorKind::NotFound | ErrorKind::NeverArrived => 3,
             ErrorKind::AlreadyExists => 4,
             ErrorKind::CapacityExceeded => 5,
             ErrorKind::WrongState => 6,

@@ -11,6 +11,9 @@ use vmm::VmmError;
 pub enum HostError {
     #[error("no VM named '{0}' on this host")]
     NotFound(String),
+    /// A peer's arrival that this host ended before the switchover reached it.
+    #[error("VM '{0}' never ran on this host: its migration here ended before the switchover")]
+    NeverArrived(String),
     #[error("a VM named '{0}' already exists")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -65,6 +68,7 @@ impl HostError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             HostError::NotFound(_) => ErrorKind::NotFound,
+            HostError::NeverArrived(_) => ErrorKind::NeverArrived,
             HostError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             HostError::Invalid(_) | HostError::NoImage(_) => ErrorKind::InvalidArgument,
             HostError::Capacity(_) | HostError::NoRoom(_) => ErrorKind::CapacityExceeded,

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::disks::DiskBudget;
 use crate::error::{error_chain, HostError};
 use crate::events::EventLog;
-use crate::moves::{ColdArrivals, DrainState, RoomWanted};
+use crate::moves::{ColdArrivals, DrainState, EndedArrivals, RoomWanted};
 use crate::prometheus::{ScalingStats, VmGauges};
 use crate::store::{Store, StoreError, VmPaths, VmSpec};
 use crate::tunnels::TunnelTargets;
@@ -34,6 +34,7 @@ pub struct Host {
     pub cold: ColdArrivals,
     /// The latest upscale this host could not give in full, for the rebalancer.
     pub room_wanted: RoomWanted,
+    pub ended_arrivals: EndedArrivals,
     /// Each VM's cgroup; `None` where they cannot be used or are turned off.
     pub cgroups: Option<Arc<vmm::cgroup::VmCgroups>>,
     name: String,
@@ -73,6 +74,7 @@ impl Host {
             drain: DrainState::default(),
             cold: ColdArrivals::default(),
             room_wanted: RoomWanted::default(),
+            ended_arrivals: EndedArrivals::default(),
             cgroups,
         });
         crate::service::status(&format!("reattaching {} VMs", specs.len()));

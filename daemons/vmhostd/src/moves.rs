@@ -201,3 +201,43 @@ impl RoomWanted {
         }
     }
 }
+
+/// How many ended arrivals a host remembers.
+const ENDED_ARRIVALS_KEPT: usize = 256;
+
+/// Arrivals this host ended before their switchover reached it, with the host that sent
+/// each. A source left paused in post-copy by a link cut asks to recover; the answer that
+/// the VM never ran here tells it that its own copy is the only one, though QEMU can no
+/// longer run it.
+#[derive(Default)]
+pub struct EndedArrivals {
+    ended: Mutex<std::collections::VecDeque<(String, String)>>,
+}
+
+impl EndedArrivals {
+    pub fn remember(&self, vm: &str, source: &str) {
+        let mut ended = self.ended.lock().expect("arrivals lock");
+        ended.retain(|(name, _)| name != vm);
+        if ended.len() == ENDED_ARRIVALS_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back((vm.to_string(), source.to_string()));
+    }
+
+    /// A new arrival of `vm` begins: what ended before no longer answers for it.
+    pub fn clear(&self, vm: &str) {
+        self.ended
+            .lock()
+            .expect("arrivals lock")
+            .retain(|(name, _)| name != vm);
+    }
+
+    /// Whether `vm`'s arrival from `source` ended here before the switchover.
+    pub fn ended_before_switchover(&self, vm: &str, source: &str) -> bool {
+        self.ended
+            .lock()
+            .expect("arrivals lock")
+            .iter()
+            .any(|(name, from)| name == vm && from == source)
+    }
+}

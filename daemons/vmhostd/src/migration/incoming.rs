@@ -64,6 +64,7 @@ impl Host {
             )));
         }
         let size = arrival_size(&spec, &incoming);
+        self.ended_arrivals.clear(&spec.name);
         let claim = LeaseClaim {
             id: lease,
             holder: source,
@@ -178,7 +179,7 @@ impl Host {
                 let _ = arrival.phase.go(TargetPhase::Abandoned);
                 let _ = machine.terminate().await;
                 self.admission.release_lease(lease);
-                self.forget(&name, &arrival.slot);
+                self.end_before_switchover(&name, &arrival.slot);
             }
             Err(reason) => {
                 tracing::error!(vm = %name, %reason, "the arrived VM failed after the switchover; its disk is kept and `vmctl start {name}` boots it from there");
@@ -187,6 +188,14 @@ impl Host {
                 self.crash_arrival(&arrival.slot, &arrival.incoming);
             }
         }
+    }
+
+    /// Drops an arrival that never switched over, remembering that it never ran here.
+    fn end_before_switchover(&self, name: &str, slot: &Arc<VmSlot>) {
+        if let Ok(Some(source)) = self.store.arrival(name).map(|a| a.and_then(|a| a.source)) {
+            self.ended_arrivals.remember(name, &source);
+        }
+        self.forget(name, slot);
     }
 
     /// The guest runs here from now on: that is recorded before anything else, and the
@@ -301,7 +310,7 @@ impl Host {
                 let _ = machine.terminate().await;
             }
             tracing::warn!(vm = %name, status = ?status, "dropped a migration that was arriving when this vmhostd stopped");
-            self.forget(&name, &slot);
+            self.end_before_switchover(&name, &slot);
             return;
         }
         // From here on it switched over, or its QEMU does not answer. Only a switched-over
@@ -346,7 +355,14 @@ impl Host {
     /// Listens again for a post-copy migration whose link broke, when its source, `from`,
     /// asks.
     pub async fn recover_arrival(&self, name: &str, from: &str) -> Result<VmInfo, HostError> {
-        let slot = self.slot(name)?;
+        let slot = match self.slot(name) {
+            Err(HostError::NotFound(_))
+                if self.ended_arrivals.ended_before_switchover(name, from) =>
+            {
+                return Err(HostError::NeverArrived(name.into()))
+            }
+            slot => slot?,
+        };
         let source = self.store.arrival(name)?.and_then(|a| a.source);
         if source.as_deref().is_some_and(|source| source != from) {
             // As if it were not here: another host learns nothing of it.

@@ -49,6 +49,10 @@ pub enum SourcePhase {
     Abandoned,
     /// Post-copy left paused; `vmctl migrate --resume` picks it up.
     Stranded,
+    /// The target ended its half before QEMU's switch to post-copy reached it. QEMU never
+    /// runs a guest again after that switch, and no other copy exists: the VM is crashed
+    /// here, with its disk.
+    Crashed,
 }
 
 use SourcePhase as S;
@@ -71,6 +75,7 @@ const SOURCE_TRANSITIONS: &[(SourcePhase, SourcePhase)] = &[
     (S::PostcopyPaused, S::Completed),
     (S::PostcopyPaused, S::Stranded),
     (S::Stranded, S::PostcopyPaused),
+    (S::PostcopyPaused, S::Crashed),
     (S::Completed, S::HandedOver),
     // The source's QEMU died in post-copy: what is left of the VM is the target's.
     (S::PostcopyActive, S::HandedOver),

@@ -66,6 +66,9 @@ pub(super) enum Failure {
     Stranded(ApiError),
     /// During post-copy, the source's QEMU died: this host has let go of the VM.
     Lost(ApiError),
+    /// During post-copy, the target turned out to have ended its half before the switch
+    /// reached it: the VM is crashed here.
+    NeverArrived(ApiError),
 }
 
 impl Departing {
@@ -292,6 +295,25 @@ impl Host {
         self.let_go(&name, slot);
     }
 
+    /// A departure whose switch to post-copy never reached its target, which has ended its
+    /// half: this QEMU cannot run the guest again and no other copy exists, so the VM is
+    /// crashed here with its disk, which the target never wrote.
+    async fn crash_departure(&self, departing: &Departing) {
+        let name = departing.spec.name.as_str();
+        let Ok(slot) = self.slot(name) else { return };
+        // Cleared first, so the exit watcher does not take the end for another crash.
+        slot.record().machine = None;
+        if let Err(error) = departing.machine.terminate().await {
+            tracing::warn!(vm = %name, error = %error_chain(&error), "the paused QEMU did not end cleanly");
+        }
+        for marker in [Marker::Postcopy, Marker::Leaving] {
+            if let Err(error) = self.store.set_marker(name, marker, false) {
+                tracing::error!(vm = %name, error = %error_chain(&error), "a restart would take this crashed VM for one still leaving");
+            }
+        }
+        self.set_down(&mut slot.record(), VmState::Crashed);
+    }
+
     /// Ends a departure before the stream started: the VM runs on here.
     pub async fn abandon_departure(self: &Arc<Self>, mut departing: Departing) {
         let _ = departing.go(SourcePhase::Abandoned);
@@ -367,6 +389,12 @@ impl Host {
             }
             Err(Failure::Lost(error)) => {
                 tracing::error!(vm = %departing.spec.name, error = %error.message, "VM lost its source half during post-copy");
+                Err(error)
+            }
+            Err(Failure::NeverArrived(error)) => {
+                let _ = departing.go(SourcePhase::Crashed);
+                tracing::error!(vm = %departing.spec.name, error = %error.message, "VM crashed mid post-copy: its target never had it");
+                self.crash_departure(&departing).await;
                 Err(error)
             }
             Err(Failure::Stranded(error)) => {

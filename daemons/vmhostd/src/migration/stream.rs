@@ -9,7 +9,7 @@ use crate::host::Host;
 use crate::store::Marker;
 use std::time::Duration;
 use tokio::time::Instant;
-use vmhost_api::{ApiError, MigrationSummary};
+use vmhost_api::{ApiError, ErrorKind, MigrationSummary};
 use vmm::qmp::RamStats;
 use vmm::MigrationStatus;
 
@@ -239,6 +239,15 @@ impl Host {
                         tracing::warn!(vm = %name, error = %error_chain(&error), "cannot resume the migration yet")
                     }
                 },
+                Ok(Err(error)) if error.kind == ErrorKind::NeverArrived => {
+                    return Err(Failure::NeverArrived(internal(format!(
+                        "VM '{name}' crashed mid post-copy: host '{}' ended its arrival before \
+                         the switch reached it ({}), and QEMU cannot run a guest again after that \
+                         switch. Its disk here is whole: `vmctl start {name}` boots it",
+                        target.name(),
+                        error.message
+                    ))));
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(vm = %name, error = %error.message, "target not ready to recover yet")
                 }

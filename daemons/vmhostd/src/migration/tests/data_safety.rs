@@ -1,6 +1,8 @@
 //! One running copy, and no lost disk, whatever fails and whenever vmhostd restarts.
 
 use super::*;
+use crate::error::HostError;
+use crate::store::Marker;
 use crate::testing::{cu, TestHost};
 use std::time::Duration;
 use vmhost_api::{Resources, VmState, MIGRATION_VERSION};
@@ -253,4 +255,34 @@ async fn an_arrival_it_could_not_save_is_finished_again_after_a_restart_keeping_
         "the backend was restarted under the guest's plugged device"
     );
     assert!(!restarted.vm_dir("a").join("switched-over").exists());
+}
+
+#[tokio::test]
+async fn a_switch_that_never_reached_a_target_which_then_ended_the_arrival_crashes_the_vm_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    let src = m.source.machine("a");
+    src.wait_for_call(Step::MigrateTo).await;
+    let dst = m.target.machine("a");
+    src.set_dirty_sync_count(2);
+    src.set_migration_status(MigrationStatus::Active);
+    src.wait_for_call(Step::StartPostcopy).await;
+    // The link is cut as the switch leaves: the target's stream fails before it.
+    dst.fail_migration("Connection reset by peer");
+    until("the target ends the arrival", || {
+        m.target.state("a").is_none()
+    })
+    .await;
+    let other = m.target.host.recover_arrival("a", "host-c").await;
+    assert!(matches!(other, Err(HostError::NotFound(_))), "{other:?}");
+    src.set_migration_status(MigrationStatus::PostcopyPaused);
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("vmctl start a"), "{error}");
+    assert_eq!(m.source.state("a"), Some(VmState::Crashed));
+    assert!(src.exited_now(), "the paused QEMU was kept");
+    let store = &m.source.host.store;
+    assert!(!store.has_marker("a", Marker::Postcopy));
+    assert!(!store.has_marker("a", Marker::Leaving));
+    assert_eq!(m.source.allocated(), Resources::default());
+    m.source.host.start("a").await.unwrap();
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
 }
