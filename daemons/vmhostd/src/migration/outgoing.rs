@@ -405,8 +405,8 @@ impl Host {
         }
     }
 
-    /// Up to the `migrate` command: records the departure, detaches the guest's devices,
-    /// has the target listen, copies the disk, and starts QEMU's stream.
+    /// Up to the `migrate` command: records the departure, detaches the guest's devices
+    /// while the target starts listening, copies the disk, and starts QEMU's stream.
     async fn start_stream(
         &self,
         departing: &mut Departing,
@@ -430,13 +430,21 @@ impl Host {
         self.store
             .record_departure(&name, &departure)
             .map_err(HostError::from)?;
-        report("detaching the guest channel", None);
-        self.detach(departing).await?;
+        // The target's QEMU starts while the guest ejects its device: neither needs the
+        // other, and a failure of either releases the lease, which ends the arrival.
+        report("detaching the guest channel and starting the target", None);
+        let incoming = departing.incoming(lease, tunnel, disk_tunnel, options.postcopy);
+        let (detached, listening) = tokio::join!(
+            async {
+                (self.detach(departing).await).inspect(|()| report("guest channel detached", None))
+            },
+            async {
+                (target.prepare(incoming).await).inspect(|()| report("target listening", None))
+            },
+        );
+        detached?;
+        listening?;
         departing.go(SourcePhase::Detached)?;
-        report("starting the target", None);
-        target
-            .prepare(departing.incoming(lease, tunnel, disk_tunnel, options.postcopy))
-            .await?;
         let bandwidth = options
             .bandwidth_mib
             .map_or(UNCAPPED_BYTES_PER_SEC, |mib| mib << 20);

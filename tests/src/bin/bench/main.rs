@@ -26,6 +26,15 @@ fn median(samples: &mut [Duration]) -> f64 {
     samples[samples.len() / 2].as_secs_f64()
 }
 
+pub(crate) fn min_median_max(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
+}
+
 pub(crate) fn wait_ready(serial_log: &Path) {
     wait_until(Duration::from_secs(180), "the guest to boot", || {
         std::fs::read_to_string(serial_log)

@@ -1,13 +1,36 @@
 //! Migration downtime and total time: a 1 GiB guest rewriting 64 MiB, moved between two
 //! vmhostd on loopback (QUIC tunnel, lease, vsock replug), against raw QEMU post-copy between
-//! two QEMUs over a local unix socket, alternating.
+//! two QEMUs over a local unix socket. Which side goes first alternates. Ours is broken into
+//! phases from `vmctl --json migrate`'s progress lines.
 
-use crate::{append, today, wait_until, RawQemu};
+use crate::{append, min_median_max, today, wait_until, RawQemu};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmhost_tests::{HostOptions, Limits, TestHost, DIRTIER_MIB};
 use vmm::qmp::MigrateSetParameters;
 use vmm::{Accel, Machine, MigrationStatus};
+
+/// Our phases. The vsock detach and the target's start run side by side; the first pass
+/// counts from the later of the two, and ends when the switch to post-copy is asked.
+const PHASES: [&str; 7] = [
+    "request and lease",
+    "vsock detach",
+    "target start",
+    "first pass",
+    "switch to post-copy",
+    "post-copy",
+    "arrival",
+];
+/// Raw QEMU's, from the `migrate` command.
+const RAW_PHASES: [&str; 3] = ["first pass", "post-copy", "target running"];
+
+/// One migration: QEMU's downtime, the time from the command until the VM runs on the
+/// target, and its phases, all in ms.
+struct Sample<const N: usize> {
+    downtime: f64,
+    total: f64,
+    phases: [f64; N],
+}
 
 fn wait_dirtying(serial: &Path) {
     wait_until(Duration::from_secs(180), "the workload to run", || {
@@ -33,8 +56,25 @@ fn fleet_host(dir: &Path, name: &str, port: u16) -> TestHost {
     })
 }
 
-/// One vmhost migration; returns (downtime ms, total ms).
-fn ours_once(from: &TestHost, to: &str) -> (f64, f64) {
+/// When vmctl's progress lines first (or last) reported `phase`, ms after the source began.
+fn reported(progress: &[serde_json::Value], phase: &str, last: bool) -> f64 {
+    let mut times = progress
+        .iter()
+        .filter(|p| p["phase"] == phase)
+        .map(|p| p["elapsed_ms"].as_f64().unwrap());
+    let time = if last {
+        times.next_back()
+    } else {
+        times.next()
+    };
+    time.unwrap_or_else(|| panic!("no '{phase}' progress line"))
+}
+
+/// One vmhost migration, timed from the command until it returns with the VM running on
+/// the target. The source's progress times start after the lease; the arrival is what
+/// follows QEMU's completion.
+fn ours_once(from: &TestHost, to: &str) -> Sample<7> {
+    let started = Instant::now();
     let out = from.vmctl_ok(&[
         "--json",
         "migrate",
@@ -44,16 +84,37 @@ fn ours_once(from: &TestHost, to: &str) -> (f64, f64) {
         "--max-downtime",
         "1",
     ]);
-    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, progress) = lines.split_last().unwrap();
     assert_eq!(summary["postcopy"], true, "{summary}");
-    (
-        summary["downtime_ms"].as_f64().unwrap(),
-        summary["total_ms"].as_f64().unwrap(),
-    )
+    let at = |phase| reported(progress, phase, false);
+    let (detached, listening) = (at("guest channel detached"), at("target listening"));
+    // Post-copy is asked on the last pre-copy report.
+    let asked = reported(progress, "active", true);
+    let (postcopy, completed) = (at("postcopy-active"), at("completed"));
+    let source_total = summary["total_ms"].as_f64().unwrap();
+    Sample {
+        downtime: summary["downtime_ms"].as_f64().unwrap(),
+        total,
+        phases: [
+            total - source_total,
+            detached,
+            listening,
+            asked - detached.max(listening),
+            postcopy - asked,
+            completed - postcopy,
+            source_total - completed,
+        ],
+    }
 }
 
-/// One raw QEMU post-copy migration over a unix socket; returns (downtime ms, total ms).
-async fn raw_once(image: &Path, accel: Accel) -> (f64, f64) {
+/// One raw QEMU post-copy migration over a unix socket to a QEMU already listening, timed
+/// from the `migrate` command until the source completes and the target reports running.
+async fn raw_once(image: &Path, accel: Accel) -> Sample<3> {
     let cmdline = format!(
         "{} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB}",
         vmm::cmdline::DEFAULT_KERNEL_CMDLINE
@@ -86,34 +147,64 @@ async fn raw_once(image: &Path, accel: Accel) -> (f64, f64) {
     )
     .await
     .unwrap();
+    let mut events = src.migration_events();
+    let started = Instant::now();
     src.migrate_to(&socket, false).await.unwrap();
-    let mut switched = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut asked = None;
+    let info = loop {
+        events.next_change(Duration::from_millis(50)).await;
         let info = src.migration_info().await.unwrap();
         match info.status {
-            MigrationStatus::Completed => {
-                assert!(switched);
-                return (
-                    info.downtime.unwrap_or(0) as f64,
-                    info.total_time.unwrap_or(0) as f64,
-                );
-            }
+            MigrationStatus::Completed => break info,
             MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 panic!("raw migration failed: {info:?}")
             }
             MigrationStatus::Active
-                if !switched && info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) =>
+                if asked.is_none()
+                    && info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) =>
             {
                 src.start_postcopy().await.unwrap();
-                switched = true;
+                asked = Some(started.elapsed());
             }
             _ => {}
         }
+    };
+    let completed = started.elapsed();
+    // In post-copy the target runs the guest from the switch on; this only confirms it.
+    while !dst.status().await.unwrap().running {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = started.elapsed();
+    let asked = asked.expect("raw migration completed before the switch to post-copy");
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!("raw: QEMU's own total-time {:?} ms", info.total_time);
+    Sample {
+        downtime: info.downtime.unwrap_or(0) as f64,
+        total: ms(total),
+        phases: [ms(asked), ms(completed - asked), ms(total - completed)],
     }
 }
 
+/// Prints min/median/max of each phase, in ms; returns the medians, named, for the line.
+fn phases<const N: usize>(side: &str, names: [&str; N], samples: &[Sample<N>]) -> String {
+    println!("{side}: phase min/median/max ms");
+    let medians: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut values: Vec<f64> = samples.iter().map(|s| s.phases[i]).collect();
+            let (lo, mid, hi) = min_median_max(&mut values);
+            println!("  {name:<20} {lo:>7.0} {mid:>7.0} {hi:>7.0}");
+            format!("{name} {mid:.0}")
+        })
+        .collect();
+    medians.join(", ")
+}
+
 pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
+    if cfg!(debug_assertions) {
+        panic!("time migrations on a release build: cargo run --release -p vmhost-tests --bin bench -- migration");
+    }
     let pki = tempfile::tempdir().unwrap();
     vmhost_pki::one_machine_fleet(pki.path(), &["a", "b"], crate::LOCALHOST).unwrap();
     let hosts = [
@@ -139,32 +230,46 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
     wait_dirtying(&hosts[0].serial_log("bench"));
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        // Back and forth: run i leaves host i % 2.
+        // Back and forth: run i leaves host i % 2. Which side goes first alternates.
         let (from, to) = (&hosts[run % 2], ["b", "a"][run % 2]);
-        ours.push(ours_once(from, to));
-        raw.push(raw_once(image, accel).await);
-        eprintln!("run {run}: ours {:?}, raw {:?}", ours[run], raw[run]);
+        if run % 2 == 0 {
+            ours.push(ours_once(from, to));
+            raw.push(raw_once(image, accel).await);
+        } else {
+            raw.push(raw_once(image, accel).await);
+            ours.push(ours_once(from, to));
+        }
+        eprintln!(
+            "run {run}: ours {:.0} ms {:?}, raw {:.0} ms {:?}",
+            ours[run].total, ours[run].phases, raw[run].total, raw[run].phases
+        );
     }
-    let median = |samples: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
-        let mut values: Vec<f64> = samples.iter().map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let (od, rd) = (median(&ours, |s| s.0), median(&raw, |s| s.0));
-    let (ot, rt) = (median(&ours, |s| s.1), median(&raw, |s| s.1));
+    let (our_phases, raw_phases) = (
+        phases("ours", PHASES, &ours),
+        phases("raw qemu", RAW_PHASES, &raw),
+    );
+    let spread = |mut values: Vec<f64>| min_median_max(&mut values);
+    let (od, rd) = (
+        spread(ours.iter().map(|s| s.downtime).collect()),
+        spread(raw.iter().map(|s| s.downtime).collect()),
+    );
+    let (ot, rt) = (
+        spread(ours.iter().map(|s| s.total / 1000.0).collect()),
+        spread(raw.iter().map(|s| s.total / 1000.0).collect()),
+    );
     let what = format!(
-        "1 GiB guest rewriting {DIRTIER_MIB} MiB, {accel}, post-copy after the first pass, median of {runs}"
+        "1 GiB guest rewriting {DIRTIER_MIB} MiB, {accel}, post-copy after the first pass, {runs} runs, which side goes first alternating, min/median/max, release build"
     );
     append(&format!(
-        "- {} migration downtime ({what}; ours: two vmhostd on loopback over the QUIC tunnel; raw: two QEMUs over a unix socket): ours {od:.0} ms, raw qemu {rd:.0} ms, ratio {:.2}\n",
+        "- {} migration downtime ({what}; ours: two vmhostd on loopback over the QUIC tunnel; raw: two QEMUs over a unix socket; ours {:.0}/{:.0}/{:.0} ms, raw {:.0}/{:.0}/{:.0} ms): ours {:.0} ms, raw qemu {:.0} ms, ratio {:.2}\n",
         today(),
-        od / rd.max(1.0)
+        od.0, od.1, od.2, rd.0, rd.1, rd.2, od.1, rd.1,
+        od.1 / rd.1.max(1.0)
     ));
     append(&format!(
-        "- {} migration total time ({what}; ours from the request to the VM running on the target, with lease, vsock replug and target start; raw: QEMU's total-time): ours {:.2} s, raw qemu {:.2} s, ratio {:.2}\n",
+        "- {} migration total time ({what}; ours from `vmctl migrate` until it returns with the VM running on the target, phase medians in ms: {our_phases}, the detach and the target's start side by side; raw from the `migrate` command, to a QEMU already listening, until the source completes and the target's status is running, phase medians in ms: {raw_phases}; ours {:.2}/{:.2}/{:.2} s, raw {:.2}/{:.2}/{:.2} s): ours {:.2} s, raw qemu {:.2} s, ratio {:.2}\n",
         today(),
-        ot / 1000.0,
-        rt / 1000.0,
-        ot / rt
+        ot.0, ot.1, ot.2, rt.0, rt.1, rt.2, ot.1, rt.1,
+        ot.1 / rt.1
     ));
 }

@@ -2,6 +2,7 @@
 //! of 2 MiB per VM; and QEMU's own memory beside the guest's, against the allowance the
 //! VM's cgroup gives it.
 
+use crate::min_median_max;
 use std::path::Path;
 use std::time::Duration;
 use vmhost_tests::benchmarks::{append, today};
@@ -41,15 +42,6 @@ fn private_mib(pid: i32) -> f64 {
 fn pid_in(folder: &Path, file: &str) -> i32 {
     let text = std::fs::read_to_string(folder.join(file)).unwrap();
     text.trim().parse().unwrap()
-}
-
-fn min_median_max(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    (
-        values[0],
-        values[values.len() / 2],
-        values[values.len() - 1],
-    )
 }
 
 pub fn overhead(vms: usize, accel: Accel) {

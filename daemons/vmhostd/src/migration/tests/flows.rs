@@ -187,10 +187,35 @@ async fn a_guest_channel_that_cannot_be_detached_keeps_the_vm_here() {
     src.fail_next(Step::UnplugVsock);
     let (source, target) = assert_runs_on_at_the_source(begin_move(source, target).await).await;
     assert_eq!(src.count(Step::MigrateTo), 0);
-    assert!(target.state("a").is_none());
+    // The target started beside the detach; the released lease ends its arrival.
+    until("the target drops the arrival", || {
+        target.state("a").is_none()
+    })
+    .await;
     // Its device never left, so its backend was never restarted under it.
     assert_eq!(src.count(Step::PlugVsock), 0);
     assert_eq!(source.qemu.count(Step::RestartVsock), 0);
+}
+
+#[tokio::test]
+async fn the_target_starts_while_the_guest_ejects_its_vsock_device() {
+    let (source, target) = two_hosts(None, Accel::Kvm).await;
+    let src = source.machine("a");
+    src.stall(Step::UnplugVsock);
+    let m = begin_move(source, target).await;
+    until("the target listens", || {
+        m.target
+            .qemu
+            .machine("a")
+            .is_some_and(|dst| dst.incoming_socket().is_some())
+    })
+    .await;
+    assert_eq!(m.source.state("a"), Some(VmState::Migrating));
+    src.release(Step::UnplugVsock);
+    let (src, dst) = into_postcopy(&m).await;
+    src.complete_migration();
+    dst.complete_migration();
+    finished(m.task).await.unwrap();
 }
 
 #[tokio::test]
