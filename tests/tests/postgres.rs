@@ -364,15 +364,21 @@ fn a_pgbench_load_step_grows_the_compute_and_it_shrinks_back_after() {
         ],
     );
     client.pgbench_init(2);
-    // Boot and initdb were load too: start from the minimum.
+    // Boot and initdb were load too: start from the minimum, with the shrink to it finished
+    // (the guest shows 1 vCPU before its memory has gone).
     time_until_cpus(a, "db3", |cpus| cpus == 1, Duration::from_secs(420));
+    vmhost_tests::wait_until(Duration::from_secs(120), "db3 to settle at 1 CU", || {
+        a.show("db3")["cu"].as_f64() == Some(1.0)
+    });
 
     let bench = client.pgbench(8, 60);
     let up = time_until_cpus(a, "db3", |cpus| cpus > 1, Duration::from_secs(60));
     let result = finish_pgbench(bench);
     assert_eq!(result.failed, 0, "{}", result.output);
     let peak = a.guest_view("db3").unwrap();
-    let down = time_until_cpus(a, "db3", |cpus| cpus == 1, Duration::from_secs(420));
+    // The agent lets go of a load one window (downscale_window_secs, 60 s) after it ended;
+    // a poll and the resize come on top.
+    let down = time_until_cpus(a, "db3", |cpus| cpus == 1, Duration::from_secs(90));
     eprintln!(
         "load step: grew within {:.1} s (to {} vCPU by the end, {:.0} tps), back to 1 vCPU {:.1} s after the load stopped",
         up.as_secs_f64(),

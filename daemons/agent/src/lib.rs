@@ -2,24 +2,37 @@
 //! feeds it inputs (metrics, monitor requests, outcomes of actions), each with `now`, and
 //! asks [`Agent::next_action`] what to do. Tests drive it with a fake clock.
 //!
-//! The goal follows Neon's algorithm: CPU goal = load1 / load target / vCPUs per CU, memory
-//! goal = used / memory target / memory per CU, rounded up to a quarter CU and clamped to the
-//! VM's bounds. Upscales go ledger → vmm → monitor; downscales go monitor → vmm → ledger,
-//! one CU at a time and not within the cooldown of the last change.
+//! The goal starts from Neon's algorithm: CPU goal = load1 / load target / vCPUs per CU,
+//! memory goal = used / memory target / memory per CU, the larger rounded up to a quarter
+//! CU and clamped to the VM's bounds. Upscales go ledger → vmm → monitor; downscales go
+//! monitor → vmm → ledger, one CU at a time and not within the cooldown of the last change.
 //!
-//! load1 averages a minute, too slow for a load step. A guest that sends the fast CPU
-//! signal (protocol 2) adds a third goal, from the last seconds:
+//! load1 averages a minute: too slow for a load step, and slower still to let go of one. A
+//! guest that sends the fast CPU signal (protocol 2) gives, from its last seconds,
 //!
 //! fast CPU goal = util × vCPUs × (1 + PSI some avg10 / 100) / load target / vCPUs per CU
 //!
 //! util × vCPUs is how many vCPUs were busy; as util cannot pass 1, the share of time some
-//! task waited for a CPU stands for the demand it cannot show, up to double. The goal is the
-//! largest of the three, so the fast signal can only raise it: a lull never shrinks the VM
-//! sooner or further than load1 alone would.
+//! task waited for a CPU stands for the demand it cannot show, up to double. The agent
+//! holds the largest fast goal of the last `downscale_window_secs`:
+//!
+//! - Once the samples cover a whole window, the CPU goal is that held value and load1 is
+//!   left out. A load step raises it at once; a lull shorter than the window never lowers
+//!   it; a finished load stops counting one window after it ended, not when load1 has
+//!   decayed. When no sample of the window called for more than the goal, CPU or memory,
+//!   a downscale goes straight to it, still asked of the monitor first, and waits for the
+//!   cooldown after growth only; else one CU, after any change.
+//! - CPU samples measured during a shrink or just after it are left out: they show the
+//!   guest moving pages off the unplugged memory, which would grow the VM right back.
+//! - Until then (a new agent, a gap in the samples), or for a guest without the signal,
+//!   the CPU goal is the larger of load1's and the fast one, in one-CU steps as above.
 
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use vmhost_api::{ComputeUnits, CuShape};
+use window::WindowMax;
+
+mod window;
 
 /// The longest duration any agent setting may name.
 pub const MAX_SECS: u64 = 86_400;
@@ -38,6 +51,9 @@ pub struct AgentConfig {
     pub upscale_request_hold_secs: u64,
     /// No downscale within this long of the last change.
     pub downscale_cooldown_secs: u64,
+    /// A guest with the fast CPU signal may shrink to the largest fast CPU goal of this
+    /// long. Samples further apart than `metrics_max_age_secs` start the window anew.
+    pub downscale_window_secs: u64,
     /// After a monitor denies a downscale to X, the floor is X + 1 CU for this long.
     pub denied_retry_secs: u64,
     /// After a ledger refusal or a failed operation, wait this long (doubling on repeated
@@ -55,6 +71,7 @@ impl Default for AgentConfig {
             metrics_max_age_secs: 15,
             upscale_request_hold_secs: 30,
             downscale_cooldown_secs: 60,
+            downscale_window_secs: 60,
             denied_retry_secs: 60,
             retry_backoff_secs: 2,
             metrics_pull_secs: 5,
@@ -90,6 +107,7 @@ impl AgentConfig {
             ("metrics_max_age_secs", self.metrics_max_age_secs),
             ("upscale_request_hold_secs", self.upscale_request_hold_secs),
             ("downscale_cooldown_secs", self.downscale_cooldown_secs),
+            ("downscale_window_secs", self.downscale_window_secs),
             ("denied_retry_secs", self.denied_retry_secs),
             ("retry_backoff_secs", self.retry_backoff_secs),
             ("metrics_pull_secs", self.metrics_pull_secs),
@@ -164,6 +182,11 @@ pub struct Decision {
 
 const ONE_CU: u32 = 4;
 
+/// How long after a shrink the guest's CPU samples still show the shrink itself (pages
+/// moved off the unplugged memory) rather than the workload: the guest measures its use
+/// over the last 3 s.
+const SHRINK_SETTLE: Duration = Duration::from_secs(5);
+
 fn cu(quarters: u32) -> ComputeUnits {
     ComputeUnits::from_quarters(quarters)
 }
@@ -181,6 +204,31 @@ impl Floor {
     }
 }
 
+/// What the metrics call for.
+struct Wanted {
+    /// In CU, unrounded.
+    cu: f64,
+    reason: String,
+    /// The largest memory goal of a whole window, once the fast CPU goal is held over one.
+    memory_held: Option<f64>,
+}
+
+/// The size the agent wants now.
+#[derive(Debug)]
+struct Goal {
+    cu: ComputeUnits,
+    reason: String,
+    /// A downscale may go straight to it rather than one CU at a time.
+    straight: bool,
+}
+
+/// The fast CPU and memory goals of one unbroken run of protocol-2 samples.
+#[derive(Debug)]
+struct Held {
+    cpu: WindowMax,
+    memory: WindowMax,
+}
+
 #[derive(Debug)]
 pub struct Agent {
     config: AgentConfig,
@@ -189,9 +237,16 @@ pub struct Agent {
     max: ComputeUnits,
     current: ComputeUnits,
     metrics: Option<(Metrics, Instant)>,
+    /// The goals of the current run of protocol-2 samples.
+    held: Option<Held>,
     requested: Option<Floor>,
     denied: Option<Floor>,
     last_change: Instant,
+    /// The last growth or operator's resize: a downscale the window drives waits for the
+    /// cooldown from here only.
+    last_growth: Instant,
+    /// CPU samples measured before this show the agent's own shrink.
+    shrink_settles: Option<Instant>,
     in_flight: Option<Action>,
     blocked_until: Option<Instant>,
     failures: u32,
@@ -213,9 +268,12 @@ impl Agent {
             max,
             current,
             metrics: None,
+            held: None,
             requested: None,
             denied: None,
             last_change: now,
+            last_growth: now,
+            shrink_settles: None,
             in_flight: None,
             blocked_until: None,
             failures: 0,
@@ -226,8 +284,39 @@ impl Agent {
         self.current
     }
 
-    pub fn on_metrics(&mut self, metrics: Metrics, now: Instant) {
-        self.metrics = Some((metrics, now));
+    /// Takes the metrics measured at `at`.
+    pub fn on_metrics(&mut self, metrics: Metrics, at: Instant) {
+        self.metrics = Some((metrics, at));
+        let Some(cpu) = metrics.cpu else { return };
+        if self.settling(at) {
+            return;
+        }
+        let cpu = self.fast_goal(cpu);
+        let memory = self.memory_goal(metrics.mem_used_bytes);
+        // After a gap the window may have missed a burst: it starts again. The agent's own
+        // resize, during which it takes no samples, is no gap.
+        let gap = Duration::from_secs(self.config.metrics_max_age_secs);
+        let (window, last_change) = (self.window(), self.last_change);
+        match &mut self.held {
+            Some(run) if at.saturating_duration_since(run.cpu.newest().max(last_change)) <= gap => {
+                run.cpu.push(at, cpu, window);
+                run.memory.push(at, memory, window);
+            }
+            _ => {
+                self.held = Some(Held {
+                    cpu: WindowMax::new(at, cpu),
+                    memory: WindowMax::new(at, memory),
+                })
+            }
+        }
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.downscale_window_secs)
+    }
+
+    fn settling(&self, at: Instant) -> bool {
+        self.shrink_settles.is_some_and(|settles| at < settles)
     }
 
     /// The monitor asked for memory: at least current + 1 CU for a while, at once.
@@ -252,65 +341,110 @@ impl Agent {
         if current != self.current {
             self.current = current;
             self.last_change = now;
+            self.last_growth = now;
         }
     }
 
-    fn fresh_metrics(&self, now: Instant) -> Option<Metrics> {
+    /// The latest metrics and when they were measured, unless too old.
+    fn fresh_metrics(&self, now: Instant) -> Option<(Metrics, Instant)> {
         let (metrics, at) = self.metrics?;
         (now.saturating_duration_since(at) <= Duration::from_secs(self.config.metrics_max_age_secs))
-            .then_some(metrics)
+            .then_some((metrics, at))
     }
 
-    /// The CU the metrics call for, unrounded, and why.
-    fn wanted(&self, m: Metrics) -> (f64, String) {
+    /// The fast CPU goal, unrounded.
+    fn fast_goal(&self, c: FastCpu) -> f64 {
+        // A NaN gives no evidence of load, as a NaN load1.
+        let within = |x: f64, max: f64| if x.is_nan() { 0.0 } else { x.clamp(0.0, max) };
+        let busy_vcpus = within(c.util, 1.0) * f64::from(c.vcpus);
+        let queued = 1.0 + within(c.pressure, 100.0) / 100.0;
+        busy_vcpus * queued / self.config.load_target / f64::from(self.shape.vcpus_per_cu)
+    }
+
+    fn memory_goal(&self, used_bytes: u64) -> f64 {
+        used_bytes as f64 / self.config.memory_target / self.shape.memory_per_cu_bytes as f64
+    }
+
+    fn wanted(&self, m: Metrics, at: Instant) -> Wanted {
         let vcpus_per_cu = f64::from(self.shape.vcpus_per_cu);
-        let cpu = m.load1.max(0.0) / self.config.load_target / vcpus_per_cu;
-        let memory = m.mem_used_bytes as f64
-            / self.config.memory_target
-            / self.shape.memory_per_cu_bytes as f64;
-        let load = format!("load1 {:.2} → {cpu:.2} CU", m.load1);
+        let slow = m.load1.max(0.0) / self.config.load_target / vcpus_per_cu;
+        let memory = self.memory_goal(m.mem_used_bytes);
+        let load = format!("load1 {:.2} → {slow:.2} CU", m.load1);
         let used = format!(
             "memory used {} MiB → {memory:.2} CU",
             m.mem_used_bytes >> 20
         );
         let Some(c) = m.cpu else {
-            return (cpu.max(memory), format!("{load}, {used}"));
+            return Wanted {
+                cu: slow.max(memory),
+                reason: format!("{load}, {used}"),
+                memory_held: None,
+            };
         };
-        let busy_vcpus = c.util.clamp(0.0, 1.0) * f64::from(c.vcpus);
-        let queued = 1.0 + c.pressure.clamp(0.0, 100.0) / 100.0;
-        let fast = busy_vcpus * queued / self.config.load_target / vcpus_per_cu;
-        let driver = if fast > cpu.max(memory) {
+        let measured = self.fast_goal(c);
+        let (fast, ignored) = if self.settling(at) {
+            (0.0, ", ignored: taken as the VM shrank")
+        } else {
+            (measured, "")
+        };
+        let fast_text = format!(
+            "cpu util {:.2} over {} vCPU, pressure {:.0}% → {measured:.2} CU (fast{ignored})",
+            c.util, c.vcpus, c.pressure
+        );
+        let window = self.config.downscale_window_secs;
+        let run = self.held.as_ref();
+        if let Some(held) = run.and_then(|r| r.cpu.held(self.window())) {
+            let held_text = format!("fast CPU held over {window} s");
+            // Memory that would not keep the VM above its minimum sets nothing.
+            let driver = if memory <= held.max(self.min.as_f64()) {
+                &held_text
+            } else {
+                "memory"
+            };
+            return Wanted {
+                cu: held.max(memory),
+                reason: format!(
+                    "{fast_text}, {held_text} → {held:.2} CU, {load} (not used), {used}; \
+                     driven by {driver}"
+                ),
+                memory_held: run.and_then(|r| r.memory.held(self.window())),
+            };
+        }
+        let driver = if fast > slow.max(memory) {
             "cpu util (fast)"
-        } else if cpu >= memory {
+        } else if slow >= memory {
             "load1 (slow)"
         } else {
             "memory"
         };
-        let reason = format!(
-            "cpu util {:.2} over {} vCPU, pressure {:.0}% → {fast:.2} CU (fast), {load} (slow), \
-             {used}; driven by {driver}",
-            c.util, c.vcpus, c.pressure
-        );
-        (cpu.max(memory).max(fast), reason)
+        Wanted {
+            cu: slow.max(memory).max(fast),
+            reason: format!(
+                "{fast_text}, {load} (slow), {used}; driven by {driver}; \
+                 fast CPU not yet seen over {window} s"
+            ),
+            memory_held: None,
+        }
     }
 
     /// The size the agent wants now, and why.
-    pub fn goal(&self, now: Instant) -> (ComputeUnits, String) {
-        let (mut goal, mut reason) = match self.fresh_metrics(now) {
-            Some(m) => {
-                let (wanted, reason) = self.wanted(m);
+    fn goal(&self, now: Instant) -> Goal {
+        let (mut goal, mut reason, memory_held) = match self.fresh_metrics(now) {
+            Some((m, at)) => {
+                let wanted = self.wanted(m, at);
                 // Round up to a quarter CU; NaN and huge values end at the maximum.
-                let quarters = (wanted * 4.0).ceil();
+                let quarters = (wanted.cu * 4.0).ceil();
                 let quarters = if quarters.is_finite() {
                     quarters.clamp(0.0, f64::from(u32::MAX / 2)) as u32
                 } else {
                     u32::MAX / 2
                 };
-                (cu(quarters), reason)
+                (cu(quarters), wanted.reason, wanted.memory_held)
             }
             None => (
                 self.current,
                 "no fresh metrics: keep at least the current size".to_string(),
+                None,
             ),
         };
         if let Some(floor) = self.requested.and_then(|f| f.active(now)) {
@@ -331,12 +465,22 @@ impl Agent {
         if clamped != goal {
             reason += &format!("; clamped to [{}, {}]", self.min, self.max);
         }
-        (clamped, reason)
+        // The CPU goal is the window's largest: the goal is stable if its memory was too.
+        // Floors and bounds only raise it or are the operator's.
+        Goal {
+            cu: clamped,
+            reason,
+            straight: memory_held.is_some_and(|m| m <= clamped.as_f64()),
+        }
     }
 
     /// The next action, if any. While one is in flight nothing else is started.
     pub fn next_action(&mut self, now: Instant) -> Decision {
-        let (goal, mut reason) = self.goal(now);
+        let Goal {
+            cu: goal,
+            mut reason,
+            straight,
+        } = self.goal(now);
         let action = if self.in_flight.is_some() {
             None
         } else if self.blocked_until.is_some_and(|until| now < until) {
@@ -347,16 +491,28 @@ impl Agent {
         } else if goal > self.current {
             Some(Action::Upscale { target: goal })
         } else if goal < self.current {
-            let cooldown_ends =
-                self.last_change + Duration::from_secs(self.config.downscale_cooldown_secs);
+            // The window has seen a whole window want no more: a step it drives pauses
+            // after growth, against flapping, but not after the previous step down.
+            let since = if straight {
+                self.last_growth
+            } else {
+                self.last_change
+            };
+            let cooldown_ends = since + Duration::from_secs(self.config.downscale_cooldown_secs);
             if now < cooldown_ends {
                 reason += "; in downscale cooldown";
                 None
             } else {
                 let one_step_down = cu(self.current.quarters().saturating_sub(ONE_CU));
-                Some(Action::Downscale {
-                    target: goal.max(one_step_down),
-                })
+                let target = if straight {
+                    goal
+                } else {
+                    goal.max(one_step_down)
+                };
+                if target < one_step_down {
+                    reason += "; more than 1 CU at once, as nothing in the window wanted more";
+                }
+                Some(Action::Downscale { target })
             }
         } else {
             None
@@ -376,12 +532,16 @@ impl Agent {
             Outcome::Upscaled { to } | Outcome::Downscaled { to } => {
                 self.failures = 0;
                 if to != self.current {
+                    if to > self.current {
+                        self.last_growth = now;
+                    } else {
+                        self.shrink_settles = Some(now + SHRINK_SETTLE);
+                    }
                     self.current = to;
                     self.last_change = now;
                 }
                 // A partial grant means the ledger is short: do not ask again at once.
-                let (goal, _) = self.goal(now);
-                if matches!(outcome, Outcome::Upscaled { .. }) && to < goal {
+                if matches!(outcome, Outcome::Upscaled { .. }) && to < self.goal(now).cu {
                     self.back_off(now);
                 }
             }

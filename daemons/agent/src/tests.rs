@@ -2,6 +2,8 @@
 
 use super::*;
 
+mod fast_signal;
+
 const GIB: u64 = 1 << 30;
 
 /// A clock the test moves by hand.
@@ -69,16 +71,15 @@ fn after(a: &mut Agent, clock: &mut FakeClock, secs: u64, load1: f64) -> Option<
     a.next_action(clock.now).action
 }
 
-fn finish(agent: &mut Agent, clock: &FakeClock) {
-    match agent.next_action(clock.now).action {
-        Some(Action::Upscale { target }) => {
-            agent.on_outcome(Outcome::Upscaled { to: target }, clock.now)
-        }
-        Some(Action::Downscale { target }) => {
-            agent.on_outcome(Outcome::Downscaled { to: target }, clock.now)
-        }
-        None => {}
-    }
+/// Decides, and carries out the action in full; returns it.
+fn finish(agent: &mut Agent, clock: &FakeClock) -> Option<Action> {
+    let action = agent.next_action(clock.now).action?;
+    let outcome = match action {
+        Action::Upscale { target } => Outcome::Upscaled { to: target },
+        Action::Downscale { target } => Outcome::Downscaled { to: target },
+    };
+    agent.on_outcome(outcome, clock.now);
+    Some(action)
 }
 
 #[test]
@@ -135,12 +136,12 @@ fn goal_is_clamped_to_bounds() {
     let clock = FakeClock::new();
     let mut a = agent(&clock);
     a.on_metrics(metrics(100.0, 100), clock.now);
-    assert_eq!(a.goal(clock.now).0, c("4"));
+    assert_eq!(a.goal(clock.now).cu, c("4"));
     a.on_metrics(metrics(0.0, 0), clock.now);
-    assert_eq!(a.goal(clock.now).0, c("1"));
+    assert_eq!(a.goal(clock.now).cu, c("1"));
     // A guest reporting NaN gives no evidence of load.
     a.on_metrics(metrics(f64::NAN, 0), clock.now);
-    assert_eq!(a.goal(clock.now).0, c("1"));
+    assert_eq!(a.goal(clock.now).cu, c("1"));
 }
 
 #[test]
@@ -309,88 +310,12 @@ fn config_validation() {
         ..AgentConfig::default()
     };
     assert!(bad.validate().unwrap_err().contains("memory_target"));
-}
-
-#[test]
-fn a_load_step_upscales_at_once_on_the_fast_signal() {
-    let mut clock = FakeClock::new();
-    let mut a = agent(&clock);
-    // All of its one vCPU busy, tasks waiting 80% of the time; load1 has not caught up.
-    a.on_metrics(with_cpu(0.1, 1.0, 80.0, 1), clock.now);
-    let decision = a.next_action(clock.now);
-    // 1 busy vCPU × 1.8 / 0.9 = 2 CU.
-    assert_eq!(decision.action, Some(Action::Upscale { target: c("2") }));
-    assert!(
-        decision.reason.starts_with(
-            "cpu util 1.00 over 1 vCPU, pressure 80% → 2.00 CU (fast), load1 0.10 → 0.11 CU (slow)"
-        ) && decision.reason.ends_with("driven by cpu util (fast)"),
-        "{}",
-        decision.reason
-    );
-    a.on_outcome(Outcome::Upscaled { to: c("2") }, clock.now);
-    // Still saturated a few seconds later: no cooldown holds an upscale back.
-    clock.advance(3);
-    a.on_metrics(with_cpu(0.3, 1.0, 50.0, 2), clock.now);
-    // 2 × 1.5 / 0.9 = 3.33, rounded up to a quarter.
-    assert_eq!(
-        a.next_action(clock.now).action,
-        Some(Action::Upscale { target: c("3.5") })
-    );
-}
-
-#[test]
-fn a_lull_in_the_fast_signal_does_not_shrink_the_vm() {
-    let mut clock = FakeClock::new();
-    let mut a = agent(&clock);
-    a.on_metrics(with_cpu(3.5, 1.0, 0.0, 1), clock.now);
-    finish(&mut a, &clock);
-    assert_eq!(a.current(), c("4"));
-    clock.advance(60);
-    // Ten idle seconds past the cooldown: load1 is still high, and load1 decides.
-    for _ in 0..10 {
-        clock.advance(1);
-        a.on_metrics(with_cpu(3.5, 0.0, 0.0, 4), clock.now);
-        let decision = a.next_action(clock.now);
-        assert_eq!(decision.action, None, "{}", decision.reason);
-        assert!(
-            decision.reason.ends_with("driven by load1 (slow)"),
-            "{}",
-            decision.reason
-        );
-    }
-    // Once load1 falls, the VM steps down as it would without the fast signal...
-    clock.advance(1);
-    a.on_metrics(with_cpu(0.0, 0.0, 0.0, 4), clock.now);
-    assert_eq!(
-        a.next_action(clock.now).action,
-        Some(Action::Downscale { target: c("3") })
-    );
-    a.on_outcome(Outcome::Downscaled { to: c("3") }, clock.now);
-    // ...but no further than what is busy right now: 0.8 × 3 / 0.9 = 2.67 → 2.75 CU.
-    clock.advance(61);
-    a.on_metrics(with_cpu(0.0, 0.8, 0.0, 3), clock.now);
-    assert_eq!(
-        a.next_action(clock.now).action,
-        Some(Action::Downscale { target: c("2.75") })
-    );
-}
-
-#[test]
-fn without_the_fast_signal_the_goal_is_neons() {
-    let clock = FakeClock::new();
-    let mut a = agent(&clock);
-    // A protocol-1 guest under the same load step: load1 alone does not move yet.
-    a.on_metrics(metrics(0.1, 100), clock.now);
-    let decision = a.next_action(clock.now);
-    assert_eq!(decision.action, None);
-    assert_eq!(
-        decision.reason,
-        "load1 0.10 → 0.11 CU, memory used 100 MiB → 0.13 CU; clamped to [1, 4]"
-    );
-    // An idle fast signal changes nothing either.
-    a.on_metrics(with_cpu(1.8, 0.0, 0.0, 1), clock.now);
-    assert_eq!(
-        a.next_action(clock.now).action,
-        Some(Action::Upscale { target: c("2") })
-    );
+    let bad = AgentConfig {
+        downscale_window_secs: MAX_SECS + 1,
+        ..AgentConfig::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .contains("downscale_window_secs"));
 }
