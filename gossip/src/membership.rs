@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use vmhost_api::{CuShape, DrainPhase, Resources};
 
 /// The chitchat key under which each host publishes its `HostView`.
-const HOST_KEY: &str = "host";
+pub const HOST_KEY: &str = "host";
 /// How long a decode may wait for chitchat's socket to hand back a datagram that is on
 /// loopback already.
 const DECODE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -102,6 +102,29 @@ pub struct MembershipConfig {
     pub dead_host_grace: Duration,
 }
 
+impl MembershipConfig {
+    /// chitchat as vmhost runs it (the gossip simulation runs the same on chitchat's
+    /// in-process transport).
+    pub fn chitchat_config(self, generation: u64) -> chitchat::ChitchatConfig {
+        chitchat::ChitchatConfig {
+            chitchat_id: ChitchatId::new(self.name, generation, self.advertise),
+            cluster_id: self.cluster,
+            gossip_interval: self.gossip_interval,
+            listen_addr: self.advertise,
+            seed_nodes: self.seeds.iter().map(|s| s.to_string()).collect(),
+            failure_detector_config: chitchat::FailureDetectorConfig {
+                initial_interval: self.gossip_interval,
+                dead_node_grace_period: self.dead_host_grace,
+                ..Default::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        }
+    }
+}
+
 /// Bytes and messages of gossip sent, for the benchmarks and metrics.
 #[derive(Debug, Default)]
 pub struct GossipStats {
@@ -134,26 +157,11 @@ impl Membership {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
-        let chitchat_config = chitchat::ChitchatConfig {
-            chitchat_id: ChitchatId::new(config.name, generation, config.advertise),
-            cluster_id: config.cluster,
-            gossip_interval: config.gossip_interval,
-            listen_addr: config.advertise,
-            seed_nodes: config.seeds.iter().map(|s| s.to_string()).collect(),
-            failure_detector_config: chitchat::FailureDetectorConfig {
-                initial_interval: config.gossip_interval,
-                dead_node_grace_period: config.dead_host_grace,
-                ..Default::default()
-            },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: ProtocolVersion::V1,
-        };
         let initial = vec![(HOST_KEY.to_string(), encode_view(view))];
-        let handle = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
-            .await
-            .context("cannot start gossip")?;
+        let handle =
+            chitchat::spawn_chitchat(config.chitchat_config(generation), initial, &transport)
+                .await
+                .context("cannot start gossip")?;
         Ok(Membership { handle, stats })
     }
 
@@ -208,7 +216,8 @@ impl Membership {
     }
 }
 
-fn encode_view(view: &HostView) -> String {
+/// A view as published under `HOST_KEY`.
+pub fn encode_view(view: &HostView) -> String {
     serde_json::to_string(view).expect("a host view always encodes")
 }
 

@@ -7,19 +7,23 @@
 pub mod ansible;
 pub mod benchmarks;
 pub mod cgroups;
+pub mod echo;
+mod fake_guest;
+pub mod migrate;
 pub mod netns;
 pub mod nspawn;
 pub mod package;
 pub mod postgres;
+pub mod procs;
 pub mod soak;
 pub mod workload;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+pub use fake_guest::FakeGuest;
+pub use procs::{process_alive, LivePids};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use vmhost_guest_protocol::{self as protocol, FrameDecoder, GuestMessage, HostMessage};
 
 /// `vmctl create` arguments that switch the agent's CPU goals off, so that only memory can
 /// grow the VM: a memory workload's page faults, or a boot, keep a vCPU busy, and the CPU
@@ -85,6 +89,14 @@ pub struct GuestView {
     pub mem_total_kb: u64,
 }
 
+impl GuestView {
+    /// The VM's memory as the guest sees it, given its view and size at boot: plugged
+    /// memory shows in MemTotal one for one.
+    pub fn memory_bytes(&self, boot: GuestView, boot_bytes: u64) -> u64 {
+        (boot_bytes + self.mem_total_kb * 1024).saturating_sub(boot.mem_total_kb * 1024)
+    }
+}
+
 pub fn parse_guest_view(line: &str) -> Option<GuestView> {
     let rest = line.split("vmhost-guest: cpus=").nth(1)?;
     let (cpus, rest) = rest.split_once(" mem_total_kb=")?;
@@ -94,9 +106,10 @@ pub fn parse_guest_view(line: &str) -> Option<GuestView> {
     })
 }
 
-/// What the `memhog` image's workload allocates, and how long it holds it.
+/// What the `memhog` image's workload allocates, and the guest's vsock port that tells it
+/// to free that (`TestHost::free_memhog`).
 pub const MEMHOG_MIB: u64 = 900;
-pub const MEMHOG_HOLD_SECS: u64 = 20;
+pub const MEMHOG_FREE_PORT: u32 = 7200;
 
 /// The pressure benchmark's workload, at the monitor's default upscale threshold.
 pub const PRESSURE_WORKLOAD: &str = "vmhost.workload=vmhost-pressure,0.7";
@@ -221,11 +234,11 @@ stop_grace_secs = 3
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
 # The same image with a workload that grows to {MEMHOG_MIB} MiB in 16 MiB steps every
-# 100 ms, holds it {MEMHOG_HOLD_SECS} s, then frees it.
+# 100 ms, holds it until told on vsock port {MEMHOG_FREE_PORT}, then frees it.
 [images.memhog]
 kernel = "{image}/vmlinuz"
 initrd = "{image}/initrd.img"
-cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,100,{MEMHOG_HOLD_SECS}"
+cmdline = "{cmdline} vmhost.workload=vmhost-memhog,{MEMHOG_MIB},16,100,{MEMHOG_FREE_PORT}"
 # The same image with {CPUBURN_THREADS} busy threads for {CPUBURN_SECS} s.
 [images.cpuburn]
 kernel = "{image}/vmlinuz"
@@ -446,14 +459,19 @@ cmdline = "{cmdline} vmhost.monitor=off"
         text.lines().rev().find_map(parse_guest_view)
     }
 
-    /// Waits for the guest's first report of its size.
+    /// Waits for the guest's first report of its size, the one at boot.
     pub fn wait_guest_report(&self, name: &str) -> GuestView {
+        let log = self.serial_log(name);
+        let first = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines().find_map(parse_guest_view)
+        };
         wait_until(
             Duration::from_secs(120),
             &format!("guest {name} to report its size"),
-            || self.guest_view(name).is_some(),
+            || first().is_some(),
         );
-        self.guest_view(name).unwrap()
+        first().unwrap()
     }
 
     /// Waits until the guest itself reports `expected` exactly (a resize of a running
@@ -482,112 +500,60 @@ cmdline = "{cmdline} vmhost.monitor=off"
         }
     }
 
-    /// PIDs of every QEMU this host started, from their pidfiles.
+    /// PIDs of every live QEMU whose command line names this host's state dir, as /proc
+    /// shows them: vmhostd's pidfiles could hide a leaked one.
     pub fn qemu_pids(&self) -> Vec<i32> {
-        self.pids_from("qemu.pid")
+        let mut pids: Vec<i32> = procs::lab_processes(&[self.state_dir()])
+            .into_iter()
+            .filter(|p| p.kind == procs::Kind::Qemu)
+            .map(|p| p.pid)
+            .collect();
+        pids.sort();
+        pids
     }
 
-    fn pids_from(&self, pidfile: &str) -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir(self.state_dir().join("vms")) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join(pidfile)).ok())
-            .filter_map(|s| s.trim().parse().ok())
-            .collect()
+    /// The live QEMU of `vm` here, and its vsock backend, before an operation that must end
+    /// them.
+    pub fn live_pids(&self, vm: &str) -> LivePids {
+        LivePids::of(self, vm)
+    }
+
+    /// Tells the `memhog` workload in `vm` to free its memory, over the vsock backend's
+    /// host-side socket, and waits until the guest reports it freed.
+    pub fn free_memhog(&self, vm: &str) {
+        let path = self.state_dir().join("vms").join(vm).join("vsock.sock");
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(&path).expect("connect to the vsock backend");
+        stream
+            .write_all(format!("CONNECT {MEMHOG_FREE_PORT}\n").as_bytes())
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = std::io::BufReader::new(stream).read_line(&mut answer);
+        assert!(
+            answer.starts_with("OK "),
+            "memhog's port answered {answer:?}"
+        );
+        let log = self.serial_log(vm);
+        wait_until(Duration::from_secs(30), "memhog to free its memory", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("memhog: freed")
+        });
     }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.kill_daemon();
-        // QEMUs and their vsock backends outlive vmhostd by design; a test must not.
-        for pid in self
-            .qemu_pids()
-            .into_iter()
-            .chain(self.pids_from("vsock.pid"))
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // QEMUs, vsock backends and disk tools outlive vmhostd by design; a test must not,
+        // even one that no pidfile names any more.
+        for process in procs::lab_processes(&[self.state_dir()]) {
+            procs::kill(process.pid);
         }
         cgroups::remove_host_cgroups(&self.name);
-    }
-}
-
-pub fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D']))
-        })
-        .unwrap_or(false)
-}
-
-/// A fake guest on the socket where the vsock backend delivers guest connections.
-pub struct FakeGuest {
-    stream: UnixStream,
-    decoder: FrameDecoder,
-}
-
-impl FakeGuest {
-    pub fn connect(host: &TestHost, vm: &str) -> FakeGuest {
-        let path = host
-            .state_dir()
-            .join("vms")
-            .join(vm)
-            .join(format!("vsock.sock_{}", protocol::GUEST_PORT));
-        let stream = UnixStream::connect(&path).expect("connect to the guest link socket");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        FakeGuest {
-            stream,
-            decoder: FrameDecoder::new(),
-        }
-    }
-
-    pub fn hello(host: &TestHost, vm: &str) -> FakeGuest {
-        let mut guest = FakeGuest::connect(host, vm);
-        guest.send(&GuestMessage::Hello {
-            min_version: 1,
-            max_version: 1,
-        });
-        assert_eq!(guest.receive(), Some(HostMessage::Welcome { version: 1 }));
-        guest
-    }
-
-    pub fn send(&mut self, message: &GuestMessage) {
-        let _ = self.stream.write_all(&protocol::encode(message).unwrap());
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes);
-    }
-
-    /// The next message, or None once the host has closed the connection.
-    pub fn receive(&mut self) -> Option<HostMessage> {
-        loop {
-            if let Some(body) = self.decoder.next_frame().unwrap() {
-                return Some(protocol::decode(&body).unwrap());
-            }
-            let mut buf = [0u8; 4096];
-            match self.stream.read(&mut buf) {
-                Ok(0) => return None,
-                Err(e) => {
-                    eprintln!("fake guest read: {e}");
-                    return None;
-                }
-                Ok(n) => self.decoder.push(&buf[..n]),
-            }
-        }
-    }
-
-    /// Reads until the host closes; returns what it said on the way.
-    pub fn drain(&mut self) -> Vec<HostMessage> {
-        std::iter::from_fn(|| self.receive()).collect()
     }
 }
 

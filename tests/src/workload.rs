@@ -217,3 +217,51 @@ impl CapacityWatch {
         println!("capacity held in all {samples} samples");
     }
 }
+
+/// Follows the dirtier's reports of one VM on every host, stamping each new pass as it
+/// appears: the largest gap between them is the outage the guest's workload saw.
+pub struct TickGaps {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    follower: std::thread::JoinHandle<Duration>,
+}
+
+impl TickGaps {
+    /// Starts once the guest has reported; the source's serial log may go with its VM.
+    pub fn start(hosts: &[&TestHost], vm: &str) -> TickGaps {
+        use std::sync::atomic::Ordering;
+        let serials: Vec<_> = hosts.iter().map(|h| h.serial_log(vm)).collect();
+        let latest = move || {
+            serials
+                .iter()
+                .filter_map(|s| ticks(s).last().map(|t| t.pass))
+                .max()
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let follower = std::thread::spawn(move || {
+            let mut pass = latest().expect("the guest reported before the watch started");
+            let mut since = std::time::Instant::now();
+            let mut largest = Duration::ZERO;
+            while !stopped.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                if let Some(now) = latest().filter(|now| *now > pass) {
+                    largest = largest.max(since.elapsed());
+                    (pass, since) = (now, std::time::Instant::now());
+                }
+            }
+            largest.max(since.elapsed())
+        });
+        TickGaps { stop, follower }
+    }
+
+    /// Stops following; fails if the guest's workload ever stalled longer than `bound`.
+    pub fn assert_within(self, bound: Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let largest = self.follower.join().expect("the follower panicked");
+        println!("the guest's workload stalled at most {largest:?}");
+        assert!(
+            largest <= bound,
+            "the guest's workload stalled {largest:?}, more than {bound:?}"
+        );
+    }
+}

@@ -95,8 +95,7 @@ fn a_drained_host_moves_every_vm_away_live_and_takes_none_until_undrained() {
             wait_ticking(&hosts[0], vm, 1)
         })
         .collect();
-    let qemus_on_a = hosts[0].qemu_pids();
-    assert_eq!(qemus_on_a.len(), 3);
+    let on_a: Vec<_> = vms.iter().map(|vm| hosts[0].live_pids(vm)).collect();
     let watch = CapacityWatch::start(&hosts);
 
     let out = hosts[0].vmctl_ok(&["drain", "a", "--wait", "--parallel", "2"]);
@@ -106,10 +105,9 @@ fn a_drained_host_moves_every_vm_away_live_and_takes_none_until_undrained() {
         let target = runs_on(&hosts[1..], vm).unwrap_or_else(|| panic!("{vm} runs nowhere"));
         assert_continued(before, target, vm);
     }
-    assert!(
-        qemus_on_a.iter().all(|pid| !process_alive(*pid)),
-        "a QEMU outlived the drain on host a: {qemus_on_a:?}"
-    );
+    for pids in &on_a {
+        pids.assert_gone();
+    }
     assert!(hosts[0].qemu_pids().is_empty());
     wait_until(Duration::from_secs(10), "b to see a drained", || {
         drain_state(&hosts[1], "a") == "drained"
@@ -125,6 +123,7 @@ fn a_drained_host_moves_every_vm_away_live_and_takes_none_until_undrained() {
     assert!(status.starts_with("host a: drained"), "{status}");
     let placed = create(&hosts[0], &["n1", "--no-autoscale"]);
     assert_ne!(placed["host"], "a", "{placed}");
+    assert!(runs_on(&hosts[1..], "n1").is_some(), "{placed}");
     assert!(hosts[0].qemu_pids().is_empty());
 
     hosts[0].vmctl_ok(&["undrain", "a"]);
@@ -206,6 +205,7 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
         assert!(runs_on(&hosts[..1], "unplugged").is_some());
     }
 
+    let unplugged_on_a = a.live_pids("unplugged");
     let out = a.vmctl_ok(&["drain", "a", "--cold", "--wait"]);
     println!("{out}");
     let parked_on = runs_on(&hosts[1..], "parked").expect("parked runs nowhere");
@@ -220,6 +220,7 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
         assert!(out.contains("moved 2 of 2 VMs (2 cold)"), "{out}");
         assert_ne!(boot_after, boot_before, "a cold move boots the guest again");
     }
+    unplugged_on_a.assert_gone();
     assert!(a.qemu_pids().is_empty());
     assert!(!a.state_dir().join("vms/parked").exists());
 }
@@ -252,6 +253,7 @@ fn a_host_past_its_watermark_moves_an_idle_vm_away_so_a_growing_one_gets_its_mem
     a.wait_monitor("grower");
     let boot = a.wait_guest_report("grower");
     wait_ticking(a, "grower", 5);
+    let idler_on_a = a.live_pids("idler");
     let watch = CapacityWatch::start(&hosts);
 
     // 4 of 4 GiB is past the watermark: the idle VM leaves, and the grower's next step
@@ -260,6 +262,7 @@ fn a_host_past_its_watermark_moves_an_idle_vm_away_so_a_growing_one_gets_its_mem
     wait_or_dump(&hosts, 180, "the idle VM to move away", || {
         runs_on(&hosts[1..], "idler").is_some() && runs_on(&hosts[..1], "idler").is_none()
     });
+    idler_on_a.assert_gone();
     let idler_on = runs_on(&hosts[1..], "idler").unwrap();
     let serial = std::fs::read_to_string(idler_on.serial_log("idler")).unwrap();
     assert!(

@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmhost_tests::netns::{Lab, FLEET_PORT};
 use vmhost_tests::workload::fleet_hosts;
 use vmhost_tests::{bin, wait_until, Limits, TestHost};
@@ -97,6 +97,11 @@ fn three_hosts_place_vms_hold_leases_and_detect_a_dead_host() {
         .map(|vm| (vm["name"].as_str().unwrap(), vm["host"].as_str().unwrap()))
         .collect();
     assert_eq!(placement, [("vm1", "a"), ("vm2", "b")]);
+    // Where the QEMUs really run.
+    fleet[0].live_pids("vm1");
+    fleet[1].live_pids("vm2");
+    assert_eq!(fleet[0].qemu_pids().len(), 1);
+    assert!(fleet[2].qemu_pids().is_empty());
     let shown: Value =
         serde_json::from_str(&fleet[0].vmctl_ok(&["--json", "--host", "b", "show", "vm2"]))
             .unwrap();
@@ -145,4 +150,36 @@ fn three_hosts_place_vms_hold_leases_and_detect_a_dead_host() {
         )
     };
     assert!(missing.contains("c (dead)"), "{missing}");
+}
+
+#[test]
+fn a_live_holder_keeps_its_lease_past_the_ttl_and_a_dead_one_loses_it_within_the_ttl() {
+    const TTL: Duration = Duration::from_secs(3);
+    // Expiry is swept once a second, and vmctl takes a moment to ask.
+    const MARGIN: Duration = Duration::from_secs(2);
+    let lab = Lab::new(3);
+    let pki = tempfile::tempdir().unwrap();
+    let fleet = start_fleet(&lab, pki.path(), [limits(1), limits(1), limits(2)]);
+    wait_until(Duration::from_secs(60), "all three hosts live", || {
+        live_names(&fleet[0]) == NAMES
+    });
+
+    // Only its renewals keep the lease through three TTLs.
+    let mut holder = hold_lease(&lab, pki.path(), TTL.as_secs());
+    let held_until = Instant::now() + 3 * TTL;
+    while Instant::now() < held_until {
+        assert_eq!(leased_vcpus_on(&fleet[2]), 1, "a renewed lease expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let died = Instant::now();
+    wait_until(TTL + MARGIN, "the dead holder's lease to expire", || {
+        leased_vcpus_on(&fleet[2]) == 0
+    });
+    println!(
+        "the lease expired {:?} after its holder died",
+        died.elapsed()
+    );
 }

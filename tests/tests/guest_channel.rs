@@ -3,9 +3,12 @@
 
 use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{self as protocol, GuestMessage, HostMessage};
-use vmhost_tests::{wait_until, FakeGuest, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
+use vmhost_tests::{
+    wait_until, FakeGuest, GuestView, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY,
+};
 
 const GIB: u64 = 1 << 30;
+const GIB_KB: u64 = 1 << 20;
 
 fn roomy() -> Limits {
     Limits {
@@ -65,6 +68,9 @@ fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
     assert!(guest["metrics_age_ms"].as_u64().unwrap() < 5000, "{guest}");
     let boot_total = guest["mem_total_bytes"].as_u64().unwrap();
     assert!(boot_total > GIB / 2 && boot_total <= GIB, "{guest}");
+    // What the monitor reports is what the guest's kernel says.
+    let boot = host.wait_guest_report("db1");
+    assert_eq!(boot_total, boot.mem_total_kb * 1024, "{guest}");
     // Metrics are live: their age stays small as time passes.
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -83,6 +89,13 @@ fn guest_reports_live_metrics_and_the_size_vmhostd_set() {
             |s| s["guest"]["online_cpus"] == vcpus && s["guest"]["mem_total_bytes"] == total,
         );
         assert_eq!(shown["vcpus"], vcpus);
+        host.wait_guest_view(
+            "db1",
+            GuestView {
+                cpus: vcpus,
+                mem_total_kb: total / 1024,
+            },
+        );
     }
 }
 
@@ -94,6 +107,7 @@ fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
     ];
     args.extend(MEMORY_GOAL_ONLY);
     host.vmctl_ok(&args);
+    let boot = host.wait_guest_report("hog");
     // 900 MiB does not fit in the 1 CU guest (the workload's limit is MemTotal − 96 MiB):
     // it only gets there if the upscale lands first.
     let shown = wait_show(
@@ -116,6 +130,11 @@ fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
                 .contains(&format!("memhog: holding {MEMHOG_MIB} MiB"))
         },
     );
+    let grown = host.guest_view("hog").unwrap();
+    assert!(
+        grown.mem_total_kb >= boot.mem_total_kb + GIB_KB,
+        "the guest holds {MEMHOG_MIB} MiB without the memory: {grown:?}, booted {boot:?}"
+    );
     let log = std::fs::read_to_string(&serial).unwrap();
     assert!(
         !log.contains("Out of memory") && !log.contains("oom-kill"),
@@ -132,29 +151,20 @@ fn memory_pressure_gets_an_upscale_and_a_starving_downscale_is_vetoed() {
     );
     eprintln!("{grant}");
 
-    // While the workload holds its memory, shrinking to 1 CU would starve it.
-    let output = host.vmctl(&["scale", "hog", "--cu", "1"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !std::fs::read_to_string(&serial)
-        .unwrap()
-        .contains("memhog: freed")
-    {
-        assert_eq!(output.status.code(), Some(7), "{stderr}");
-        assert!(stderr.contains("guest monitor refused"), "{stderr}");
-        assert!(host.show("hog")["cu"].as_f64().unwrap() >= 2.0);
-    }
-    // Once it lets go, the same downscale is approved.
-    wait_until(
-        Duration::from_secs(120),
-        "memhog to free its memory",
-        || {
-            std::fs::read_to_string(&serial)
-                .unwrap_or_default()
-                .contains("memhog: freed")
-        },
+    // The workload holds its memory until told: shrinking to 1 CU would starve it, and the
+    // guest keeps every byte it had.
+    let (code, stderr) = host.vmctl_err(&["scale", "hog", "--cu", "1"]);
+    assert_eq!(code, 7, "{stderr}");
+    assert!(stderr.contains("guest monitor refused"), "{stderr}");
+    let kept = host.guest_view("hog").unwrap();
+    assert!(
+        kept.mem_total_kb >= grown.mem_total_kb,
+        "the vetoed downscale took memory: {grown:?} then {kept:?}"
     );
+    // Once it lets go, the same downscale is approved, and the guest is back at its boot size.
+    host.free_memhog("hog");
     host.vmctl_ok(&["scale", "hog", "--cu", "1"]);
-    assert_eq!(host.show("hog")["vcpus"], 1);
+    host.wait_guest_view("hog", boot);
 }
 
 fn is_invalid(message: &HostMessage) -> bool {
@@ -240,7 +250,12 @@ fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
         "{said:?}"
     );
 
-    // Upscale requests are clamped to the VM's bounds.
+    // Upscale requests are clamped to the VM's bounds: the guest itself sees 2 CU, no more.
+    let boot = host.wait_guest_report("victim");
+    let clamped = GuestView {
+        cpus: 2,
+        mem_total_kb: boot.mem_total_kb + GIB_KB,
+    };
     let mut guest = FakeGuest::hello(&host, "victim");
     for id in 1..=3 {
         guest.send(&GuestMessage::UpscaleRequest {
@@ -249,13 +264,14 @@ fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
         });
         std::thread::sleep(Duration::from_millis(300));
     }
-    wait_show(&host, "victim", "the upscale to land", |s| s["cu"] == 2.0);
-    std::thread::sleep(Duration::from_secs(1));
+    host.wait_guest_view("victim", clamped);
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        host.show("victim")["cu"],
-        2.0,
+        host.guest_view("victim"),
+        Some(clamped),
         "an upscale went past max_cu"
     );
+    assert_eq!(host.show("victim")["cu"], 2.0);
     drop(guest);
 
     let victim = host.show("victim");

@@ -8,20 +8,30 @@
 //! disk arrives with every write made before and during the move.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::Child;
 use std::time::Duration;
+use vmhost_tests::echo::EchoClient;
+use vmhost_tests::migrate::{
+    finish, finish_within, progress_lines, spawn_migrate, wait_progress, Lines,
+};
 use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::workload::{
     assert_continued, disk_reports, disk_reports_in, live_hosts, md5_of_head, ticks, wait_ticking,
-    Tick, BLOB_BYTES,
+    Tick, TickGaps, BLOB_BYTES,
 };
-use vmhost_tests::{bin, test_image, wait_until, Limits, TestHost};
+use vmhost_tests::{test_image, wait_until, Limits, TestHost};
 
 const LEASE_TTL_SECS: u64 = 5;
+/// The longest the guest may stall in a migration without faults: the switchover, and
+/// post-copy faults at a capped bandwidth (a few seconds under TCG).
+const MIGRATION_STALL: Duration = Duration::from_secs(10);
+/// How much longer than its link was down the guest may stall in a post-copy migration at
+/// 4 MiB/s: the reconnect, the recovery, and the faults queued behind them (10-20 s seen).
+const RECOVERY_STALL: Duration = Duration::from_secs(30);
+/// How long a post-copy migration at 4 MiB/s may take to finish once its cut link is back
+/// (about 25 s seen).
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
 /// The `echo` image's guest address and its TCP echo port.
 const GUEST_IP: &str = "10.88.0.50";
 const ECHO_PORT: u16 = 7000;
@@ -89,18 +99,6 @@ fn create_dirtier(host: &TestHost, vm: &str) {
     create_dirtier_with(host, vm, "dirtier", &[]);
 }
 
-fn spawn_migrate(host: &TestHost, args: &[&str]) -> Child {
-    Command::new(bin("vmctl"))
-        .arg("--socket")
-        .arg(&host.socket)
-        .args(["--json", "migrate"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// Starts a migration of `vm` to host b that stays in pre-copy: at 8 MiB/s it never catches
 /// up with the 64 MiB the guest rewrites every pass. Returns once the stream flows.
 fn start_endless_precopy(host: &TestHost, vm: &str) -> (Child, Lines) {
@@ -117,42 +115,18 @@ fn start_endless_precopy(host: &TestHost, vm: &str) -> (Child, Lines) {
 
 /// Starts a migration of `vm` to host b that lasts in post-copy: at 4 MiB/s the pages left
 /// after the first pass take many seconds. Returns once post-copy has begun.
-fn start_slow_postcopy(host: &TestHost, vm: &str) -> (Child, Lines) {
+fn start_slow_postcopy(host: &TestHost, target: &TestHost, vm: &str) -> (Child, Lines) {
     let mut migrate = spawn_migrate(host, &[vm, "--to", "b", "--bandwidth", "4"]);
     let mut stdout = progress_lines(&mut migrate);
     wait_progress(&mut stdout, "post-copy", |p| {
         p["phase"] == "postcopy-active"
     });
+    // The switch has reached the target once its lease is its allocation. A fault before
+    // that is a different case: the target never runs the guest.
+    wait_until(Duration::from_secs(30), "the target to commit", || {
+        host_json(target)["allocated"]["vcpus"] != 0
+    });
     (migrate, stdout)
-}
-
-/// Reads the migration's JSON lines until one satisfies `seen`.
-fn wait_progress(lines: &mut Lines, what: &str, mut seen: impl FnMut(&Value) -> bool) {
-    for line in lines {
-        let value: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if seen(&value) {
-            return;
-        }
-    }
-    panic!("the migration ended before {what}");
-}
-
-type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
-
-fn progress_lines(child: &mut Child) -> Lines {
-    BufReader::new(child.stdout.take().unwrap()).lines()
-}
-
-/// Waits for the migration to end: whether it succeeded, the rest of its stdout (the
-/// summary last), and its stderr.
-fn finish(child: Child, rest: Lines) -> (bool, String, String) {
-    let stdout: Vec<String> = rest.map_while(Result::ok).collect();
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.success(),
-        stdout.join("\n"),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// Both daemons' logs, for a failure message.
@@ -197,6 +171,8 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     let (a, b) = (&hosts[0], &hosts[1]);
     create_dirtier(a, "mover");
     let before = wait_ticking(a, "mover", 2);
+    let on_a = a.live_pids("mover");
+    let outage = TickGaps::start(&[a, b], "mover");
 
     // Capped, so the migration lasts long enough to try a second operation on the VM.
     let mut migrate = spawn_migrate(a, &["mover", "--to", "b", "--bandwidth", "32"]);
@@ -240,6 +216,8 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     assert_eq!(host_json(b)["leased"]["vcpus"], 0);
 
     assert_continued(&before, b, "mover");
+    on_a.assert_gone();
+    outage.assert_within(MIGRATION_STALL);
     // The guest channel moved too: its monitor talks to b now.
     b.wait_monitor("mover");
     vmhost_tests::cgroups::assert_confined(b, "mover", 2u64 << 30);
@@ -333,8 +311,11 @@ fn a_link_cut_during_postcopy_is_recovered() {
     let (a, b) = (&hosts[0], &hosts[1]);
     create_dirtier(a, "cut");
     let before = wait_ticking(a, "cut", 1);
+    let on_a = a.live_pids("cut");
+    let outage = TickGaps::start(&[a, b], "cut");
 
-    let (migrate, mut stdout) = start_slow_postcopy(a, "cut");
+    let (migrate, mut stdout) = start_slow_postcopy(a, b, "cut");
+    let cut = std::time::Instant::now();
     lab.set_uplink(1, false);
     wait_progress(&mut stdout, "the pause", |p| {
         p["phase"]
@@ -344,12 +325,20 @@ fn a_link_cut_during_postcopy_is_recovered() {
     });
     std::thread::sleep(Duration::from_secs(3));
     lab.set_uplink(1, true);
-    let (ok, out, err) = finish(migrate, stdout);
+    let down = cut.elapsed();
+    let (ok, out, err) = finish_within(migrate, stdout, RECOVERY_DEADLINE);
+    println!(
+        "link down {down:?}; the migration ended {:?} after it came back",
+        cut.elapsed() - down
+    );
     assert!(ok, "migrate failed: {err}\n{out}\n{}", logs(&hosts));
     let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(summary["recoveries"].as_u64().unwrap() >= 1, "{summary}");
     assert_eq!(b.show("cut")["state"], "running");
     assert_continued(&before, b, "cut");
+    on_a.assert_gone();
+    // The guest waits for its pages while the link is down, and not much longer.
+    outage.assert_within(down + RECOVERY_STALL);
 }
 
 /// A post-copy migration whose link stays down past the recovery window is left paused on
@@ -365,7 +354,7 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     create_dirtier(&hosts[0], "late");
     let before = wait_ticking(&hosts[0], "late", 1);
 
-    let (migrate, stdout) = start_slow_postcopy(&hosts[0], "late");
+    let (migrate, stdout) = start_slow_postcopy(&hosts[0], &hosts[1], "late");
     lab.set_uplink(1, false);
     let (ok, out, err) = finish(migrate, stdout);
     assert!(!ok, "migrate succeeded with the link down: {out}");
@@ -393,6 +382,7 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     wait_until(Duration::from_secs(60), "a to see b again", || {
         live_hosts(&hosts[0]) == 2
     });
+    let on_a = hosts[0].live_pids("late");
     let mut resume = spawn_migrate(&hosts[0], &["late", "--resume"]);
     let stdout = progress_lines(&mut resume);
     let (ok, out, err) = finish(resume, stdout);
@@ -403,6 +393,7 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     let (a, b) = (&hosts[0], &hosts[1]);
     assert_eq!(b.show("late")["state"], "running");
     assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
+    on_a.assert_gone();
     assert!(a.qemu_pids().is_empty());
     assert_continued(&before, b, "late");
 }
@@ -424,11 +415,7 @@ fn a_target_restarted_during_postcopy_finishes_the_move_or_keeps_both_halves() {
     create_dirtier(&hosts[0], "kept");
     let before = wait_ticking(&hosts[0], "kept", 1);
 
-    let (migrate, stdout) = start_slow_postcopy(&hosts[0], "kept");
-    // The target has seen the switchover once the lease is its allocation.
-    wait_until(Duration::from_secs(30), "the target to commit", || {
-        host_json(&hosts[1])["allocated"]["vcpus"] == 2
-    });
+    let (migrate, stdout) = start_slow_postcopy(&hosts[0], &hosts[1], "kept");
     let qemu = hosts[1].qemu_pids();
     hosts[1].kill_daemon();
     hosts[1].start_daemon();
@@ -457,87 +444,6 @@ fn a_target_restarted_during_postcopy_finishes_the_move_or_keeps_both_halves() {
     }
 }
 
-/// A TCP client in its own network namespace that sends a numbered line every 100 ms and
-/// checks each echo, on one connection, until told to stop.
-struct EchoClient {
-    echoed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(), String>>,
-}
-
-impl EchoClient {
-    fn start(namespace: String, server: std::net::SocketAddr) -> EchoClient {
-        let echoed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, stopped) = (echoed.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            // Sockets belong to the namespace of the thread that creates them.
-            let netns = std::fs::File::open(format!("/run/netns/{namespace}")).unwrap();
-            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("setns: {e}"))?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(180);
-            let stream = loop {
-                match std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2)) {
-                    Ok(stream) => break stream,
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(500))
-                    }
-                    Err(e) => return Err(format!("cannot connect to {server}: {e}")),
-                }
-            };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(60)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut writer = stream;
-            let mut n = 0u64;
-            while !stopped.load(Ordering::Relaxed) {
-                n += 1;
-                let line = format!("line {n}\n");
-                std::io::Write::write_all(&mut writer, line.as_bytes())
-                    .map_err(|e| format!("send of line {n}: {e}"))?;
-                let mut echo = String::new();
-                reader
-                    .read_line(&mut echo)
-                    .map_err(|e| format!("echo of line {n}: {e}"))?;
-                if echo != line {
-                    return Err(format!("sent {line:?}, got back {echo:?}"));
-                }
-                count.store(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok(())
-        });
-        EchoClient {
-            echoed,
-            stop,
-            thread,
-        }
-    }
-
-    fn echoed(&self) -> u64 {
-        self.echoed.load(Ordering::Relaxed)
-    }
-
-    fn wait_echoed(&self, count: u64) {
-        wait_until(
-            Duration::from_secs(180),
-            "echoes over the connection",
-            || self.echoed() >= count || self.thread.is_finished(),
-        );
-        assert!(
-            self.echoed() >= count,
-            "the connection stopped after {} echoes",
-            self.echoed()
-        );
-    }
-
-    fn stop(self) -> Result<(), String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
-    }
-}
-
 #[test]
 fn a_tcp_connection_to_the_guest_survives_its_migration() {
     let _serial = serialized();
@@ -560,12 +466,19 @@ fn a_tcp_connection_to_the_guest_survives_its_migration() {
     let client = EchoClient::start(lab.client_namespace(), server);
     client.wait_echoed(10);
 
+    let on_a = a.live_pids("web");
     a.vmctl_ok(&["migrate", "web", "--to", "b"]);
     assert_eq!(b.show("web")["state"], "running");
     let after_move = client.echoed();
     // The same connection, to the same address, now served by the guest on b.
     client.wait_echoed(after_move + 20);
-    client.stop().unwrap();
+    let outage = client.stop().unwrap();
+    println!("the connection waited at most {outage:?} for an echo");
+    assert!(
+        outage <= MIGRATION_STALL,
+        "the connection stalled {outage:?}, more than {MIGRATION_STALL:?}"
+    );
+    on_a.assert_gone();
     assert!(a.vmctl_ok(&["--json", "list", "--local"]).trim() == "[]");
 }
 
@@ -602,6 +515,7 @@ fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
         || disk_reports(&a.serial_log("disky")).records.len() >= 5,
     );
 
+    let running_on_a = a.live_pids("disky");
     let serial_on_a = follow_until_removed(a.serial_log("disky"));
     let mut migrate = spawn_migrate(a, &["disky", "--to", "b"]);
     let stdout = progress_lines(&mut migrate);
@@ -652,4 +566,5 @@ fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
         );
     }
     assert!(!a.serial_log("disky").with_file_name("disk.raw").exists());
+    running_on_a.assert_gone();
 }

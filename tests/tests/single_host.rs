@@ -76,8 +76,11 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
         },
     );
 
-    // Stop frees the host; start brings the VM back at its last size.
+    // Stop ends QEMU and its backend and frees the host; start brings the VM back at its
+    // last size.
+    let running = host.live_pids("db1");
     host.vmctl_ok(&["stop", "db1"]);
+    running.assert_gone();
     let allocated: serde_json::Value =
         serde_json::from_str(&host.vmctl_ok(&["--json", "host"])).unwrap();
     assert_eq!(allocated["allocated"]["vcpus"], 0);
@@ -91,7 +94,9 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
         },
         1024,
     );
+    let running = host.live_pids("db1");
     host.vmctl_ok(&["delete", "db1"]);
+    running.assert_gone();
     assert!(!host.state_dir().join("vms/db1").exists());
 
     // A scale asked for the moment `create` returns, while the guest still boots, waits
@@ -307,12 +312,8 @@ fn each_vm_runs_in_a_cgroup_whose_limits_follow_its_size() {
     ]);
     host.wait_guest_ready("db1");
     let boot = host.wait_guest_report("db1");
-    let qemu = host.qemu_pids()[0];
-    let backend: i32 = std::fs::read_to_string(host.state_dir().join("vms/db1/vsock.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let running = host.live_pids("db1");
+    let (qemu, backend) = (running.qemu(), running.backend());
     let limits = limits_of(qemu);
     assert!(
         limits
@@ -361,6 +362,7 @@ fn each_vm_runs_in_a_cgroup_whose_limits_follow_its_size() {
 
     let memory_cgroup = limits_of(qemu).memory_cgroup;
     host.vmctl_ok(&["delete", "db1"]);
+    running.assert_gone();
     wait_until(Duration::from_secs(10), "the VM's cgroup to go", || {
         !std::path::Path::new("/sys/fs/cgroup/memory")
             .join(memory_cgroup.trim_start_matches('/'))

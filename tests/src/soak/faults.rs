@@ -1,11 +1,12 @@
 //! Faults injected at random and undone a few seconds later: a vmhostd, a QEMU or a vsock
 //! backend killed, a host's link cut or lossy, its state filesystem full, a guest reset.
 
-use super::fleet::{kill, Fleet, HOSTS, SMALL_FS_HOST};
+use super::fleet::{Fleet, HOSTS, SMALL_FS_HOST};
 use super::guest::GuestWatch;
 use super::observe::Snapshot;
 use super::rng::Rng;
 use super::timeline::Timeline;
+use crate::procs::kill;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -1,10 +1,11 @@
 //! The soak's fleet: three vmhostd in network namespaces, one of them with its state dir on
-//! a small loop-mounted ext4 that a fault can fill, and the lab's processes as /proc shows
-//! them. Dropping it ends every process of the lab before its mounts and namespaces go.
+//! a small loop-mounted ext4 that a fault can fill. Dropping it ends every process of the
+//! lab before its mounts and namespaces go.
 
 use crate::netns::{run_command as run, start_fleet, Lab};
+use crate::procs::{kill, lab_processes};
 use crate::workload::live_hosts;
-use crate::{process_alive, wait_until, Limits, TestHost};
+use crate::{wait_until, Limits, TestHost};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -98,13 +99,6 @@ impl Drop for Fleet {
         std::thread::sleep(Duration::from_millis(300));
         self.small_fs.take();
     }
-}
-
-pub fn kill(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 /// An ext4 image loop-mounted over one host's state dir, and the file that fills it.
@@ -201,64 +195,4 @@ impl Drop for SmallFs {
             }
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Qemu,
-    Vsock,
-    /// qemu-nbd or qemu-img of a cold move.
-    DiskTool,
-}
-
-#[derive(Debug, Clone)]
-pub struct LabProcess {
-    pub pid: i32,
-    pub host: usize,
-    pub vm: String,
-    pub kind: Kind,
-}
-
-/// Every live QEMU, vsock backend and disk tool whose command line names a VM folder of
-/// one of `state_dirs`.
-pub fn lab_processes(state_dirs: &[PathBuf]) -> Vec<LabProcess> {
-    let patterns: Vec<String> = state_dirs
-        .iter()
-        .map(|d| format!("{}/vms/", d.display()))
-        .collect();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| {
-            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let program = Path::new(args.first()?).file_name()?.to_str()?.to_string();
-            let kind = if program.starts_with("qemu-system") {
-                Kind::Qemu
-            } else if program == "vhost-device-vsock" {
-                Kind::Vsock
-            } else if program == "qemu-nbd" || program == "qemu-img" {
-                Kind::DiskTool
-            } else {
-                return None;
-            };
-            let (host, vm) = args.iter().find_map(|arg| {
-                patterns.iter().enumerate().find_map(|(host, pattern)| {
-                    let rest = &arg[arg.find(pattern.as_str())? + pattern.len()..];
-                    Some((host, rest.split(['/', ',']).next()?.to_string()))
-                })
-            })?;
-            process_alive(pid).then_some(LabProcess {
-                pid,
-                host,
-                vm,
-                kind,
-            })
-        })
-        .collect()
 }

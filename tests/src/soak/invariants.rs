@@ -2,8 +2,9 @@
 //! `GRACE` before it counts (listings of three hosts are not taken at one instant, and a
 //! killed QEMU takes a moment to be noticed); after quiescing there is no grace.
 
-use super::fleet::{Kind, HOSTS};
+use super::fleet::HOSTS;
 use super::observe::Snapshot;
+use crate::procs::Kind;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 use vmhost_api::VmState;
@@ -175,7 +176,7 @@ pub fn leases_held(seen: &Snapshot) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::soak::fleet::LabProcess;
+    use crate::procs::LabProcess;
     use crate::soak::observe::{Folder, HostSeen};
 
     fn vm(name: &str, state: &str, pid: Option<i32>) -> vmhost_api::VmInfo {

@@ -1,8 +1,9 @@
 //! What the fleet looks like at one moment: each host's own listing and ledger, its VM
 //! folders (pidfiles, migration markers, disks), and the lab's processes.
 
-use super::fleet::{lab_processes, Fleet, LabProcess};
+use super::fleet::Fleet;
 use crate::process_alive;
+use crate::procs::{lab_processes, LabProcess};
 use std::time::Duration;
 use vmhost_api::{HostInfo, Reply, Request, VmInfo, VmState};
 

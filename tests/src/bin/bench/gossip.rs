@@ -2,8 +2,9 @@
 //!
 //! - `real`: N hosts in this process on loopback, vmhost's gossip (chitchat over QUIC with
 //!   mutual TLS) against stock chitchat over plain UDP, measured alternately.
-//! - `simulated`: chitchat's in-process transport for 10, 100 and 1000 hosts, counted in
-//!   gossip rounds against log2(N), the rounds an ideal epidemic needs.
+//! - `simulated`: chitchat's in-process transport on a virtual clock for 10, 100 and 1000
+//!   hosts, vmhost's chitchat configuration against stock chitchat, counted in gossip rounds
+//!   against the goal of 2·log2(N).
 
 use super::{append, fleet_identities, median, today, LOCALHOST};
 use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
@@ -11,13 +12,16 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use vmhost_api::Resources;
-use vmhost_gossip::membership::{HostView, Membership, MembershipConfig};
+use vmhost_gossip::membership::{encode_view, HostView, Membership, MembershipConfig, HOST_KEY};
 use vmhost_gossip::quic::{answer, FleetEndpoint, FleetResponse};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 const CHANGES: usize = 5;
+/// How often a change's arrival is checked.
+const POLL: Duration = Duration::from_millis(5);
 
 fn view(name: &str, addr: SocketAddr, allocated_vcpus: u32) -> HostView {
     HostView {
@@ -41,14 +45,19 @@ fn view(name: &str, addr: SocketAddr, allocated_vcpus: u32) -> HostView {
     }
 }
 
-/// Polls until `reached` holds, then returns the time since `since`.
-async fn until(since: Instant, what: &str, mut reached: impl AsyncFnMut() -> bool) -> Duration {
+/// Polls every `poll` until `reached` holds, then returns the time since `since`.
+async fn until(
+    since: Instant,
+    what: &str,
+    poll: Duration,
+    mut reached: impl AsyncFnMut() -> bool,
+) -> Duration {
     while !reached().await {
         assert!(
             since.elapsed() < Duration::from_secs(300),
             "gave up waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(poll).await;
     }
     since.elapsed()
 }
@@ -110,7 +119,7 @@ impl Ours {
         };
         let started = Instant::now();
         first.publish(&changed).await;
-        until(started, "our change to spread", async || {
+        until(started, "our change to spread", POLL, async || {
             for (_, membership, _) in &self.nodes {
                 let members = membership.members().await;
                 if !members.iter().any(|m| m.view == changed) {
@@ -130,20 +139,77 @@ impl Ours {
     }
 }
 
-/// Stock chitchat nodes on `transport`, node 0 the seed of all.
-struct Stock {
+/// How a node of `Chitchats` is set up.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// chitchat publishing one short value under the same key.
+    Stock,
+    /// vmhost's chitchat configuration, publishing its JSON host view.
+    Vmhost,
+}
+
+impl Setup {
+    fn config(
+        self,
+        name: String,
+        addr: SocketAddr,
+        seed: &[SocketAddr],
+        interval: Duration,
+    ) -> ChitchatConfig {
+        match self {
+            Setup::Stock => ChitchatConfig {
+                chitchat_id: ChitchatId::new(name, 0, addr),
+                cluster_id: "bench".into(),
+                gossip_interval: interval,
+                listen_addr: addr,
+                seed_nodes: seed.iter().map(SocketAddr::to_string).collect(),
+                failure_detector_config: chitchat::FailureDetectorConfig {
+                    initial_interval: interval,
+                    ..Default::default()
+                },
+                marked_for_deletion_grace_period: Duration::from_secs(3600),
+                catchup_callback: None,
+                extra_liveness_predicate: None,
+                protocol_version: chitchat::ProtocolVersion::V1,
+            },
+            Setup::Vmhost => MembershipConfig {
+                cluster: "bench".into(),
+                name,
+                advertise: addr,
+                seeds: seed.to_vec(),
+                gossip_interval: interval,
+                // vmhostd's default.
+                dead_host_grace: Duration::from_secs(600),
+            }
+            .chitchat_config(0),
+        }
+    }
+
+    /// What host `name` publishes as its change number `change` (0 at start).
+    fn value(self, name: &str, addr: SocketAddr, change: u32) -> String {
+        match self {
+            Setup::Stock => change.to_string(),
+            Setup::Vmhost => encode_view(&view(name, addr, change)),
+        }
+    }
+}
+
+/// chitchat nodes on `transport`, each seeded with the one started before it.
+struct Chitchats {
+    setup: Setup,
     nodes: Vec<ChitchatHandle>,
 }
 
-impl Stock {
+impl Chitchats {
     async fn start(
+        setup: Setup,
         hosts: usize,
         transport: &dyn Transport,
         in_process: bool,
         interval: Duration,
-    ) -> Stock {
+    ) -> Chitchats {
         let mut nodes = Vec::new();
-        let mut seed: Vec<String> = Vec::new();
+        let mut seed = Vec::new();
         for i in 0..hosts {
             let addr = if in_process {
                 SocketAddr::new(LOCALHOST, 20_000 + i as u16)
@@ -153,56 +219,58 @@ impl Stock {
                     .and_then(|socket| socket.local_addr())
                     .expect("a free UDP port")
             };
-            let config = ChitchatConfig {
-                chitchat_id: ChitchatId::new(format!("h{i}"), 0, addr),
-                cluster_id: "bench".into(),
-                gossip_interval: interval,
-                listen_addr: addr,
-                seed_nodes: seed.clone(),
-                failure_detector_config: chitchat::FailureDetectorConfig {
-                    initial_interval: interval,
-                    // The default window (1000 heartbeat samples per peer) takes
-                    // gigabytes when a thousand nodes share one process.
-                    sampling_window_size: 16,
-                    ..Default::default()
-                },
-                marked_for_deletion_grace_period: Duration::from_secs(3600),
-                catchup_callback: None,
-                extra_liveness_predicate: None,
-                protocol_version: chitchat::ProtocolVersion::V1,
-            };
-            let initial = vec![("host".to_string(), "0".to_string())];
+            let name = format!("h{i}");
+            let mut config = setup.config(name.clone(), addr, &seed, interval);
+            // The default window, 1000 heartbeat intervals (8 KB) per peer, takes 8 GB when a
+            // thousand nodes share one process. It only sets how fast a peer's mean interval
+            // adapts, and these peers' never changes.
+            config.failure_detector_config.sampling_window_size = 16;
+            let initial = vec![(HOST_KEY.to_string(), setup.value(&name, addr, 0))];
             nodes.push(
                 chitchat::spawn_chitchat(config, initial, transport)
                     .await
                     .unwrap(),
             );
-            seed = vec![addr.to_string()];
+            seed = vec![addr];
+            // Hosts started apart gossip out of step.
+            tokio::time::sleep(interval / hosts as u32).await;
         }
-        Stock { nodes }
+        Chitchats { setup, nodes }
     }
 
+    /// Whether every node has every node's value.
     async fn converged(&self) -> bool {
         for node in &self.nodes {
-            if node.with_chitchat(|c| c.node_states().len()).await < self.nodes.len() {
+            let known = node
+                .with_chitchat(|c| {
+                    c.node_states()
+                        .values()
+                        .filter(|s| s.get(HOST_KEY).is_some())
+                        .count()
+                })
+                .await;
+            if known < self.nodes.len() {
                 return false;
             }
         }
         true
     }
 
-    async fn change(&self, value: u32) -> Duration {
-        let value = value.to_string();
+    /// Publishes change number `change` on the first node; the time until every node has it.
+    async fn change(&self, change: u32) -> Duration {
         let first = self.nodes[0].chitchat_id().clone();
+        let value = self
+            .setup
+            .value(&first.node_id, first.gossip_advertise_addr, change);
         let started = Instant::now();
         self.nodes[0]
-            .with_chitchat(|c| c.self_node_state().set("host", &value))
+            .with_chitchat(|c| c.self_node_state().set(HOST_KEY, &value))
             .await;
-        until(started, "the stock change to spread", async || {
+        until(started, "the change to spread", POLL, async || {
             for node in &self.nodes {
                 let seen = node
                     .with_chitchat(|c| {
-                        c.node_state(&first).and_then(|s| s.get("host")) == Some(value.as_str())
+                        c.node_state(&first).and_then(|s| s.get(HOST_KEY)) == Some(value.as_str())
                     })
                     .await;
                 if !seen {
@@ -213,18 +281,27 @@ impl Stock {
         })
         .await
     }
+
+    async fn shutdown(self) {
+        for node in self.nodes {
+            let _ = node.shutdown().await;
+        }
+    }
 }
 
 pub async fn real(hosts: usize) {
     let (ours, _dir) = Ours::start(hosts).await;
-    let udp = Stock::start(hosts, &UdpTransport, false, INTERVAL).await;
-    until(Instant::now(), "our cluster to form", async || {
+    let udp = Chitchats::start(Setup::Stock, hosts, &UdpTransport, false, INTERVAL).await;
+    until(Instant::now(), "our cluster to form", POLL, async || {
         ours.converged().await
     })
     .await;
-    until(Instant::now(), "the UDP cluster to form", async || {
-        udp.converged().await
-    })
+    until(
+        Instant::now(),
+        "the UDP cluster to form",
+        POLL,
+        async || udp.converged().await,
+    )
     .await;
 
     let (mut ours_times, mut udp_times) = (Vec::new(), Vec::new());
@@ -247,10 +324,11 @@ pub async fn real(hosts: usize) {
     // process (chitchat's own count of its message bytes).
     let window = Duration::from_secs(10);
     let channel = ChannelTransport::default();
-    let simulated = Stock::start(hosts, &channel, true, INTERVAL).await;
+    let simulated = Chitchats::start(Setup::Stock, hosts, &channel, true, INTERVAL).await;
     until(
         Instant::now(),
-        "the simulated cluster to form",
+        "the in-process cluster to form",
+        POLL,
         async || simulated.converged().await,
     )
     .await;
@@ -267,31 +345,66 @@ pub async fn real(hosts: usize) {
     ));
 }
 
-pub async fn simulated(max_hosts: usize) {
+/// Runs on a paused clock that jumps to the next timer once every node is idle: a round then
+/// lasts exactly one interval however long its messages take to process, so a thousand nodes
+/// on two cores neither fall behind nor pile up undelivered digests.
+pub fn simulated(max_hosts: usize) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    std::thread::spawn(move || runtime.block_on(simulate(max_hosts)))
+        .join()
+        .unwrap();
+}
+
+async fn simulate(max_hosts: usize) {
     let interval = Duration::from_millis(500);
     for hosts in [10, 100, 1000].into_iter().filter(|&n| n <= max_hosts) {
-        let cluster = Stock::start(hosts, &ChannelTransport::default(), true, interval).await;
-        until(
-            Instant::now(),
-            "the simulated cluster to form",
-            async || cluster.converged().await,
-        )
-        .await;
-        let mut times = Vec::new();
-        for change in 1..=CHANGES as u32 {
-            times.push(cluster.change(change).await);
+        let mut rounds = Vec::new();
+        // One cluster at a time: the clock is virtual, so no machine noise to alternate over.
+        for setup in [Setup::Vmhost, Setup::Stock] {
+            let transport = ChannelTransport::default();
+            let cluster = Chitchats::start(setup, hosts, &transport, true, interval).await;
+            until(
+                Instant::now(),
+                "the simulated cluster to form",
+                interval,
+                async || cluster.converged().await,
+            )
+            .await;
+            let mut times = Vec::new();
+            for change in 1..=CHANGES as u32 {
+                times.push(cluster.change(change).await);
+            }
+            rounds.push(median(&mut times) / interval.as_secs_f64());
+            cluster.shutdown().await;
         }
-        let rounds = median(&mut times) / interval.as_secs_f64();
-        let ideal = (hosts as f64).log2();
+        let (ours, stock) = (rounds[0], rounds[1]);
+        let log2 = (hosts as f64).log2();
+        let ms = |rounds: f64| rounds * interval.as_secs_f64() * 1000.0;
         append(&format!(
-            "- {} capacity change reaching all {hosts} hosts (simulated: chitchat's in-process transport, gossip every {} ms, median of {CHANGES}): {:.0} ms = {rounds:.1} gossip rounds, ideal epidemic log2({hosts}) = {ideal:.1} rounds, ratio {:.2}\n",
+            "- {} capacity change reaching all {hosts} hosts (simulated: chitchat's in-process transport on a virtual clock, gossip every {} ms, the hosts' rounds spread over one interval, failure-detector window 16 samples, median of {CHANGES}; ours: vmhost's chitchat configuration publishing its JSON host view, stock: chitchat publishing one short value; peak RSS {:.2} GiB): ours {:.0} ms = {ours:.1} gossip rounds, stock chitchat {:.0} ms = {stock:.1} rounds, ratio {:.2}; goal 2·log2({hosts}) = {:.1} rounds, ours/goal {:.2}; log2({hosts}) = {log2:.1}\n",
             today(),
             interval.as_millis(),
-            rounds * interval.as_secs_f64() * 1000.0,
-            rounds / ideal
+            peak_rss_gib(),
+            ms(ours),
+            ms(stock),
+            ours / stock,
+            2.0 * log2,
+            ours / (2.0 * log2),
         ));
-        for node in cluster.nodes {
-            let _ = node.shutdown().await;
-        }
     }
+}
+
+/// This process's peak resident memory so far.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kib / (1 << 20) as f64
 }
