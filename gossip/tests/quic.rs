@@ -196,3 +196,41 @@ async fn a_tunnel_relays_a_bulk_stream_intact_both_ways() {
     assert!(beyond.is_empty(), "bytes beyond the bulk stream arrived");
     assert_eq!(relay.await.unwrap(), (BULK as u64, REPLY as u64));
 }
+
+/// Post-copy's page requests are a few bytes each and wait for their answer: a tunnel must
+/// pass on what has arrived at once, not hold it until a buffer fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_passes_small_messages_on_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+    use vmhost_gossip::quic::splice;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = fleet(dir.path(), &["host-a", "host-b"]);
+    let b = FleetEndpoint::bind(any_port(), &ids[1]).unwrap();
+    b.set_tunnel_handler(Arc::new(|_, send, recv| {
+        let (tunnel_side, mut far) = UnixStream::pair().unwrap();
+        tokio::spawn(splice(tunnel_side, send, recv));
+        tokio::spawn(async move {
+            let mut request = [0u8; 8];
+            while far.read_exact(&mut request).await.is_ok() {
+                far.write_all(&request).await.unwrap();
+            }
+        });
+    }));
+    b.serve(Arc::new(|_| answer(FleetResponse::Pong)));
+    let a = FleetEndpoint::bind(any_port(), &ids[0]).unwrap();
+    let (send, recv) = a.open_tunnel(b.local_addr(), "host-b", 1).await.unwrap();
+    let (tunnel_side, mut near) = UnixStream::pair().unwrap();
+    tokio::spawn(splice(tunnel_side, send, recv));
+    let round_trips = async {
+        for n in 0u64..100 {
+            near.write_all(&n.to_be_bytes()).await.unwrap();
+            let mut answer = [0u8; 8];
+            near.read_exact(&mut answer).await.unwrap();
+            assert_eq!(u64::from_be_bytes(answer), n);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), round_trips)
+        .await
+        .expect("small messages were held back in the tunnel");
+}

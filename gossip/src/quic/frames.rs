@@ -33,6 +33,11 @@ pub(super) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, 
     Ok(body)
 }
 
+/// Bytes per read and write when splicing: tokio's default copy moves 8 KiB at a time, a
+/// syscall and a task wake-up per 8 KiB of a migration stream on each end. A read returns
+/// what has arrived, so a small message is not held back.
+const SPLICE_BUFFER: usize = 256 << 10;
+
 /// Carries bytes both ways between a local stream and a tunnel until either side ends;
 /// then both are shut, so each end sees the other go. Returns the bytes sent and received.
 pub async fn splice<S>(
@@ -43,16 +48,18 @@ pub async fn splice<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (mut local_read, mut local_write) = tokio::io::split(local);
+    let (local_read, mut local_write) = tokio::io::split(local);
     let outbound = async {
-        let sent = tokio::io::copy(&mut local_read, &mut send)
+        let mut local_read = tokio::io::BufReader::with_capacity(SPLICE_BUFFER, local_read);
+        let sent = tokio::io::copy_buf(&mut local_read, &mut send)
             .await
             .unwrap_or(0);
         let _ = send.finish();
         sent
     };
     let inbound = async {
-        let received = tokio::io::copy(&mut recv, &mut local_write)
+        let mut recv = tokio::io::BufReader::with_capacity(SPLICE_BUFFER, &mut recv);
+        let received = tokio::io::copy_buf(&mut recv, &mut local_write)
             .await
             .unwrap_or(0);
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut local_write).await;

@@ -1,11 +1,12 @@
 //! Benchmarks of vmhost against raw QEMU, run alternately in the same process so machine
 //! noise hits both. Each result is appended to BENCHMARKS.md as one dated line.
 //!
-//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|drain|postgres|overhead|pressure [N]
+//! usage: cargo run -p vmhost-tests --bin bench -- create|upscale|agent-cpu|lease-rtt|gossip|gossip-sim|tunnel|migration|migration-tls|drain|postgres|overhead|pressure [N]
 
 mod drain;
 mod gossip;
 mod migration;
+mod migration_tls;
 mod overhead;
 mod postgres;
 mod pressure;
@@ -95,14 +96,29 @@ impl RawQemu {
         cmdline: &str,
         incoming: bool,
     ) -> RawQemu {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = MachineSpec {
+        let shape = |spec| MachineSpec {
             kernel_cmdline: cmdline.into(),
             incoming,
-            ..Self::spec(dir.path(), image, accel, max_vcpus, hotplug)
+            ..spec
         };
+        Self::launch(image, accel, max_vcpus, hotplug, shape, &[])
+    }
+
+    /// Starts QEMU on the spec `shape` makes of the default one, with `extra` arguments
+    /// after vmm's, without waiting for the guest.
+    pub(crate) fn launch(
+        image: &Path,
+        accel: Accel,
+        max_vcpus: u32,
+        hotplug: u64,
+        shape: impl FnOnce(MachineSpec) -> MachineSpec,
+        extra: &[String],
+    ) -> RawQemu {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = shape(Self::spec(dir.path(), image, accel, max_vcpus, hotplug));
         let status = Command::new("qemu-system-x86_64")
             .args(spec.to_args())
+            .args(extra)
             .status()
             .unwrap();
         assert!(status.success(), "raw QEMU failed to start");
@@ -218,20 +234,16 @@ async fn upscale(runs: usize, image: &Path, accel: Accel) {
     ));
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
+/// User+system CPU seconds of a process; `None` once it is gone.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15, i.e. 12 and 13 after the command name.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let ticks: f64 = fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .unwrap()
         .unwrap() as f64;
-    ticks / hz
+    Some(ticks / hz)
 }
 
 /// vmhostd's CPU time with `vms` idle VMs, each with a live monitor and agent.
@@ -251,9 +263,9 @@ fn agent_cpu(vms: usize, window: Duration) {
             .all(|vm| vm["guest"]["connected"] == true)
     });
     let pid = host.daemon_pid().unwrap();
-    let before = cpu_seconds(pid);
+    let before = cpu_seconds(pid).unwrap();
     std::thread::sleep(window);
-    let used = cpu_seconds(pid) - before;
+    let used = cpu_seconds(pid).unwrap() - before;
     let per_vm_hour = used / vms as f64 * (3600.0 / window.as_secs_f64());
     append(&format!(
         "- {} vmhostd CPU per idle VM per hour ({vms} VMs with monitors and agents, {} s window): ours {per_vm_hour:.2} s, share of one core {:.5}\n",
@@ -367,15 +379,16 @@ async fn main() {
         "agent-cpu" => agent_cpu(20, Duration::from_secs(60)),
         "lease-rtt" => lease_rtt(runs).await,
         "gossip" => gossip::real(runs).await,
-        "gossip-sim" => gossip::simulated(runs).await,
+        "gossip-sim" => gossip::simulated(runs),
         "tunnel" => tunnel::throughput(runs.max(64)),
         "migration" => migration::downtime(runs, &test_image(), accel).await,
+        "migration-tls" => migration_tls::throughput(runs, &test_image(), accel).await,
         "drain" => drain::drain(runs, 3),
         "postgres" => postgres::postgres(runs, accel).await,
         "overhead" => overhead::overhead(runs, accel),
         "pressure" => pressure::pressure(runs, &test_image(), accel).await,
         other => panic!(
-            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, drain, postgres, overhead or pressure"
+            "unknown benchmark '{other}': create, upscale, agent-cpu, lease-rtt, gossip, gossip-sim, tunnel, migration, migration-tls, drain, postgres, overhead or pressure"
         ),
     }
 }

@@ -40,7 +40,7 @@ fn wait_dirtying(serial: &Path) {
     });
 }
 
-fn fleet_host(dir: &Path, name: &str, port: u16) -> TestHost {
+fn fleet_host(dir: &Path, name: &str, port: u16, extra_config: &str) -> TestHost {
     TestHost::start_with(HostOptions {
         name: name.into(),
         limits: Limits {
@@ -50,14 +50,49 @@ fn fleet_host(dir: &Path, name: &str, port: u16) -> TestHost {
         netns: None,
         extra_config: format!(
             "[fleet]\ncluster = \"bench\"\nlisten = \"127.0.0.1:{port}\"\nseeds = [\"127.0.0.1:7201\"]\n\
-             credentials = \"{}\"\ngossip_interval_ms = 200\n",
+             credentials = \"{}\"\ngossip_interval_ms = 200\n{extra_config}",
             dir.join(name).display()
         ),
     })
 }
 
+/// Fleet hosts `a` and `b` on loopback, with credentials from a new CA in `pki`, once they
+/// see each other; `extra_config` is added to both configs.
+pub(crate) fn fleet_pair(pki: &Path, extra_config: &str) -> [TestHost; 2] {
+    vmhost_pki::one_machine_fleet(pki, &["a", "b"], crate::LOCALHOST).unwrap();
+    let hosts = [
+        fleet_host(pki, "a", 7201, extra_config),
+        fleet_host(pki, "b", 7202, extra_config),
+    ];
+    wait_until(Duration::from_secs(60), "the two hosts to meet", || {
+        hosts[0]
+            .vmctl_ok(&["--json", "hosts"])
+            .matches("\"live\": true")
+            .count()
+            == 2
+    });
+    hosts
+}
+
+/// Runs `vmctl --json migrate bench` with `options`; returns the ms until it returned, its
+/// summary and its progress lines.
+pub(crate) fn vmctl_migrate(
+    from: &TestHost,
+    options: &[&str],
+) -> (f64, serde_json::Value, Vec<serde_json::Value>) {
+    let started = Instant::now();
+    let out = from.vmctl_ok(&[&["--json", "migrate", "bench"][..], options].concat());
+    let total = started.elapsed().as_secs_f64() * 1000.0;
+    let mut lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = lines.pop().unwrap();
+    (total, summary, lines)
+}
+
 /// When vmctl's progress lines first (or last) reported `phase`, ms after the source began.
-fn reported(progress: &[serde_json::Value], phase: &str, last: bool) -> f64 {
+pub(crate) fn reported(progress: &[serde_json::Value], phase: &str, last: bool) -> f64 {
     let mut times = progress
         .iter()
         .filter(|p| p["phase"] == phase)
@@ -74,27 +109,12 @@ fn reported(progress: &[serde_json::Value], phase: &str, last: bool) -> f64 {
 /// the target. The source's progress times start after the lease; the arrival is what
 /// follows QEMU's completion.
 fn ours_once(from: &TestHost, to: &str) -> Sample<7> {
-    let started = Instant::now();
-    let out = from.vmctl_ok(&[
-        "--json",
-        "migrate",
-        "bench",
-        "--to",
-        to,
-        "--max-downtime",
-        "1",
-    ]);
-    let total = started.elapsed().as_secs_f64() * 1000.0;
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let (summary, progress) = lines.split_last().unwrap();
+    let (total, summary, progress) = vmctl_migrate(from, &["--to", to, "--max-downtime", "1"]);
     assert_eq!(summary["postcopy"], true, "{summary}");
-    let at = |phase| reported(progress, phase, false);
+    let at = |phase| reported(&progress, phase, false);
     let (detached, listening) = (at("guest channel detached"), at("target listening"));
     // Post-copy is asked on the last pre-copy report.
-    let asked = reported(progress, "active", true);
+    let asked = reported(&progress, "active", true);
     let (postcopy, completed) = (at("postcopy-active"), at("completed"));
     let source_total = summary["total_ms"].as_f64().unwrap();
     Sample {
@@ -206,18 +226,7 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
         panic!("time migrations on a release build: cargo run --release -p vmhost-tests --bin bench -- migration");
     }
     let pki = tempfile::tempdir().unwrap();
-    vmhost_pki::one_machine_fleet(pki.path(), &["a", "b"], crate::LOCALHOST).unwrap();
-    let hosts = [
-        fleet_host(pki.path(), "a", 7201),
-        fleet_host(pki.path(), "b", 7202),
-    ];
-    wait_until(Duration::from_secs(60), "the two hosts to meet", || {
-        hosts[0]
-            .vmctl_ok(&["--json", "hosts"])
-            .matches("\"live\": true")
-            .count()
-            == 2
-    });
+    let hosts = fleet_pair(pki.path(), "");
     hosts[0].vmctl_ok(&[
         "create",
         "bench",
