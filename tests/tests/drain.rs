@@ -205,7 +205,28 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
         assert!(runs_on(&hosts[..1], "unplugged").is_some());
     }
 
+    // With every other host draining, no host takes the VM: it is not stopped for nothing.
     let unplugged_on_a = a.live_pids("unplugged");
+    for (host, name) in hosts[1..].iter().zip(["b", "c"]) {
+        host.vmctl_ok(&["drain", name]);
+    }
+    let (code, message) = a.vmctl_err(&["drain", "a", "--cold", "--wait"]);
+    assert_eq!(code, 6, "{message}");
+    if tcg {
+        assert_eq!(
+            unplugged_on_a.alive().len(),
+            2,
+            "a cold move with no room stopped the VM: {message}"
+        );
+    }
+    for (host, name) in hosts[1..].iter().zip(["b", "c"]) {
+        host.vmctl_ok(&["undrain", name]);
+        wait_until(Duration::from_secs(10), "a to see it undrained", || {
+            drain_state(a, name).is_null()
+        });
+    }
+    // A new order tries every VM again at once.
+    a.vmctl_ok(&["undrain", "a"]);
     let out = a.vmctl_ok(&["drain", "a", "--cold", "--wait"]);
     println!("{out}");
     let parked_on = runs_on(&hosts[1..], "parked").expect("parked runs nowhere");

@@ -1,8 +1,9 @@
-//! The source's side of a cold move, for a draining host's VM that cannot move live: stop
-//! it here, lease room on another host, copy its disk there with `qemu-img` through a
-//! fleet tunnel, have the target boot it, and only then let go of it here. The guest loses
-//! its RAM; its disk and spec move. Until the target runs it, the VM stays here, stopped,
-//! and a failure starts it here again if it ran before.
+//! The source's side of a cold move, for a draining host's VM that cannot move live: lease
+//! room on another host, stop it here, copy its disk there with `qemu-img` through a fleet
+//! tunnel, have the target boot it, and only then let go of it here. The guest loses its
+//! RAM; its disk and spec move. A VM for which no host has room is never stopped. Until the
+//! target runs it, the VM stays here, stopped, and a failure starts it here again if it ran
+//! before.
 
 use super::*;
 use crate::migration::TargetHost;
@@ -18,9 +19,15 @@ impl Fleet {
     pub(super) async fn move_cold(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         let _permit = self.own_moves.acquire().await.expect("never closed");
         let slot = self.host.slot(name)?;
+        let booked = slot.record().spec.clone();
+        let (target, lease) = self.lease_room(&booked).await?;
+        let _renewals = target.keep_lease(lease);
         let was_running = slot.record().state() == VmState::Running;
         if was_running {
-            self.host.stop(name).await?;
+            if let Err(error) = self.host.stop(name).await {
+                target.release_lease(lease).await;
+                return Err(error.into());
+            }
         }
         let _operation = slot.operation.lock().await;
         let spec = {
@@ -30,7 +37,7 @@ impl Fleet {
                 .map_err(|e| crate::error::internal(e.to_string()))?;
             record.spec.clone()
         };
-        let moved = self.copy_and_boot_there(&spec).await;
+        let moved = self.copy_and_boot_there(&spec, &target, lease).await;
         match moved {
             Ok(target) => {
                 // The target runs it now: a restart here must not offer the old copy.
@@ -59,9 +66,11 @@ impl Fleet {
         }
     }
 
-    /// Leases room on the best host, sends the spec and the disk, and boots the VM there;
-    /// returns that host.
-    async fn copy_and_boot_there(&self, spec: &crate::store::VmSpec) -> Result<String, ApiError> {
+    /// Leases room for the VM, at the size it boots at, on the best host.
+    async fn lease_room(
+        &self,
+        spec: &crate::store::VmSpec,
+    ) -> Result<(migration::PeerTarget<'_>, u64), ApiError> {
         let name = spec.name.as_str();
         let size = spec.cu_shape.resources(spec.cu);
         let view = self
@@ -87,20 +96,30 @@ impl Fleet {
             .reserve(&view, name, size)
             .await
             .map_err(|reason| crate::migration::capacity_refusal(&view.name, name, size, reason))?;
-        let target = migration::PeerTarget { fleet: self, view };
-        let _renewals = target.keep_lease(lease.id);
+        Ok((migration::PeerTarget { fleet: self, view }, lease.id))
+    }
+
+    /// Sends the spec and the disk to `target`, under `lease`, and boots the VM there;
+    /// returns that host.
+    async fn copy_and_boot_there(
+        &self,
+        spec: &crate::store::VmSpec,
+        target: &migration::PeerTarget<'_>,
+        lease: u64,
+    ) -> Result<String, ApiError> {
+        let name = spec.name.as_str();
         let disk_tunnel = spec.disk_gib.map(|_| crate::tunnels::new_tunnel_id());
         let arrive = PeerRequest::ColdArrive {
-            vm: validate::request_for(spec, lease.id),
+            vm: validate::request_for(spec, lease),
             disk_tunnel,
         };
         if let Err(error) = self.call_peer(&target.view, PeerCall::Peer(arrive)).await {
-            target.release_lease(lease.id).await;
+            target.release_lease(lease).await;
             return Err(error);
         }
         let booted = async {
             if let Some(tunnel) = disk_tunnel {
-                self.copy_disk(&target, name, tunnel).await?;
+                self.copy_disk(target, name, tunnel).await?;
             }
             let start = PeerRequest::ColdStart { name: name.into() };
             self.call_peer(&target.view, PeerCall::Peer(start)).await

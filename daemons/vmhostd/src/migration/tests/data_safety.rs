@@ -260,12 +260,7 @@ async fn an_arrival_it_could_not_save_is_finished_again_after_a_restart_keeping_
 #[tokio::test]
 async fn a_switch_that_never_reached_a_target_which_then_ended_the_arrival_crashes_the_vm_here() {
     let m = start_move(None, Accel::Kvm).await;
-    let src = m.source.machine("a");
-    src.wait_for_call(Step::MigrateTo).await;
-    let dst = m.target.machine("a");
-    src.set_dirty_sync_count(2);
-    src.set_migration_status(MigrationStatus::Active);
-    src.wait_for_call(Step::StartPostcopy).await;
+    let (src, dst) = postcopy_asked(&m).await;
     // The link is cut as the switch leaves: the target's stream fails before it.
     dst.fail_migration("Connection reset by peer");
     until("the target ends the arrival", || {

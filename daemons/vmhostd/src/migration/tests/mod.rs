@@ -92,14 +92,21 @@ fn break_link_for_good(src: &FakeMachine, dst: &FakeMachine) {
     src.break_link();
 }
 
-/// Drives the source to post-copy and the target to the switchover.
-async fn into_postcopy(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
+/// Drives the source until it has asked QEMU to switch to post-copy; the target has not
+/// seen the switch yet.
+async fn postcopy_asked(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
     let src = m.source.machine("a");
     src.wait_for_call(Step::MigrateTo).await;
     let dst = m.target.machine("a");
     src.set_dirty_sync_count(2);
     src.set_migration_status(MigrationStatus::Active);
     src.wait_for_call(Step::StartPostcopy).await;
+    (src, dst)
+}
+
+/// Drives the source to post-copy and the target to the switchover.
+async fn into_postcopy(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
+    let (src, dst) = postcopy_asked(m).await;
     dst.set_migration_status(MigrationStatus::PostcopyActive);
     let dir = m.target.vm_dir("a");
     until("the target records the switchover", || {
