@@ -42,8 +42,8 @@ fi
 
 # A disk writer, when the kernel command line says vmhost.diskwriter: it fills the first
 # 16 MiB of /dev/vda with random bytes once and reports their checksum, then writes one
-# numbered record per 512-byte sector after them, flushed, and reports each one. The host
-# checks the disk image against these reports.
+# numbered record per 512-byte sector after them, flushed, and reports each one with its
+# boot. The host checks the disk image against these reports.
 if grep -q 'vmhost\.diskwriter' /proc/cmdline; then
     (
         until [ -b /dev/vda ]; do sleep 0.1; done
@@ -51,12 +51,12 @@ if grep -q 'vmhost\.diskwriter' /proc/cmdline; then
         dd if=/tmp/blob of=/dev/vda bs=1M conv=fsync 2>/dev/null
         set -- $(md5sum /tmp/blob)
         rm /tmp/blob
-        echo "vmhost-disk: blob_md5=$1"
+        echo "vmhost-disk: blob_md5=$1 boot=$boot_id"
         i=0
         while true; do
             printf 'record %08d %s\n' "$i" "$boot_id" \
                 | dd of=/dev/vda bs=512 seek=$((32768 + i)) conv=notrunc,sync,fsync 2>/dev/null \
-                && echo "vmhost-disk: record=$i"
+                && echo "vmhost-disk: record=$i boot=$boot_id"
             i=$((i + 1))
             sleep 0.2
         done

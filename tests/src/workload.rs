@@ -39,19 +39,32 @@ pub const BLOB_BYTES: u64 = 16 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub enum DiskLine {
     Ready(String),
-    Blob(String),
-    Record(u64),
+    /// The blob's checksum, and the boot that wrote it.
+    Blob(String, Option<String>),
+    /// A record's number, and the boot that wrote it.
+    Record(u64, Option<String>),
 }
 
 pub fn parse_disk_line(line: &str) -> Option<DiskLine> {
     if let Some(id) = line.split("vmhost-guest: ready boot_id=").nth(1) {
         Some(DiskLine::Ready(id.trim().to_string()))
-    } else if let Some(sum) = line.split("vmhost-disk: blob_md5=").nth(1) {
-        Some(DiskLine::Blob(sum.trim().to_string()))
+    } else if let Some(rest) = line.split("vmhost-disk: blob_md5=").nth(1) {
+        let (sum, boot) = value_and_boot(rest);
+        Some(DiskLine::Blob(sum.to_string(), boot))
     } else {
-        let n = line.split("vmhost-disk: record=").nth(1)?;
-        Some(DiskLine::Record(n.trim().parse().ok()?))
+        let (n, boot) = value_and_boot(line.split("vmhost-disk: record=").nth(1)?);
+        Some(DiskLine::Record(n.parse().ok()?, boot))
     }
+}
+
+/// `VALUE boot=ID`, the boot left out by older images.
+fn value_and_boot(rest: &str) -> (&str, Option<String>) {
+    let mut words = rest.split_whitespace();
+    let value = words.next().unwrap_or_default();
+    let boot = words
+        .find_map(|w| w.strip_prefix("boot="))
+        .map(String::from);
+    (value, boot)
 }
 
 /// What the `diskwriter` guest reported on one host's serial console.
@@ -71,8 +84,8 @@ pub fn disk_reports_in(text: &str) -> DiskReports {
     for line in text.lines() {
         match parse_disk_line(line) {
             Some(DiskLine::Ready(id)) => reports.boot_id = Some(id),
-            Some(DiskLine::Blob(sum)) => reports.blob_md5 = Some(sum),
-            Some(DiskLine::Record(n)) => reports.records.push(n),
+            Some(DiskLine::Blob(sum, _)) => reports.blob_md5 = Some(sum),
+            Some(DiskLine::Record(n, _)) => reports.records.push(n),
             None => {}
         }
     }

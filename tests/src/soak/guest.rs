@@ -216,13 +216,13 @@ impl GuestWatch {
                 cursor.boot = Some(boot);
                 return Ok(());
             }
-            DiskLine::Blob(sum) => {
-                let boot = cursor.boot.clone().or(guest.boots.last().cloned());
+            DiskLine::Blob(sum, boot) => {
+                let boot = boot.or(cursor.boot.clone()).or(guest.boots.last().cloned());
                 guest.blob_md5.insert(boot.unwrap_or_default(), sum);
             }
-            DiskLine::Record(n) => {
-                // Right after an arrival no tick has named the boot yet: it is the latest.
-                let boot = cursor.boot.clone().or(guest.boots.last().cloned());
+            DiskLine::Record(n, boot) => {
+                // The line names its boot; a serial log read from the middle may not have.
+                let boot = boot.or(cursor.boot.clone()).or(guest.boots.last().cloned());
                 guest
                     .records
                     .entry(boot.unwrap_or_default())
@@ -301,7 +301,7 @@ impl GuestWatch {
     }
 
     /// Every record `vm` reported is on `disk`, written by its boot or a later one (a new
-    /// boot writes its records from the start again).
+    /// boot writes its records from the start again; one not seen yet is later).
     pub fn check_disk(&self, vm: &str, disk: &Path, with_blob: bool) -> Result<usize, String> {
         let Some(guest) = self.guests.get(vm) else {
             return Ok(0);
@@ -321,7 +321,13 @@ impl GuestWatch {
                 let holder = text
                     .strip_prefix(&format!("record {record:08} "))
                     .and_then(|rest| rest.split('\n').next());
-                if !holder.is_some_and(|b| guest.boots[k..].iter().any(|later| later == b)) {
+                // A boot not seen yet is newer than every boot seen: it wrote since the
+                // last read of the logs.
+                let newer = |b: &str| {
+                    guest.boots[k..].iter().any(|later| later == b)
+                        || !guest.boots.iter().any(|seen| seen == b)
+                };
+                if !holder.is_some_and(newer) {
                     return Err(format!(
                         "record {record} that {vm} reported written in boot {boot} is not on {}: {:?}",
                         disk.display(),
@@ -416,5 +422,17 @@ mod tests {
         watch.tick(0, "x", FILE_A, "boot2", 1, 0).unwrap();
         write(0, "boot2");
         assert_eq!(watch.check_disk("x", &disk, false), Ok(3));
+        // boot2's record 0 lost under boot1's.
+        let guest = watch.guests.get_mut("x").unwrap();
+        guest.records.insert("boot2".into(), [0].into());
+        write(0, "boot1");
+        let lost = watch.check_disk("x", &disk, false).unwrap_err();
+        assert!(
+            lost.contains("record 0 that x reported written in boot boot2"),
+            "{lost}"
+        );
+        // A boot the logs have not shown yet wrote it since.
+        write(0, "boot3");
+        assert_eq!(watch.check_disk("x", &disk, false), Ok(4));
     }
 }
