@@ -11,6 +11,7 @@
 //!   so a move never makes the target want to move something back;
 //! - a host acts only above its watermark and stops once it plans to be at its low mark.
 
+use std::collections::BTreeMap;
 use vmhost_api::{CuShape, Resources};
 
 /// A host as the planner sees it: its own, from its ledger, or a peer's, from gossip.
@@ -25,6 +26,26 @@ pub struct HostLoad {
     pub watermark_memory_bytes: u64,
     /// A draining host takes nothing.
     pub draining: bool,
+    /// Its images by name, with their ids; empty when it publishes none.
+    pub images: BTreeMap<String, String>,
+}
+
+/// The image a VM boots from, which its target must have under the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageNeed {
+    pub name: String,
+    /// `None` when the VM's image carries no id: any image of that name will do.
+    pub id: Option<String>,
+}
+
+/// Whether a host with `images` (name to id) can boot a VM that needs `image`. A host that
+/// publishes no images (an older version) is not ruled out: it judges for itself.
+pub fn has_image(images: &BTreeMap<String, String>, image: Option<&ImageNeed>) -> bool {
+    let Some(need) = image else { return true };
+    images.is_empty()
+        || images
+            .get(&need.name)
+            .is_some_and(|own| need.id.as_ref().is_none_or(|id| own == id))
 }
 
 impl HostLoad {
@@ -60,6 +81,8 @@ pub struct VmLoad {
     pub moved_at_ms: Option<u64>,
     /// Running and not migrating already.
     pub movable: bool,
+    /// The named image it boots from; `None` for a VM booted from a path.
+    pub image: Option<ImageNeed>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,7 +192,8 @@ pub fn plan(
                 || fewest_to_cover(&rest, remaining - vm.size.memory_bytes)
                     .is_some_and(|n| Some(n + 1) <= needed_moves)
         };
-        let fits_somewhere = |vm: &VmLoad| best_target(&targets, vm.size, policy).is_some();
+        let fits_somewhere =
+            |vm: &VmLoad| best_target(&targets, vm.size, vm.image.as_ref(), policy).is_some();
         // The most preferred VM that keeps the count minimal, or else that fits anywhere.
         let Some(pick) = candidates
             .iter()
@@ -206,7 +230,8 @@ fn take(
     freed: &mut u64,
 ) {
     let vm = candidates.remove(pick);
-    let target = best_target(targets, vm.size, policy).expect("checked by the caller");
+    let target =
+        best_target(targets, vm.size, vm.image.as_ref(), policy).expect("checked by the caller");
     let target = &mut targets[target];
     target.leased = target.leased.checked_add(vm.size).unwrap_or(target.leased);
     *freed = freed.saturating_add(vm.size.memory_bytes);
@@ -247,12 +272,17 @@ fn fewest_to_cover(vms: &[&VmLoad], bytes: u64) -> Option<usize> {
 }
 
 /// The target with the most memory to spare that stays at or below its low mark with
-/// `size` added; an index into `targets`.
-pub fn best_target(targets: &[HostLoad], size: Resources, policy: &Policy) -> Option<usize> {
+/// `size` added and can boot `image`; an index into `targets`.
+pub fn best_target(
+    targets: &[HostLoad],
+    size: Resources,
+    image: Option<&ImageNeed>,
+    policy: &Policy,
+) -> Option<usize> {
     targets
         .iter()
         .enumerate()
-        .filter(|(_, t)| !t.draining)
+        .filter(|(_, t)| !t.draining && has_image(&t.images, image))
         .filter_map(|(i, t)| {
             let after = t.used().checked_add(size)?;
             let low_mark = t.low_mark_bytes(policy);

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use vmhost_api::{CuShape, DrainPhase, Resources};
+use vmhost_capacity::rebalance::{self, ImageNeed};
 
 /// The chitchat key under which each host publishes its `HostView`.
 pub const HOST_KEY: &str = "host";
@@ -67,14 +68,14 @@ impl HostView {
         })
     }
 
-    /// Whether the host has image `name` (with id `id`, when one is asked for). A host
-    /// that publishes no images (an older version) is not ruled out: it judges for itself.
+    /// Whether the host has image `name` (with id `id`, when one is asked for), as the
+    /// rebalance planner judges it.
     pub fn has_image(&self, name: &str, id: Option<&str>) -> bool {
-        self.images.is_empty()
-            || self
-                .images
-                .get(name)
-                .is_some_and(|own| id.is_none_or(|id| own == id))
+        let need = ImageNeed {
+            name: name.into(),
+            id: id.map(Into::into),
+        };
+        rebalance::has_image(&self.images, Some(&need))
     }
 
     pub fn free(&self) -> Resources {

@@ -18,6 +18,7 @@ fn host(name: &str, capacity_gib: u64, allocated_gib: u64, watermark: f64) -> Ho
         leased: Resources::default(),
         watermark_memory_bytes: (capacity_gib as f64 * watermark * GIB as f64) as u64,
         draining: false,
+        images: Default::default(),
     }
 }
 
@@ -31,6 +32,7 @@ fn vm(name: &str, gib: u64, busy: f64) -> VmLoad {
         busy,
         moved_at_ms: None,
         movable: true,
+        image: None,
     }
 }
 
@@ -274,4 +276,40 @@ fn the_fewest_moves_can_cover_more_than_the_largest_vm() {
     assert_eq!(fewest_to_cover(&refs, 8 * GIB), Some(2));
     assert_eq!(fewest_to_cover(&refs, 10 * GIB), Some(3));
     assert_eq!(fewest_to_cover(&refs, 13 * GIB), None);
+}
+
+#[test]
+fn a_vm_moves_only_to_a_host_with_its_image_under_the_same_id() {
+    let here = host("a", 100, 90, 0.8);
+    let mut db = vm("db", 25, 0.0);
+    db.image = Some(ImageNeed {
+        name: "postgres".into(),
+        id: Some("v2".into()),
+    });
+    let with = |name: &str, images: &[(&str, &str)]| {
+        let mut peer = host(name, 100, 0, 0.8);
+        peer.images = images
+            .iter()
+            .map(|(n, id)| (n.to_string(), id.to_string()))
+            .collect();
+        peer
+    };
+    // b lacks the image, c has another build of it: neither can boot the VM.
+    let peers = [with("b", &[("test", "")]), with("c", &[("postgres", "v1")])];
+    let plan = plan_for(&here, std::slice::from_ref(&db), &peers);
+    assert!(plan.moves.is_empty(), "{plan:?}");
+    // d has it; e publishes no images, so it is left to judge for itself.
+    let mut fuller = with("e", &[]);
+    fuller.allocated.memory_bytes = 30 * GIB;
+    let peers = [
+        with("b", &[("test", "")]),
+        with("d", &[("postgres", "v2")]),
+        fuller,
+    ];
+    assert_eq!(
+        moved(&plan_for(&here, &[db.clone()], &peers)),
+        [("db", "d")]
+    );
+    let peers = [with("b", &[("test", "")]), with("e", &[])];
+    assert_eq!(moved(&plan_for(&here, &[db], &peers)), [("db", "e")]);
 }

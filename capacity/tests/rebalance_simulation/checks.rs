@@ -172,7 +172,7 @@ impl Fleet {
     ) -> Option<(usize, usize)> {
         let was = std::mem::replace(&mut targets[host].draining, true);
         let found = vms.iter().find_map(|&vm| {
-            best_target(targets, self.vms[vm].size(), &self.policy).map(|t| (vm, t))
+            best_target(targets, self.vms[vm].size(), None, &self.policy).map(|t| (vm, t))
         });
         targets[host].draining = was;
         found

@@ -270,6 +270,7 @@ impl Fleet {
             leased: h.ledger.leased(),
             watermark_memory_bytes: h.watermark_bytes,
             draining: h.draining_until.is_some(),
+            images: Default::default(),
         }
     }
 
@@ -285,6 +286,7 @@ impl Fleet {
                     busy: v.busy,
                     moved_at_ms: v.arrived_at_ms,
                     movable: v.state == VmState::Running,
+                    image: None,
                 }
             })
             .collect()

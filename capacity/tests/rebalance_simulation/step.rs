@@ -340,7 +340,7 @@ impl Fleet {
         vms.sort_by_key(|&vm| (Reverse(self.vms[vm].size_gib), vm));
         let peers = self.gossip.view(h, self.tick, &mut self.rng);
         for vm in vms {
-            if let Some(t) = best_target(&peers, self.vms[vm].size(), &self.policy) {
+            if let Some(t) = best_target(&peers, self.vms[vm].size(), None, &self.policy) {
                 self.check_room(&peers[t], self.vms[vm].size().memory_bytes);
                 self.start(h, vm, index_of(&peers[t].name), Kind::Drain);
                 return;

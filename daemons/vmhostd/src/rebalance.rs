@@ -3,8 +3,8 @@
 //! `fleet::rebalance` plans and moves.
 
 use crate::host::Host;
-use vmhost_api::{Resources, VmState};
-use vmhost_capacity::rebalance::{HostLoad, VmLoad};
+use vmhost_api::{ImageRef, Resources, VmState};
+use vmhost_capacity::rebalance::{HostLoad, ImageNeed, VmLoad};
 
 /// How long a VM that grew counts as busy, whatever its load says.
 const GROWING_FOR: std::time::Duration = std::time::Duration::from_secs(120);
@@ -21,6 +21,7 @@ impl Host {
             leased: totals.leased,
             watermark_memory_bytes: (totals.capacity.memory_bytes as f64 * watermark) as u64,
             draining: self.drain.is_draining(),
+            images: Default::default(),
         };
         let vms = self
             .vms
@@ -47,6 +48,13 @@ impl Host {
                     moved_at_ms: record.arrived_at_ms,
                     movable: record.state() == VmState::Running
                         && self.cannot_move_live(&record.spec.name).is_none(),
+                    image: match &record.spec.image {
+                        ImageRef::Named(name) => Some(ImageNeed {
+                            name: name.clone(),
+                            id: record.spec.boot.image_id.clone(),
+                        }),
+                        ImageRef::Path(_) => None,
+                    },
                 }
             })
             .collect();

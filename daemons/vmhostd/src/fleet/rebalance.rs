@@ -129,6 +129,7 @@ fn load_of(view: &HostView) -> HostLoad {
         leased: view.leased,
         watermark_memory_bytes: view.watermark_memory_bytes,
         draining: view.drain.is_some(),
+        images: view.images.clone(),
     }
 }
 
