@@ -60,6 +60,7 @@ impl Host {
         }
         let admission = Admission::open(config.capacity(), disks, store.clone())?;
         let cgroups = crate::cgroups::open(&config);
+        let ended_arrivals = EndedArrivals::open(config.state_dir.join("ended-arrivals.json"));
         let host = Arc::new(Host {
             events: EventLog::default(),
             stats: ScalingStats::default(),
@@ -74,7 +75,7 @@ impl Host {
             drain: DrainState::default(),
             cold: ColdArrivals::default(),
             room_wanted: RoomWanted::default(),
-            ended_arrivals: EndedArrivals::default(),
+            ended_arrivals,
             cgroups,
         });
         crate::service::status(&format!("reattaching {} VMs", specs.len()));

@@ -2,8 +2,9 @@
 //! the cold arrivals under way, and the room an upscale lacked. The rooms that act on them
 //! are `drain`, `cold` and `rebalance` (and `fleet::*`, which does the moving).
 
-use crate::error::{now_ms, HostError};
-use std::collections::{BTreeMap, HashMap};
+use crate::error::{error_chain, now_ms, HostError};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 use tokio::process::Child;
@@ -208,36 +209,90 @@ const ENDED_ARRIVALS_KEPT: usize = 256;
 /// Arrivals this host ended before their switchover reached it, with the host that sent
 /// each. A source left paused in post-copy by a link cut asks to recover; the answer that
 /// the VM never ran here tells it that its own copy is the only one, though QEMU can no
-/// longer run it.
-#[derive(Default)]
+/// longer run it. They are saved, since the source may ask only after this host restarted.
 pub struct EndedArrivals {
-    ended: Mutex<std::collections::VecDeque<(String, String)>>,
+    path: PathBuf,
+    ended: Mutex<VecDeque<(String, String)>>,
 }
 
 impl EndedArrivals {
-    pub fn remember(&self, vm: &str, source: &str) {
-        let mut ended = self.ended.lock().expect("arrivals lock");
-        ended.retain(|(name, _)| name != vm);
-        if ended.len() == ENDED_ARRIVALS_KEPT {
-            ended.pop_front();
+    /// Those saved in `path`. An unreadable file is logged and taken as empty: a source
+    /// that then asks is told the VM is unknown here, and keeps its VM listed as migrating.
+    pub fn open(path: PathBuf) -> EndedArrivals {
+        let ended = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the arrivals ended here; taking none");
+                VecDeque::new()
+            }
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %path.display(), error = %e, "the arrivals ended here are unreadable; taking none");
+                VecDeque::new()
+            }),
+        };
+        EndedArrivals {
+            path,
+            ended: Mutex::new(ended),
         }
-        ended.push_back((vm.to_string(), source.to_string()));
+    }
+
+    fn change(&self, change: impl FnOnce(&mut VecDeque<(String, String)>)) {
+        let mut ended = self.ended.lock().expect("arrivals lock");
+        change(&mut ended);
+        let bytes = serde_json::to_vec(&*ended).expect("names always serialize");
+        if let Err(error) = crate::store::write_atomically(&self.path, &bytes) {
+            tracing::error!(error = %error_chain(&error), "cannot save the arrivals ended here; after a restart their sources would not learn of it");
+        }
+    }
+
+    pub fn remember(&self, vm: &str, source: &str) {
+        self.change(|ended| {
+            ended.retain(|(name, _)| name != vm);
+            if ended.len() == ENDED_ARRIVALS_KEPT {
+                ended.pop_front();
+            }
+            ended.push_back((vm.to_string(), source.to_string()));
+        });
     }
 
     /// A new arrival of `vm` begins: what ended before no longer answers for it.
     pub fn clear(&self, vm: &str) {
-        self.ended
-            .lock()
-            .expect("arrivals lock")
-            .retain(|(name, _)| name != vm);
+        if self.ended_before_switchover_from(vm, None) {
+            self.change(|ended| ended.retain(|(name, _)| name != vm));
+        }
     }
 
     /// Whether `vm`'s arrival from `source` ended here before the switchover.
     pub fn ended_before_switchover(&self, vm: &str, source: &str) -> bool {
+        self.ended_before_switchover_from(vm, Some(source))
+    }
+
+    fn ended_before_switchover_from(&self, vm: &str, source: Option<&str>) -> bool {
         self.ended
             .lock()
             .expect("arrivals lock")
             .iter()
-            .any(|(name, from)| name == vm && from == source)
+            .any(|(name, from)| name == vm && source.is_none_or(|s| s == from))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_arrivals_are_still_known_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ended-arrivals.json");
+        let before = EndedArrivals::open(path.clone());
+        before.remember("db1", "host-a");
+        before.remember("db2", "host-b");
+        before.clear("db2");
+        let after = EndedArrivals::open(path.clone());
+        assert!(after.ended_before_switchover("db1", "host-a"));
+        assert!(!after.ended_before_switchover("db1", "host-b"));
+        assert!(!after.ended_before_switchover("db2", "host-b"));
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(!EndedArrivals::open(path).ended_before_switchover("db1", "host-a"));
     }
 }
