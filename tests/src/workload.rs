@@ -3,8 +3,12 @@
 
 use crate::{wait_until, TestHost};
 use serde_json::Value;
-use std::path::Path;
-use std::time::Duration;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One `dirtier:` report line: the pass count, the boot it ran in, and the writes found
 /// lost so far.
@@ -162,7 +166,6 @@ pub struct CapacityWatch {
 
 impl CapacityWatch {
     pub fn start(hosts: &[TestHost]) -> CapacityWatch {
-        use std::sync::atomic::Ordering;
         use vmhost_api::{Reply, Request};
         let sockets: Vec<_> = hosts.iter().map(|h| h.socket.clone()).collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -231,50 +234,176 @@ impl CapacityWatch {
     }
 }
 
-/// Follows the dirtier's reports of one VM on every host, stamping each new pass as it
-/// appears: the largest gap between them is the outage the guest's workload saw.
+/// The dirtier's beat, `b<n>`, that it prints every BEAT_MS when given one.
+pub fn parse_beat(line: &str) -> Option<u64> {
+    line.trim_end().strip_prefix('b')?.parse().ok()
+}
+
+/// One serial log, read on from where the last read stopped; a file that is new or shorter
+/// (the target's QEMU starting on it) is read from its start.
+struct LogTail {
+    path: PathBuf,
+    inode: u64,
+    offset: u64,
+    /// The end of the last line not yet complete.
+    partial: Vec<u8>,
+}
+
+impl LogTail {
+    fn new(path: PathBuf) -> LogTail {
+        LogTail {
+            path,
+            inode: 0,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The highest number that `number` reads from the lines completed since the last call.
+    fn highest(&mut self, number: fn(&str) -> Option<u64>) -> Option<u64> {
+        let mut file = std::fs::File::open(&self.path).ok()?;
+        let meta = file.metadata().ok()?;
+        if meta.ino() != self.inode || meta.len() < self.offset {
+            (self.inode, self.offset) = (meta.ino(), 0);
+            self.partial.clear();
+        }
+        file.seek(SeekFrom::Start(self.offset)).ok()?;
+        let mut text = std::mem::take(&mut self.partial);
+        let before = text.len();
+        // What was read before an error still counts.
+        let _ = file.read_to_end(&mut text);
+        self.offset += (text.len() - before) as u64;
+        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        self.partial = text.split_off(complete);
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(number)
+            .max()
+    }
+}
+
+/// How long `finish` waits for the guest to count on, closing the gap still open.
+const CLOSING_WAIT: Duration = Duration::from_secs(30);
+
+/// Follows numbered lines of one guest on several serial logs, stamping on the host each
+/// rise of the highest number seen: the largest gap between them is the outage the guest
+/// showed, wherever it ran.
 pub struct TickGaps {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     follower: std::thread::JoinHandle<Duration>,
 }
 
 impl TickGaps {
-    /// Starts once the guest has reported; the source's serial log may go with its VM.
+    /// The dirtier's pass reports of `vm` on every host, once it has reported; the source's
+    /// serial log may go with its VM.
     pub fn start(hosts: &[&TestHost], vm: &str) -> TickGaps {
-        use std::sync::atomic::Ordering;
-        let serials: Vec<_> = hosts.iter().map(|h| h.serial_log(vm)).collect();
-        let latest = move || {
-            serials
-                .iter()
-                .filter_map(|s| ticks(s).last().map(|t| t.pass))
-                .max()
-        };
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let serials = hosts.iter().map(|h| h.serial_log(vm)).collect();
+        TickGaps::follow(serials, Duration::from_millis(50), |line| {
+            parse_tick(line).map(|t| t.pass)
+        })
+    }
+
+    /// The numbers `number` reads from lines of `serials`: what they hold now (one number at
+    /// least), then what is added, read every `poll`.
+    pub fn follow(
+        serials: Vec<PathBuf>,
+        poll: Duration,
+        number: fn(&str) -> Option<u64>,
+    ) -> TickGaps {
+        let mut logs: Vec<LogTail> = serials.into_iter().map(LogTail::new).collect();
+        let mut read = move || logs.iter_mut().filter_map(|l| l.highest(number)).max();
+        let mut highest = read().expect("the guest counted before the watch started");
+        let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let follower = std::thread::spawn(move || {
-            let mut pass = latest().expect("the guest reported before the watch started");
-            let mut since = std::time::Instant::now();
+            let mut since = Instant::now();
             let mut largest = Duration::ZERO;
-            while !stopped.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(50));
-                if let Some(now) = latest().filter(|now| *now > pass) {
+            loop {
+                std::thread::sleep(poll);
+                // Asked before the read, so a rise seen now closes the last gap.
+                let stopping = stopped.load(Ordering::SeqCst);
+                if let Some(now) = read().filter(|now| *now > highest) {
                     largest = largest.max(since.elapsed());
-                    (pass, since) = (now, std::time::Instant::now());
+                    (highest, since) = (now, Instant::now());
+                    if stopping {
+                        return largest;
+                    }
+                } else if stopping && since.elapsed() > CLOSING_WAIT {
+                    return largest.max(since.elapsed());
                 }
             }
-            largest.max(since.elapsed())
         });
         TickGaps { stop, follower }
     }
 
+    /// Stops following once the guest counts on: the largest gap, the last one included.
+    pub fn finish(self) -> Duration {
+        self.stop.store(true, Ordering::SeqCst);
+        self.follower.join().expect("the follower panicked")
+    }
+
     /// Stops following; fails if the guest's workload ever stalled longer than `bound`.
     pub fn assert_within(self, bound: Duration) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let largest = self.follower.join().expect("the follower panicked");
+        let largest = self.finish();
         println!("the guest's workload stalled at most {largest:?}");
         assert!(
             largest <= bound,
             "the guest's workload stalled {largest:?}, more than {bound:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn append(path: &Path, text: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_log_is_read_on_by_whole_lines_and_again_from_its_start_when_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let mut log = LogTail::new(path.clone());
+        assert_eq!(log.highest(parse_beat), None, "no file yet");
+        append(&path, "boot\r\nb7\r\nb8\r\nb");
+        assert_eq!(log.highest(parse_beat), Some(8));
+        append(&path, "9\r\n");
+        assert_eq!(log.highest(parse_beat), Some(9));
+        assert_eq!(log.highest(parse_beat), None, "nothing new");
+        // The target's QEMU truncates the log it starts on.
+        std::fs::write(&path, "b3\n").unwrap();
+        assert_eq!(log.highest(parse_beat), Some(3));
+    }
+
+    #[test]
+    fn the_largest_gap_spans_the_move_to_another_log_and_closes_after_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target) = (dir.path().join("source"), dir.path().join("target"));
+        append(&source, "b1\n");
+        let gaps = TickGaps::follow(
+            vec![source, target.clone()],
+            Duration::from_millis(1),
+            parse_beat,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        append(&target, "b2\n");
+        let beats_on = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            append(&target, "b3\n");
+        });
+        let largest = gaps.finish();
+        beats_on.join().unwrap();
+        assert!(
+            largest >= Duration::from_millis(100) && largest < CLOSING_WAIT,
+            "{largest:?}"
         );
     }
 }

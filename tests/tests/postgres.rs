@@ -2,19 +2,12 @@
 //! client in its own namespace reaching Postgres over the VM's tap network, and the VM
 //! moving between two hosts while the client works.
 
-use std::path::Path;
 use std::time::Duration;
-use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::postgres::{
-    compute_state, finish_pgbench, password_hash, postgres_image_config, wait_compute_state,
-    PgClient,
+    compute_spec, compute_state, create_compute, finish_pgbench, time_until_cpus,
+    wait_compute_state, write_spec, PgClient, PostgresLab, FIRST_BOOT,
 };
-use vmhost_tests::{process_alive, Limits, TestHost, MEMORY_GOAL_ONLY};
-
-const GUEST_IP: &str = "10.88.0.60";
-const PASSWORD: &str = "correct horse battery staple";
-/// First boot: systemd, initdb and the first start of Postgres, all under emulation.
-const FIRST_BOOT: Duration = Duration::from_secs(420);
+use vmhost_tests::{process_alive, TestHost, MEMORY_GOAL_ONLY};
 
 /// Two Postgres guests at once would share two cores under emulation: one test at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -23,105 +16,6 @@ fn serialized() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn hosts(lab: &Lab, pki: &Path, names: &[&str]) -> Vec<TestHost> {
-    start_live_fleet(
-        lab,
-        pki,
-        names,
-        Limits {
-            vcpus: 4,
-            memory_mib: 6144,
-        },
-        "gossip_interval_ms = 200\n",
-        &format!(
-            "[network]\nmode = \"tap\"\nbridge = \"br0\"\n{}",
-            postgres_image_config(GUEST_IP)
-        ),
-    )
-}
-
-/// A lab of hosts with Postgres, and the good spec in a file. Fields drop in order: the
-/// hosts (and their VMs) before the lab's namespaces.
-struct Setup {
-    hosts: Vec<TestHost>,
-    _pki: tempfile::TempDir,
-    specs: tempfile::TempDir,
-    good: String,
-    lab: Lab,
-}
-
-impl Setup {
-    fn new(names: &[&str]) -> Setup {
-        let lab = Lab::new(names.len());
-        let pki = tempfile::tempdir().unwrap();
-        let hosts = hosts(&lab, pki.path(), names);
-        let specs = tempfile::tempdir().unwrap();
-        let good = write_spec(specs.path(), "good.json", &spec(None));
-        Setup {
-            hosts,
-            _pki: pki,
-            specs,
-            good,
-            lab,
-        }
-    }
-}
-
-fn spec(extra_role: Option<serde_json::Value>) -> serde_json::Value {
-    let mut roles = vec![serde_json::json!({
-        "name": "app",
-        "password_hash": password_hash(PASSWORD),
-    })];
-    roles.extend(extra_role);
-    serde_json::json!({
-        "format_version": 1,
-        "roles": roles,
-        "databases": [{ "name": "appdb", "owner": "app" }],
-        "settings": { "max_connections": "40" },
-        "extensions": [],
-    })
-}
-
-fn write_spec(dir: &Path, name: &str, spec: &serde_json::Value) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-    path.display().to_string()
-}
-
-/// Creates `vm` of the Postgres image on `host` with the good spec and `sizes` (create
-/// arguments), and returns a client of it once its compute runs and Postgres lets the
-/// client in, from the lab's client namespace.
-fn create_compute(
-    lab: &Lab,
-    host: &TestHost,
-    vm: &str,
-    spec_file: &str,
-    sizes: &[&str],
-) -> PgClient {
-    let mut args = vec![
-        "create",
-        vm,
-        "--image",
-        "postgres",
-        "--spec",
-        spec_file,
-        "--disk-gib",
-        "2",
-    ];
-    args.extend(sizes);
-    host.vmctl_ok(&args);
-    wait_compute_state(host, vm, "running", FIRST_BOOT);
-    let client = PgClient {
-        netns: lab.client_namespace(),
-        host: GUEST_IP.into(),
-        user: "app".into(),
-        password: PASSWORD.into(),
-        database: "appdb".into(),
-    };
-    client.wait_ready(Duration::from_secs(60), &host.serial_log(vm));
-    client
 }
 
 fn qemu_pid(host: &TestHost, vm: &str) -> i32 {
@@ -155,7 +49,7 @@ fn assert_pgbench_consistent(client: &PgClient) -> u64 {
 #[test]
 fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migration() {
     let _one = serialized();
-    let setup = Setup::new(&["a", "b"]);
+    let setup = PostgresLab::new(&["a", "b"]);
     let (a, b) = (&setup.hosts[0], &setup.hosts[1]);
     let (lab, specs, good) = (&setup.lab, &setup.specs, &setup.good);
 
@@ -191,15 +85,15 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
 
     // Bad specs: each refused with its reason, the compute Failed, the VM still running.
     let pid = qemu_pid(a, "db1");
-    let mut unknown_field = spec(None);
+    let mut unknown_field = compute_spec(None);
     unknown_field["shared_buffers"] = "1GB".into();
-    let mut missing_owner = spec(None);
+    let mut missing_owner = compute_spec(None);
     missing_owner["databases"] = serde_json::json!([{ "name": "other", "owner": "nobody" }]);
     for (name, bad, reason) in [
         ("unknown-field.json", unknown_field, "shared_buffers"),
         (
             "no-hash.json",
-            spec(Some(serde_json::json!({ "name": "reader" }))),
+            compute_spec(Some(serde_json::json!({ "name": "reader" }))),
             "reader",
         ),
         ("no-owner.json", missing_owner, "nobody"),
@@ -278,7 +172,7 @@ fn a_postgres_compute_is_configured_keeps_its_data_and_serves_through_a_migratio
 #[test]
 fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
     let _one = serialized();
-    let setup = Setup::new(&["a"]);
+    let setup = PostgresLab::new(&["a"]);
     let a = &setup.hosts[0];
     let client = create_compute(
         &setup.lab,
@@ -322,32 +216,10 @@ fn a_memory_hungry_query_gets_memory_before_the_oom_killer() {
     );
 }
 
-/// How long the guest itself takes to show `wanted` vCPUs, polled from its own reports;
-/// on a timeout, the agent's decisions say why.
-fn time_until_cpus(
-    host: &TestHost,
-    vm: &str,
-    wanted: impl Fn(u32) -> bool,
-    timeout: Duration,
-) -> Duration {
-    let started = std::time::Instant::now();
-    while !host.guest_view(vm).is_some_and(|v| wanted(v.cpus)) {
-        if started.elapsed() > timeout {
-            panic!(
-                "{vm} reports {:?} after {timeout:?}; the agent's decisions:\n{}",
-                host.guest_view(vm),
-                host.vmctl_ok(&["events", vm])
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    started.elapsed()
-}
-
 #[test]
 fn a_pgbench_load_step_grows_the_compute_and_it_shrinks_back_after() {
     let _one = serialized();
-    let setup = Setup::new(&["a"]);
+    let setup = PostgresLab::new(&["a"]);
     let a = &setup.hosts[0];
     let client = create_compute(
         &setup.lab,

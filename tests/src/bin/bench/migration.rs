@@ -1,11 +1,14 @@
 //! Migration downtime and total time: a 1 GiB guest rewriting 64 MiB, moved between two
 //! vmhostd on loopback (QUIC tunnel, lease, vsock replug), against raw QEMU post-copy between
 //! two QEMUs over a local unix socket. Which side goes first alternates. Ours is broken into
-//! phases from `vmctl --json migrate`'s progress lines.
+//! phases from `vmctl --json migrate`'s progress lines. The downtime is the outage the guest
+//! shows: the largest gap between its beats, stamped on the host as they reach either serial
+//! log.
 
 use crate::{append, min_median_max, today, wait_until, RawQemu};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use vmhost_tests::workload::{parse_beat, TickGaps};
 use vmhost_tests::{HostOptions, Limits, TestHost, DIRTIER_MIB};
 use vmm::qmp::MigrateSetParameters;
 use vmm::{Accel, Machine, MigrationStatus};
@@ -24,8 +27,38 @@ const PHASES: [&str; 7] = [
 /// Raw QEMU's, from the `migrate` command.
 const RAW_PHASES: [&str; 3] = ["first pass", "post-copy", "target running"];
 
-/// One migration: QEMU's downtime, the time from the command until the VM runs on the
-/// target, and its phases, all in ms.
+/// The guest's beat interval, and how often the host reads the serial logs for a beat.
+const BEAT_MS: u64 = 1;
+const BEAT_POLL: Duration = Duration::from_micros(500);
+const IDLE_WATCH: Duration = Duration::from_secs(10);
+
+/// The dirtier, beating on the console.
+fn workload() -> String {
+    format!("vmhost.workload=vmhost-dirtier,{DIRTIER_MIB},{BEAT_MS}")
+}
+
+/// The test image with that workload, for the hosts' configs.
+fn beating_image(image: &Path) -> String {
+    format!(
+        "[images.beating]\nkernel = \"{0}/vmlinuz\"\ninitrd = \"{0}/initrd.img\"\ncmdline = \"{1} {2}\"\n",
+        image.display(),
+        vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
+        workload()
+    )
+}
+
+/// Follows the guest's beats on its serial logs from now on.
+fn follow_beats(serials: &[&Path]) -> TickGaps {
+    let serials = serials.iter().map(|s| s.to_path_buf()).collect();
+    TickGaps::follow(serials, BEAT_POLL, parse_beat)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One migration: the largest gap in the guest's beats, the time from the command until the
+/// VM runs on the target, and its phases, all in ms.
 struct Sample<const N: usize> {
     downtime: f64,
     total: f64,
@@ -40,7 +73,7 @@ fn wait_dirtying(serial: &Path) {
     });
 }
 
-fn fleet_host(dir: &Path, name: &str, port: u16, extra_config: &str) -> TestHost {
+pub(crate) fn fleet_host(dir: &Path, name: &str, port: u16, extra_config: &str) -> TestHost {
     TestHost::start_with(HostOptions {
         name: name.into(),
         limits: Limits {
@@ -108,9 +141,13 @@ pub(crate) fn reported(progress: &[serde_json::Value], phase: &str, last: bool) 
 /// One vmhost migration, timed from the command until it returns with the VM running on
 /// the target. The source's progress times start after the lease; the arrival is what
 /// follows QEMU's completion.
-fn ours_once(from: &TestHost, to: &str) -> Sample<7> {
-    let (total, summary, progress) = vmctl_migrate(from, &["--to", to, "--max-downtime", "1"]);
+fn ours_once(from: &TestHost, to: &TestHost) -> Sample<7> {
+    let beats = follow_beats(&[&from.serial_log("bench"), &to.serial_log("bench")]);
+    let (total, summary, progress) =
+        vmctl_migrate(from, &["--to", &to.name, "--max-downtime", "1"]);
+    let downtime = beats.finish();
     assert_eq!(summary["postcopy"], true, "{summary}");
+    eprintln!("ours: QEMU's own downtime {} ms", summary["downtime_ms"]);
     let at = |phase| reported(&progress, phase, false);
     let (detached, listening) = (at("guest channel detached"), at("target listening"));
     // Post-copy is asked on the last pre-copy report.
@@ -118,7 +155,7 @@ fn ours_once(from: &TestHost, to: &str) -> Sample<7> {
     let (postcopy, completed) = (at("postcopy-active"), at("completed"));
     let source_total = summary["total_ms"].as_f64().unwrap();
     Sample {
-        downtime: summary["downtime_ms"].as_f64().unwrap(),
+        downtime: ms(downtime),
         total,
         phases: [
             total - source_total,
@@ -135,10 +172,7 @@ fn ours_once(from: &TestHost, to: &str) -> Sample<7> {
 /// One raw QEMU post-copy migration over a unix socket to a QEMU already listening, timed
 /// from the `migrate` command until the source completes and the target reports running.
 async fn raw_once(image: &Path, accel: Accel) -> Sample<3> {
-    let cmdline = format!(
-        "{} vmhost.workload=vmhost-dirtier,{DIRTIER_MIB}",
-        vmm::cmdline::DEFAULT_KERNEL_CMDLINE
-    );
+    let cmdline = format!("{} {}", vmm::cmdline::DEFAULT_KERNEL_CMDLINE, workload());
     let source = RawQemu::start_with(image, accel, 1, 0, &cmdline, false);
     let target = RawQemu::start_with(image, accel, 1, 0, &cmdline, true);
     wait_dirtying(&source.spec.serial_log);
@@ -168,6 +202,7 @@ async fn raw_once(image: &Path, accel: Accel) -> Sample<3> {
     .await
     .unwrap();
     let mut events = src.migration_events();
+    let beats = follow_beats(&[&source.spec.serial_log, &target.spec.serial_log]);
     let started = Instant::now();
     src.migrate_to(&socket, false).await.unwrap();
     let mut asked = None;
@@ -195,11 +230,14 @@ async fn raw_once(image: &Path, accel: Accel) -> Sample<3> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let total = started.elapsed();
+    let downtime = beats.finish();
     let asked = asked.expect("raw migration completed before the switch to post-copy");
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    eprintln!("raw: QEMU's own total-time {:?} ms", info.total_time);
+    eprintln!(
+        "raw: QEMU's own total-time {:?} ms, downtime {:?} ms",
+        info.total_time, info.downtime
+    );
     Sample {
-        downtime: info.downtime.unwrap_or(0) as f64,
+        downtime: ms(downtime),
         total: ms(total),
         phases: [ms(asked), ms(completed - asked), ms(total - completed)],
     }
@@ -226,21 +264,25 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
         panic!("time migrations on a release build: cargo run --release -p vmhost-tests --bin bench -- migration");
     }
     let pki = tempfile::tempdir().unwrap();
-    let hosts = fleet_pair(pki.path(), "");
+    let hosts = fleet_pair(pki.path(), &beating_image(image));
     hosts[0].vmctl_ok(&[
         "create",
         "bench",
         "--image",
-        "dirtier",
+        "beating",
         "--min-cu",
         "1",
         "--no-autoscale",
     ]);
     wait_dirtying(&hosts[0].serial_log("bench"));
+    // The largest gap the guest shows without migrating, for scale.
+    let idle = follow_beats(&[&hosts[0].serial_log("bench")]);
+    std::thread::sleep(IDLE_WATCH);
+    let idle = ms(idle.finish());
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for run in 0..runs {
         // Back and forth: run i leaves host i % 2. Which side goes first alternates.
-        let (from, to) = (&hosts[run % 2], ["b", "a"][run % 2]);
+        let (from, to) = (&hosts[run % 2], &hosts[(run + 1) % 2]);
         if run % 2 == 0 {
             ours.push(ours_once(from, to));
             raw.push(raw_once(image, accel).await);
@@ -249,8 +291,13 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
             ours.push(ours_once(from, to));
         }
         eprintln!(
-            "run {run}: ours {:.0} ms {:?}, raw {:.0} ms {:?}",
-            ours[run].total, ours[run].phases, raw[run].total, raw[run].phases
+            "run {run}: ours down {:.1} ms, {:.0} ms {:?}; raw down {:.1} ms, {:.0} ms {:?}",
+            ours[run].downtime,
+            ours[run].total,
+            ours[run].phases,
+            raw[run].downtime,
+            raw[run].total,
+            raw[run].phases
         );
     }
     let (our_phases, raw_phases) = (
@@ -269,11 +316,17 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
     let what = format!(
         "1 GiB guest rewriting {DIRTIER_MIB} MiB, {accel}, post-copy after the first pass, {runs} runs, which side goes first alternating, min/median/max, release build"
     );
+    assert!(
+        rd.1 > 0.0,
+        "raw's median gap is 0 ms, yet a gap spans at least one poll: no ratio"
+    );
     append(&format!(
-        "- {} migration downtime ({what}; ours: two vmhostd on loopback over the QUIC tunnel; raw: two QEMUs over a unix socket; ours {:.0}/{:.0}/{:.0} ms, raw {:.0}/{:.0}/{:.0} ms): ours {:.0} ms, raw qemu {:.0} ms, ratio {:.2}\n",
+        "- {} migration downtime, the largest gap between the guest's beats (numbered lines it prints on its serial console every {BEAT_MS} ms, stamped on the host as they reach either QEMU's serial log, read every {:.1} ms from the migration command until the guest beats again after the target runs; the same guest without migrating, over {} s before the runs: {idle:.1} ms) ({what}; ours: two vmhostd on loopback over the QUIC tunnel; raw: two QEMUs over a unix socket; ours {:.1}/{:.1}/{:.1} ms, raw {:.1}/{:.1}/{:.1} ms): ours {:.1} ms, raw qemu {:.1} ms, ratio {:.2}\n",
         today(),
+        ms(BEAT_POLL),
+        IDLE_WATCH.as_secs(),
         od.0, od.1, od.2, rd.0, rd.1, rd.2, od.1, rd.1,
-        od.1 / rd.1.max(1.0)
+        od.1 / rd.1
     ));
     append(&format!(
         "- {} migration total time ({what}; ours from `vmctl migrate` until it returns with the VM running on the target, phase medians in ms: {our_phases}, the detach and the target's start side by side; raw from the `migrate` command, to a QEMU already listening, until the source completes and the target's status is running, phase medians in ms: {raw_phases}; ours {:.2}/{:.2}/{:.2} s, raw {:.2}/{:.2}/{:.2} s): ours {:.2} s, raw qemu {:.2} s, ratio {:.2}\n",
