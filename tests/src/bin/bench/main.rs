@@ -203,7 +203,7 @@ async fn main() {
         "create" => local::create(runs, &test_image(), accel).await,
         "upscale" => local::upscale(runs, &test_image(), accel).await,
         // Ten per host: twenty TCG guests are what two cores boot and keep idle.
-        "agent-cpu" => agent_cpu::agent_cpu(10, Duration::from_secs(60), runs),
+        "agent-cpu" => agent_cpu::agent_cpu(10, Duration::from_secs(60), runs, accel),
         "lease-rtt" => lease::lease_rtt(runs).await,
         "gossip" => gossip::real(runs).await,
         "gossip-sim" => gossip::simulated(runs),
