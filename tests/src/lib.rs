@@ -58,6 +58,16 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// An `[images.NAME]` table of a host config: the test image at `image` running
+/// `workload` (kernel command line words such as `vmhost.workload=...`).
+pub fn workload_image(name: &str, image: &Path, workload: &str) -> String {
+    format!(
+        "[images.{name}]\nkernel = \"{0}/vmlinuz\"\ninitrd = \"{0}/initrd.img\"\ncmdline = \"{1} {workload}\"\n",
+        image.display(),
+        vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
+    )
+}
+
 /// Builds (or finds in the cache) the minimal test image with this workspace's guest
 /// binaries; returns its directory.
 pub fn test_image() -> PathBuf {

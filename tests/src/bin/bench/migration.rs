@@ -37,16 +37,6 @@ fn workload() -> String {
     format!("vmhost.workload=vmhost-dirtier,{DIRTIER_MIB},{BEAT_MS}")
 }
 
-/// The test image with that workload, for the hosts' configs.
-fn beating_image(image: &Path) -> String {
-    format!(
-        "[images.beating]\nkernel = \"{0}/vmlinuz\"\ninitrd = \"{0}/initrd.img\"\ncmdline = \"{1} {2}\"\n",
-        image.display(),
-        vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
-        workload()
-    )
-}
-
 /// Follows the guest's beats on its serial logs from now on.
 fn follow_beats(serials: &[&Path]) -> TickGaps {
     let serials = serials.iter().map(|s| s.to_path_buf()).collect();
@@ -264,7 +254,10 @@ pub async fn downtime(runs: usize, image: &Path, accel: Accel) {
         panic!("time migrations on a release build: cargo run --release -p vmhost-tests --bin bench -- migration");
     }
     let pki = tempfile::tempdir().unwrap();
-    let hosts = fleet_pair(pki.path(), &beating_image(image));
+    let hosts = fleet_pair(
+        pki.path(),
+        &vmhost_tests::workload_image("beating", image, &workload()),
+    );
     hosts[0].vmctl_ok(&[
         "create",
         "bench",

@@ -38,16 +38,6 @@ fn workload() -> String {
     format!("vmhost.workload=vmhost-memhog,{FILL_MIB},64,0,{MEMHOG_FREE_PORT}")
 }
 
-/// The test image with the workload, for the hosts' configs.
-fn fill_image(image: &Path) -> String {
-    format!(
-        "[images.fill]\nkernel = \"{0}/vmlinuz\"\ninitrd = \"{0}/initrd.img\"\ncmdline = \"{1} {2}\"\n",
-        image.display(),
-        vmm::cmdline::DEFAULT_KERNEL_CMDLINE,
-        workload()
-    )
-}
-
 fn wait_filled(serial: &Path) {
     let line = format!("memhog: holding {FILL_MIB} MiB");
     wait_until(
@@ -319,7 +309,10 @@ pub async fn throughput(runs: usize, image: &Path, accel: Accel) {
         panic!("time migrations on a release build: cargo run --release -p vmhost-tests --bin bench -- migration-tls");
     }
     let pki = tempfile::tempdir().unwrap();
-    let hosts = fleet_pair(pki.path(), &fill_image(image));
+    let hosts = fleet_pair(
+        pki.path(),
+        &vmhost_tests::workload_image("fill", image, &workload()),
+    );
     let credentials = qemu_credentials(pki.path());
     hosts[0].vmctl_ok(&[
         "create",
