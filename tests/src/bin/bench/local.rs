@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmhost_guest_protocol::{GuestMessage, HostMessage};
 use vmhost_tests::benchmarks::{append, today};
 use vmhost_tests::{FakeGuest, GuestView, TestHost};
-use vmm::{Accel, Machine};
+use vmm::Accel;
 
 /// Runs `ours` and `raw` once each per run, `ours` first on even runs; returns each side's
 /// samples in seconds.
@@ -120,13 +120,7 @@ pub async fn upscale(runs: usize, image: &Path, accel: Accel) {
     host.wait_guest_ready("bench");
     let boot = host.wait_guest_report("bench");
     let (raw_qemu, _) = RawQemu::start(image, accel, 2, GIB);
-    let machine = Machine::attach(
-        &raw_qemu.spec.qmp_socket,
-        &raw_qemu.spec.pidfile,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let machine = raw_qemu.attach().await;
     let timeout = Duration::from_secs(60);
     let ours = |run: usize| request_upscale(&host, run as u64 + 1, boot);
     let raw = || async {

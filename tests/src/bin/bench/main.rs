@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use vmhost_tests::benchmarks::{append, today};
 use vmhost_tests::{test_image, wait_until, Limits, TestHost};
-use vmm::{Accel, AccelChoice, HostFacts, MachineSpec, Nic};
+use vmm::{Accel, AccelChoice, HostFacts, Machine, MachineSpec, Nic};
 
 pub(crate) const GIB: u64 = 1 << 30;
 
@@ -131,6 +131,16 @@ impl RawQemu {
             .unwrap();
         assert!(status.success(), "raw QEMU failed to start");
         RawQemu { _dir: dir, spec }
+    }
+}
+
+impl RawQemu {
+    /// QMP control of this QEMU, through vmm as vmhostd has it.
+    pub(crate) async fn attach(&self) -> Machine {
+        let timeout = Duration::from_secs(10);
+        Machine::attach(&self.spec.qmp_socket, &self.spec.pidfile, timeout)
+            .await
+            .expect("attach to the raw QEMU's QMP socket")
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vmhost_tests::workload::{parse_beat, TickGaps};
 use vmhost_tests::{HostOptions, Limits, TestHost, DIRTIER_MIB};
 use vmm::qmp::MigrateSetParameters;
-use vmm::{Accel, Machine, MigrationStatus};
+use vmm::{Accel, MigrationStatus};
 
 /// Our phases. The vsock detach and the target's start run side by side; the first pass
 /// counts from the later of the two, and ends when the switch to post-copy is asked.
@@ -166,13 +166,8 @@ async fn raw_once(image: &Path, accel: Accel) -> Sample<3> {
     let source = RawQemu::start_with(image, accel, 1, 0, &cmdline, false);
     let target = RawQemu::start_with(image, accel, 1, 0, &cmdline, true);
     wait_dirtying(&source.spec.serial_log);
-    let timeout = Duration::from_secs(10);
-    let src = Machine::attach(&source.spec.qmp_socket, &source.spec.pidfile, timeout)
-        .await
-        .unwrap();
-    let dst = Machine::attach(&target.spec.qmp_socket, &target.spec.pidfile, timeout)
-        .await
-        .unwrap();
+    let src = source.attach().await;
+    let dst = target.attach().await;
     let socket = target.spec.qmp_socket.with_file_name("migrate.sock");
     dst.prepare_migration(true, Default::default())
         .await

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 use vmhost_tests::benchmarks::{append, today};
 use vmhost_tests::{wait_until, Limits, TestHost, MEMORY_GOAL_ONLY, PRESSURE_WORKLOAD};
-use vmm::{Accel, Machine};
+use vmm::Accel;
 
 /// Waits for `needle` on the console; returns the rest of its line.
 fn wait_console(log: &Path, needle: &str) -> String {
@@ -62,13 +62,7 @@ pub async fn pressure(runs: usize, image: &Path, accel: Accel) {
         let measure_raw = || async {
             let qemu = RawQemu::start_with(image, accel, 2, GIB, &cmdline, false);
             wait_ready(&qemu.spec.serial_log);
-            let machine = Machine::attach(
-                &qemu.spec.qmp_socket,
-                &qemu.spec.pidfile,
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+            let machine = qemu.attach().await;
             wait_console(&qemu.spec.serial_log, "vmhost-pressure: crossed");
             machine
                 .set_hotplug_memory(GIB, Duration::from_secs(60))
