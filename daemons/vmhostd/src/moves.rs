@@ -236,9 +236,12 @@ impl EndedArrivals {
         }
     }
 
-    fn change(&self, change: impl FnOnce(&mut VecDeque<(String, String)>)) {
+    /// Applies `change`, and saves the list if it says it changed anything.
+    fn change(&self, change: impl FnOnce(&mut VecDeque<(String, String)>) -> bool) {
         let mut ended = self.ended.lock().expect("arrivals lock");
-        change(&mut ended);
+        if !change(&mut ended) {
+            return;
+        }
         let bytes = serde_json::to_vec(&*ended).expect("names always serialize");
         if let Err(error) = crate::store::write_atomically(&self.path, &bytes) {
             tracing::error!(error = %error_chain(&error), "cannot save the arrivals ended here; after a restart their sources would not learn of it");
@@ -252,27 +255,26 @@ impl EndedArrivals {
                 ended.pop_front();
             }
             ended.push_back((vm.to_string(), source.to_string()));
+            true
         });
     }
 
     /// A new arrival of `vm` begins: what ended before no longer answers for it.
     pub fn clear(&self, vm: &str) {
-        if self.ended_before_switchover_from(vm, None) {
-            self.change(|ended| ended.retain(|(name, _)| name != vm));
-        }
+        self.change(|ended| {
+            let before = ended.len();
+            ended.retain(|(name, _)| name != vm);
+            ended.len() != before
+        });
     }
 
     /// Whether `vm`'s arrival from `source` ended here before the switchover.
     pub fn ended_before_switchover(&self, vm: &str, source: &str) -> bool {
-        self.ended_before_switchover_from(vm, Some(source))
-    }
-
-    fn ended_before_switchover_from(&self, vm: &str, source: Option<&str>) -> bool {
         self.ended
             .lock()
             .expect("arrivals lock")
             .iter()
-            .any(|(name, from)| name == vm && source.is_none_or(|s| s == from))
+            .any(|(name, from)| name == vm && from == source)
     }
 }
 
