@@ -38,14 +38,20 @@ pub struct ImageNeed {
     pub id: Option<String>,
 }
 
-/// Whether a host with `images` (name to id) can boot a VM that needs `image`. A host that
-/// publishes no images (an older version) is not ruled out: it judges for itself.
-pub fn has_image(images: &BTreeMap<String, String>, image: Option<&ImageNeed>) -> bool {
-    let Some(need) = image else { return true };
+/// Whether a host with `images` (name to id) has image `name`, under id `id` when one is
+/// asked for. A host that publishes no images (an older version) is not ruled out: it
+/// judges for itself.
+pub fn has_image(images: &BTreeMap<String, String>, name: &str, id: Option<&str>) -> bool {
     images.is_empty()
         || images
-            .get(&need.name)
-            .is_some_and(|own| need.id.as_ref().is_none_or(|id| own == id))
+            .get(name)
+            .is_some_and(|own| id.is_none_or(|id| own == id))
+}
+
+impl ImageNeed {
+    fn met_by(&self, host: &HostLoad) -> bool {
+        has_image(&host.images, &self.name, self.id.as_deref())
+    }
 }
 
 impl HostLoad {
@@ -282,7 +288,7 @@ pub fn best_target(
     targets
         .iter()
         .enumerate()
-        .filter(|(_, t)| !t.draining && has_image(&t.images, image))
+        .filter(|(_, t)| !t.draining && image.is_none_or(|need| need.met_by(t)))
         .filter_map(|(i, t)| {
             let after = t.used().checked_add(size)?;
             let low_mark = t.low_mark_bytes(policy);

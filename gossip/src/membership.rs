@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use vmhost_api::{CuShape, DrainPhase, Resources};
-use vmhost_capacity::rebalance::{self, ImageNeed};
+use vmhost_capacity::rebalance;
 
 /// The chitchat key under which each host publishes its `HostView`.
 pub const HOST_KEY: &str = "host";
@@ -71,11 +71,7 @@ impl HostView {
     /// Whether the host has image `name` (with id `id`, when one is asked for), as the
     /// rebalance planner judges it.
     pub fn has_image(&self, name: &str, id: Option<&str>) -> bool {
-        let need = ImageNeed {
-            name: name.into(),
-            id: id.map(Into::into),
-        };
-        rebalance::has_image(&self.images, Some(&need))
+        rebalance::has_image(&self.images, name, id)
     }
 
     pub fn free(&self) -> Resources {
