@@ -6,6 +6,7 @@
 
 pub mod ansible;
 pub mod benchmarks;
+pub mod capacity;
 pub mod cgroups;
 pub mod echo;
 mod fake_guest;
@@ -15,6 +16,7 @@ pub mod nspawn;
 pub mod package;
 pub mod postgres;
 pub mod procs;
+pub mod qmp;
 pub mod soak;
 pub mod workload;
 

@@ -25,9 +25,28 @@ fn stat_after_name(pid: i32) -> Option<String> {
 
 /// The process's start time in clock ticks since boot: a later process reusing the pid
 /// has another.
-fn start_time(pid: i32) -> Option<u64> {
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
     // Field 22 of stat; the name (field 2) is cut off, the state (field 3) comes first.
     stat_after_name(pid)?.split(' ').nth(19)?.parse().ok()
+}
+
+/// The files a process holds open, as the kernel names them.
+pub fn open_files(pid: i32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .collect()
+}
+
+/// A file held open by this process without close-on-exec, so every process it starts
+/// inherits it, as a daemon inherits its shell's or supervisor's descriptors.
+pub fn inheritable_file(dir: &Path) -> (std::fs::File, PathBuf) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let path = dir.join("inherited.lock");
+    let file = std::fs::File::create(&path).unwrap();
+    fcntl(&file, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    (file, path)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

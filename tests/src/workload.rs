@@ -156,131 +156,119 @@ pub fn live_hosts(host: &TestHost) -> usize {
         .count()
 }
 
-/// Samples every host's ledger, and the sizes its VMs hold, until `finish`: the record
-/// that no host ever held more than its capacity.
-pub struct CapacityWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    over: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    sampler: std::thread::JoinHandle<usize>,
-}
-
-impl CapacityWatch {
-    pub fn start(hosts: &[TestHost]) -> CapacityWatch {
-        use vmhost_api::{Reply, Request};
-        let sockets: Vec<_> = hosts.iter().map(|h| h.socket.clone()).collect();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let over = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let found = over.clone();
-        let sampler = std::thread::spawn(move || {
-            let mut samples = 0;
-            let timeout = Duration::from_secs(5);
-            while !stopped.load(Ordering::SeqCst) {
-                for socket in &sockets {
-                    let (Ok(Reply::Host(info)), Ok(Reply::Vms(vms))) = (
-                        vmhost_api::call(socket, Request::Host, timeout),
-                        vmhost_api::call(socket, Request::List, timeout),
-                    ) else {
-                        continue;
-                    };
-                    samples += 1;
-                    let booked = info.allocated.memory_bytes + info.leased.memory_bytes;
-                    let held: u64 = vms
-                        .iter()
-                        .filter(|vm| vm.pid.is_some())
-                        .map(|vm| vm.memory_bytes)
-                        .sum();
-                    let cap = info.capacity.memory_bytes;
-                    if booked > cap
-                        || held > cap
-                        || info.allocated.vcpus + info.leased.vcpus > info.capacity.vcpus
-                    {
-                        found.lock().unwrap().push(format!(
-                            "{}: booked {booked} B, VMs hold {held} B, capacity {cap} B ({:?})",
-                            info.name, info
-                        ));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            samples
-        });
-        CapacityWatch {
-            stop,
-            over,
-            sampler,
-        }
-    }
-
-    /// The samples over capacity so far.
-    pub fn over(&self) -> Vec<String> {
-        self.over.lock().unwrap().clone()
-    }
-
-    /// Stops sampling; returns how many samples were taken and those over capacity.
-    pub fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let samples = self.sampler.join().expect("the sampler panicked");
-        let over = self.over.lock().unwrap().clone();
-        (samples, over)
-    }
-
-    /// Stops sampling; fails if any sample was over capacity, or none was taken.
-    pub fn assert_never_over(self) {
-        let (samples, over) = self.finish();
-        assert!(samples > 10, "only {samples} capacity samples were taken");
-        assert!(over.is_empty(), "a host went over capacity: {over:#?}");
-        println!("capacity held in all {samples} samples");
-    }
-}
-
 /// The dirtier's beat, `b<n>`, that it prints every BEAT_MS when given one.
 pub fn parse_beat(line: &str) -> Option<u64> {
     line.trim_end().strip_prefix('b')?.parse().ok()
 }
 
-/// One serial log, read on from where the last read stopped; a file that is new or shorter
-/// (the target's QEMU starting on it) is read from its start.
-struct LogTail {
+/// A file's identity: inode numbers are reused, so with its birth time a new folder's log
+/// is a new file.
+pub type FileId = (u64, u128);
+
+pub fn file_id(meta: &std::fs::Metadata) -> FileId {
+    let born = meta
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    (meta.ino(), born.map_or(0, |d| d.as_nanos()))
+}
+
+/// One complete line of a log, and where it lies in the file.
+pub struct Line {
+    pub start: u64,
+    pub end: u64,
+    pub text: String,
+}
+
+/// What one read of a log found.
+pub struct NewLines {
+    pub file: FileId,
+    /// The log was read from its start again: a new file, or one rewritten.
+    pub restarted: bool,
+    pub lines: Vec<Line>,
+}
+
+/// One serial log, read on by whole lines from where the last read stopped. A new file, or
+/// one rewritten (QEMU truncates the log it starts on), is read again from its start.
+pub struct LogTail {
     path: PathBuf,
-    inode: u64,
+    file: Option<FileId>,
     offset: u64,
     /// The end of the last line not yet complete.
     partial: Vec<u8>,
+    /// The last bytes read, to see that they are still there.
+    tail: Vec<u8>,
 }
 
 impl LogTail {
-    fn new(path: PathBuf) -> LogTail {
+    pub fn new(path: PathBuf) -> LogTail {
         LogTail {
             path,
-            inode: 0,
+            file: None,
             offset: 0,
             partial: Vec::new(),
+            tail: Vec::new(),
         }
     }
 
-    /// The highest number that `number` reads from the lines completed since the last call.
-    fn highest(&mut self, number: fn(&str) -> Option<u64>) -> Option<u64> {
+    /// The lines completed since the last read; None while there is no file.
+    pub fn read(&mut self) -> Option<NewLines> {
         let mut file = std::fs::File::open(&self.path).ok()?;
         let meta = file.metadata().ok()?;
-        if meta.ino() != self.inode || meta.len() < self.offset {
-            (self.inode, self.offset) = (meta.ino(), 0);
-            self.partial.clear();
+        let id = file_id(&meta);
+        let mut seen_tail = vec![0; self.tail.len()];
+        let rewritten = meta.len() < self.offset
+            || file
+                .seek(SeekFrom::Start(self.offset - self.tail.len() as u64))
+                .and_then(|_| file.read_exact(&mut seen_tail))
+                .map_or(true, |_| seen_tail != self.tail);
+        let restarted = self.file != Some(id) || rewritten;
+        if restarted {
+            *self = LogTail::new(std::mem::take(&mut self.path));
+            self.file = Some(id);
         }
         file.seek(SeekFrom::Start(self.offset)).ok()?;
+        let start = self.offset - self.partial.len() as u64;
         let mut text = std::mem::take(&mut self.partial);
         let before = text.len();
         // What was read before an error still counts.
         let _ = file.read_to_end(&mut text);
         self.offset += (text.len() - before) as u64;
+        self.tail = text[text.len().saturating_sub(64)..].to_vec();
         let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         self.partial = text.split_off(complete);
-        String::from_utf8_lossy(&text)
-            .lines()
-            .filter_map(number)
-            .max()
+        let mut at = start;
+        let lines = text
+            .split_inclusive(|b| *b == b'\n')
+            .map(|line| {
+                let end = at + line.len() as u64;
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                let line = Line {
+                    start: at,
+                    end,
+                    text,
+                };
+                at = end;
+                line
+            })
+            .collect();
+        Some(NewLines {
+            file: id,
+            restarted,
+            lines,
+        })
+    }
+
+    /// The highest number that `number` reads from the lines completed since the last call.
+    fn highest(&mut self, number: fn(&str) -> Option<u64>) -> Option<u64> {
+        let read = self.read()?;
+        read.lines.iter().filter_map(|l| number(&l.text)).max()
     }
 }
+
+/// The longest a guest may stall in a live migration without faults: the switchover, and
+/// post-copy faults at a capped bandwidth (a few seconds under TCG).
+pub const MIGRATION_STALL: Duration = Duration::from_secs(10);
 
 /// How long `finish` waits for the guest to count on, closing the gap still open.
 const CLOSING_WAIT: Duration = Duration::from_secs(30);

@@ -9,9 +9,10 @@ use serde_json::Value;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
+use vmhost_tests::capacity::CapacityWatch;
 use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::workload::{
-    assert_continued, fleet_hosts, live_hosts, wait_ticking, CapacityWatch,
+    assert_continued, fleet_hosts, live_hosts, wait_ticking, TickGaps, MIGRATION_STALL,
 };
 use vmhost_tests::{process_alive, wait_until, GuestView, Limits, TestHost};
 
@@ -97,6 +98,11 @@ fn a_drained_host_moves_every_vm_away_live_and_takes_none_until_undrained() {
         .collect();
     let on_a: Vec<_> = vms.iter().map(|vm| hosts[0].live_pids(vm)).collect();
     let watch = CapacityWatch::start(&hosts);
+    let every_host: Vec<&TestHost> = hosts.iter().collect();
+    let outages: Vec<_> = vms
+        .iter()
+        .map(|vm| TickGaps::start(&every_host, vm))
+        .collect();
 
     let out = hosts[0].vmctl_ok(&["drain", "a", "--wait", "--parallel", "2"]);
     println!("{out}");
@@ -107,6 +113,9 @@ fn a_drained_host_moves_every_vm_away_live_and_takes_none_until_undrained() {
     }
     for pids in &on_a {
         pids.assert_gone();
+    }
+    for outage in outages {
+        outage.assert_within(MIGRATION_STALL);
     }
     assert!(hosts[0].qemu_pids().is_empty());
     wait_until(Duration::from_secs(10), "b to see a drained", || {

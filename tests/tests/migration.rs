@@ -7,7 +7,7 @@
 //! post-copy is recovered, and one left paused past the recovery window is resumed later; a
 //! disk arrives with every write made before and during the move.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
@@ -16,16 +16,14 @@ use vmhost_tests::migrate::{
     finish, finish_within, progress_lines, spawn_migrate, wait_progress, Lines,
 };
 use vmhost_tests::netns::{start_live_fleet, Lab};
+use vmhost_tests::qmp::Monitor;
 use vmhost_tests::workload::{
-    assert_continued, disk_reports, disk_reports_in, live_hosts, md5_of_head, ticks, wait_ticking,
-    Tick, TickGaps, BLOB_BYTES,
+    assert_continued, disk_reports, disk_reports_in, live_hosts, md5_of_head, parse_disk_line,
+    ticks, wait_ticking, DiskLine, Tick, TickGaps, BLOB_BYTES, MIGRATION_STALL,
 };
 use vmhost_tests::{test_image, wait_until, Limits, TestHost};
 
 const LEASE_TTL_SECS: u64 = 5;
-/// The longest the guest may stall in a migration without faults: the switchover, and
-/// post-copy faults at a capped bandwidth (a few seconds under TCG).
-const MIGRATION_STALL: Duration = Duration::from_secs(10);
 /// How much longer than its link was down the guest may stall in a post-copy migration at
 /// 4 MiB/s: the reconnect, the recovery, and the faults queued behind them (10-20 s seen).
 const RECOVERY_STALL: Duration = Duration::from_secs(30);
@@ -218,6 +216,11 @@ fn a_guest_rewriting_its_memory_moves_and_runs_on() {
     assert_continued(&before, b, "mover");
     on_a.assert_gone();
     outage.assert_within(MIGRATION_STALL);
+    // The migration is over: the target's second monitor, held for a recovery, is free.
+    let oob = vmm::cmdline::oob_socket(&b.state_dir().join("vms/mover/qmp.sock"));
+    let mut monitor = Monitor::connect(&oob, Duration::from_secs(10)).unwrap();
+    let status = monitor.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["status"], "running", "{status}");
     // The guest channel moved too: its monitor talks to b now.
     b.wait_monitor("mover");
     vmhost_tests::cgroups::assert_confined(b, "mover", 2u64 << 30);
@@ -517,6 +520,14 @@ fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
 
     let running_on_a = a.live_pids("disky");
     let serial_on_a = follow_until_removed(a.serial_log("disky"));
+    let outage = TickGaps::follow(
+        vec![a.serial_log("disky"), b.serial_log("disky")],
+        Duration::from_millis(50),
+        |line| match parse_disk_line(line)? {
+            DiskLine::Record(record, _) => Some(record),
+            _ => None,
+        },
+    );
     let mut migrate = spawn_migrate(a, &["disky", "--to", "b"]);
     let stdout = progress_lines(&mut migrate);
     let (ok, out, err) = finish(migrate, stdout);
@@ -567,4 +578,5 @@ fn a_disk_keeps_what_was_written_before_and_during_the_migration() {
     }
     assert!(!a.serial_log("disky").with_file_name("disk.raw").exists());
     running_on_a.assert_gone();
+    outage.assert_within(MIGRATION_STALL);
 }

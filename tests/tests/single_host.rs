@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 use vmhost_tests::cgroups::limits_of;
+use vmhost_tests::procs::{inheritable_file, open_files};
 use vmhost_tests::{process_alive, wait_until, GuestView, HostOptions, Limits, TestHost};
 
 const GIB: u64 = 1 << 30;
@@ -16,6 +17,8 @@ fn roomy() -> Limits {
 
 #[test]
 fn scales_vcpus_and_memory_and_the_guest_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_held, inherited) = inheritable_file(dir.path());
     let host = TestHost::start(roomy());
     let created = host.vmctl_ok(&["--json", "create", "db1", "--min-cu", "1", "--max-cu", "2"]);
     let created: serde_json::Value = serde_json::from_str(&created).unwrap();
@@ -37,6 +40,14 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
     let pid = host.qemu_pids()[0];
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+    // vmhostd inherited a descriptor; the VM's processes, which outlive it, do not.
+    let daemon = host.daemon_pid().unwrap() as i32;
+    assert!(open_files(daemon).contains(&inherited));
+    let pids = host.live_pids("db1");
+    for pid in [pids.qemu(), pids.backend()] {
+        let files = open_files(pid);
+        assert!(!files.contains(&inherited), "{pid} holds {files:?}");
+    }
 
     host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
     let shown = host.show("db1");

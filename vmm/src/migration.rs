@@ -138,6 +138,10 @@ impl Machine {
         Ok(())
     }
 
+    pub async fn close_oob_monitor(&self) {
+        *self.oob().lock().await = None;
+    }
+
     /// On the destination of a paused post-copy migration: listen again at `socket`.
     /// Out of band, since the main loop may be stuck on a page still on the source.
     pub async fn recover_incoming(&self, socket: &Path, timeout: Duration) -> Result<(), VmmError> {

@@ -57,6 +57,8 @@ pub trait Vm: Send + Sync {
     async fn listen_incoming(&self, socket: &Path) -> Result<(), VmmError>;
     /// On the destination, before the stream starts: the session a recovery needs.
     async fn open_oob_monitor(&self, timeout: Duration) -> Result<(), VmmError>;
+    /// Ends that session once the migration has ended, leaving the monitor free.
+    async fn close_oob_monitor(&self);
     /// On the destination of a paused post-copy migration: listen again at `socket`.
     async fn recover_incoming(&self, socket: &Path, timeout: Duration) -> Result<(), VmmError>;
     /// On the source: send the VM to `socket`, or with `resume` continue a paused
@@ -196,6 +198,9 @@ impl Vm for Machine {
     }
     async fn open_oob_monitor(&self, timeout: Duration) -> Result<(), VmmError> {
         Machine::open_oob_monitor(self, timeout).await
+    }
+    async fn close_oob_monitor(&self) {
+        Machine::close_oob_monitor(self).await
     }
     async fn recover_incoming(&self, socket: &Path, timeout: Duration) -> Result<(), VmmError> {
         Machine::recover_incoming(self, socket, timeout).await

@@ -74,6 +74,7 @@ fn main() {
     let loaded = config::Config::load_with_table(&args.config);
     let host_name = loaded.as_ref().map(|(c, _)| c.host_name());
     service::init_logging(host_name.as_deref().unwrap_or_default());
+    service::keep_inherited_descriptors();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -32,6 +32,27 @@ pub fn init_logging(host_name: &str) {
 }
 
 /// Tells systemd what vmhostd is doing (`systemctl status` shows it).
+/// Marks every descriptor vmhostd inherited beyond stdio close-on-exec. A shell's or a
+/// supervisor's descriptors are not the VMs' business, and QEMU daemonizes: it would hold
+/// them, a lock file among them, for as long as its VM runs.
+pub fn keep_inherited_descriptors() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing and touches no memory; it
+    // only sets a flag on descriptors, which no code here relies on being unset.
+    let marked = unsafe {
+        nix::libc::close_range(
+            3,
+            nix::libc::c_uint::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC as _,
+        )
+    };
+    if marked != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot mark inherited descriptors close-on-exec: QEMU may inherit them"
+        );
+    }
+}
+
 pub fn status(text: &str) {
     let _ = sd_notify::notify(&[NotifyState::Status(text)]);
 }

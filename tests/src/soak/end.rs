@@ -155,12 +155,14 @@ impl Soak<'_> {
         let restarted = Instant::now();
         self.strict_checks(restarted)?;
         self.timeline.log("all holds after every vmhostd restarted");
-        let (samples, over) = self.capacity.finish();
+        let (samples, fullest, over) = self.capacity.finish();
         if let Some(over) = over.first() {
             return Err(format!("a host went over capacity: {over}"));
         }
-        if samples < 10 {
-            return Err(format!("only {samples} capacity samples were taken"));
+        if samples < 10 || fullest.vcpus == 0 {
+            return Err(format!(
+                "only {samples} capacity samples were taken, the fullest host holding {fullest:?}"
+            ));
         }
         let accel = self
             .seen

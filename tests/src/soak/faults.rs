@@ -7,9 +7,8 @@ use super::observe::Snapshot;
 use super::rng::Rng;
 use super::timeline::Timeline;
 use crate::procs::kill;
+use crate::qmp::Monitor;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use vmhost_api::VmState;
 
@@ -84,32 +83,13 @@ fn settled_vms(seen: &Snapshot) -> Vec<(usize, String, i32)> {
 /// migration. QEMU runs with -no-reboot, so the guest's reset ends it, as a reboot from
 /// inside the guest would.
 fn reset_guest(socket: &std::path::Path) -> Result<(), String> {
-    let stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-    let mut writer = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| e.to_string())?;
-    if !line.contains("QMP") {
-        return Err(format!("no QMP greeting: {line:?}"));
+    let mut monitor = Monitor::connect(socket, Duration::from_secs(3))?;
+    match monitor.execute("system_reset", serde_json::json!({})) {
+        Ok(_) => Ok(()),
+        // QEMU may end before it replies: the reset's own SHUTDOWN event says it happened.
+        Err(_) if monitor.events.iter().any(|e| e == "SHUTDOWN") => Ok(()),
+        Err(e) => Err(e),
     }
-    for command in ["qmp_capabilities", "system_reset"] {
-        writeln!(writer, r#"{{"execute":"{command}"}}"#).map_err(|e| e.to_string())?;
-        // Events may come first; the reset's own SHUTDOWN event says it happened.
-        loop {
-            line.clear();
-            reader.read_line(&mut line).map_err(|e| e.to_string())?;
-            if line.contains("\"return\"") || line.contains("\"SHUTDOWN\"") {
-                break;
-            }
-            if line.contains("\"error\"") || line.is_empty() {
-                return Err(format!("{command}: {line:?}"));
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Faults {

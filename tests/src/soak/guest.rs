@@ -4,22 +4,17 @@
 //! soak made. The disk writer's records must all be on the disk of the host that runs it.
 
 use super::fleet::Fleet;
-use crate::workload::{parse_disk_line, parse_tick, DiskLine, BLOB_BYTES};
+use crate::workload::{
+    file_id, parse_disk_line, parse_tick, DiskLine, FileId, LogTail, BLOB_BYTES,
+};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::Instant;
 
-/// Where a serial log was read up to; a new file (after a move away and back) starts over.
+/// A serial log as read so far, and the boot its latest lines came from.
 struct Cursor {
-    file: FileId,
-    offset: u64,
-    /// The end of the last line not yet complete.
-    partial: Vec<u8>,
-    /// The last bytes read, to see that they are still there.
-    tail: Vec<u8>,
-    /// The boot its latest lines came from.
+    log: LogTail,
     boot: Option<String>,
 }
 
@@ -55,18 +50,6 @@ pub struct GuestWatch {
     cursors: HashMap<(usize, String), Cursor>,
     guests: HashMap<String, Guest>,
     taints: Vec<Taint>,
-}
-
-/// A file's identity: inode numbers are reused, so with its birth time a new folder's log
-/// is a new file.
-type FileId = (u64, u128);
-
-fn file_id(meta: &std::fs::Metadata) -> FileId {
-    let born = meta
-        .created()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-    (meta.ino(), born.map_or(0, |d| d.as_nanos()))
 }
 
 fn serial_sizes(fleet: &Fleet, host: usize) -> HashMap<FileId, u64> {
@@ -149,53 +132,23 @@ impl GuestWatch {
 
     fn read_one(&mut self, fleet: &Fleet, host: usize, vm: &str) -> Result<(), String> {
         let path = fleet.vm_dir(host, vm).join("serial.log");
-        let Ok(mut file) = std::fs::File::open(&path) else {
+        let cursor = self
+            .cursors
+            .entry((host, vm.to_string()))
+            .or_insert_with(|| Cursor {
+                log: LogTail::new(path),
+                boot: None,
+            });
+        let Some(read) = cursor.log.read() else {
             return Ok(());
         };
-        let meta = file.metadata().map_err(|e| e.to_string())?;
-        let id = file_id(&meta);
-        let fresh = Cursor {
-            file: id,
-            offset: 0,
-            partial: Vec::new(),
-            tail: Vec::new(),
-            boot: None,
-        };
-        let cursor = self.cursors.entry((host, vm.to_string())).or_insert(fresh);
-        // QEMU truncates the log when it starts again: what was read is gone, or rewritten.
-        let mut seen_tail = vec![0; cursor.tail.len()];
-        let rewritten = meta.len() < cursor.offset
-            || file
-                .seek(SeekFrom::Start(cursor.offset - cursor.tail.len() as u64))
-                .and_then(|_| file.read_exact(&mut seen_tail))
-                .map_or(true, |_| seen_tail != cursor.tail);
-        if cursor.file != id || rewritten {
-            *cursor = Cursor {
-                file: id,
-                offset: 0,
-                partial: Vec::new(),
-                tail: Vec::new(),
-                boot: None,
-            };
+        if read.restarted {
+            cursor.boot = None;
         }
-        file.seek(SeekFrom::Start(cursor.offset))
-            .map_err(|e| e.to_string())?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-        let start = cursor.offset - cursor.partial.len() as u64;
-        cursor.offset += bytes.len() as u64;
-        let mut text = std::mem::take(&mut cursor.partial);
-        text.extend_from_slice(&bytes);
-        cursor.tail = text[text.len().saturating_sub(64)..].to_vec();
-        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        cursor.partial = text[complete..].to_vec();
-        let mut at = start;
-        for line in text[..complete].split(|b| *b == b'\n') {
-            let end = at + line.len() as u64 + 1;
-            if end <= start + complete as u64 && !self.tainted(host, id, at, end) {
-                self.line(host, vm, id, &String::from_utf8_lossy(line))?;
+        for line in read.lines {
+            if !self.tainted(host, read.file, line.start, line.end) {
+                self.line(host, vm, read.file, &line.text)?;
             }
-            at = end;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ mod ops;
 mod rng;
 mod timeline;
 
-use crate::workload::CapacityWatch;
+use crate::capacity::CapacityWatch;
 use faults::Faults;
 use fleet::{Fleet, HOSTS, RECOVER_SECS};
 use guest::GuestWatch;

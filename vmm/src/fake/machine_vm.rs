@@ -186,6 +186,10 @@ impl Vm for FakeMachine {
         Ok(())
     }
 
+    async fn close_oob_monitor(&self) {
+        self.state().oob_open = false;
+    }
+
     async fn recover_incoming(&self, socket: &Path, timeout: Duration) -> Result<(), VmmError> {
         let args = format!("{}, {timeout:?}", socket.display());
         self.enter(Step::RecoverIncoming, args).await?;

@@ -18,6 +18,8 @@ use vmhost_api::{
 use vmm::{MigrationStatus, Vm, VmmError};
 
 const INCOMING_POLL: Duration = Duration::from_millis(100);
+/// How often an arrived VM that could not be saved is saved again.
+const SAVE_RETRY: Duration = Duration::from_secs(2);
 
 /// What an arriving VM holds: its vCPUs, its boot memory and the hotplug memory it gets back.
 fn arrival_size(spec: &VmSpec, incoming: &IncomingMigration) -> Resources {
@@ -172,6 +174,8 @@ impl Host {
             }
         };
         self.tunnels.close(&arrival.incoming);
+        // No recovery follows the end of a migration: the monitor is free for others.
+        machine.close_oob_monitor().await;
         match outcome {
             Ok(()) => self.finish_arrival(arrival).await,
             Err(reason) if arrival.phase.now() == TargetPhase::Listening => {
@@ -238,15 +242,12 @@ impl Host {
         let mut spec = arrival.slot.record().spec.clone();
         spec.incoming = false;
         (spec.min_cu, spec.max_cu) = incoming.bounds;
-        let saved = self
-            .store
-            .save(&spec)
-            .and_then(|()| self.store.end_arrival(name))
-            .and_then(|()| self.store.set_marker(name, Marker::SwitchedOver, false));
-        if let Err(error) = saved {
-            tracing::error!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM; a restart would lose track of it");
-        }
+        let saved = self.save_arrived(&spec);
         arrival.slot.record().spec = spec.clone();
+        if let Err(error) = saved {
+            tracing::error!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM; trying again every {SAVE_RETRY:?}");
+            self.save_arrived_later(arrival.slot.clone(), machine.clone());
+        }
         if incoming.disk_tunnel.is_some() {
             if let Err(error) = machine.unexport_disk().await {
                 tracing::warn!(vm = %name, error = %error_chain(&error), "cannot stop exporting the arrived VM's disk");
@@ -269,6 +270,52 @@ impl Host {
         record.applied = applied;
         self.set_running(&mut record, machine);
         tracing::info!(vm = %name, size = %applied, "migrated VM arrived and runs here");
+    }
+
+    /// Records an arrived VM as this host's own: its spec, and no arrival in progress.
+    fn save_arrived(&self, spec: &VmSpec) -> Result<(), crate::store::StoreError> {
+        self.store
+            .save(spec)
+            .and_then(|()| self.store.end_arrival(&spec.name))
+            .and_then(|()| {
+                self.store
+                    .set_marker(&spec.name, Marker::SwitchedOver, false)
+            })
+    }
+
+    /// Saves an arrived VM that could not be saved (a full state filesystem) once it can,
+    /// unless it no longer runs here in that QEMU: until then its folder says it arrives.
+    fn save_arrived_later(self: &Arc<Self>, slot: Arc<VmSlot>, machine: Arc<dyn Vm>) {
+        // Weak: a vmhostd shutting down lets go of its state directory.
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SAVE_RETRY).await;
+                let Some(host) = host.upgrade() else {
+                    return;
+                };
+                // Under the record's lock, so no other save of the spec runs meanwhile.
+                let record = slot.record();
+                let name = record.spec.name.as_str();
+                let same_vm = host.vms.get(name).is_ok_and(|s| Arc::ptr_eq(&s, &slot))
+                    && record
+                        .machine
+                        .as_ref()
+                        .is_some_and(|m| Arc::ptr_eq(m, &machine));
+                if !same_vm {
+                    return;
+                }
+                match host.save_arrived(&record.spec) {
+                    Ok(()) => {
+                        tracing::info!(vm = %name, "the arrived VM is saved");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(vm = %name, error = %error_chain(&error), "cannot save the arrived VM yet")
+                    }
+                }
+            }
+        });
     }
 
     /// After a restart, an arriving VM. Before the switchover its migration lost its

@@ -225,28 +225,52 @@ async fn only_the_source_of_an_arrival_can_have_it_listen_again() {
     m.task.abort();
 }
 
-#[tokio::test]
-async fn an_arrival_it_could_not_save_is_finished_again_after_a_restart_keeping_its_channel() {
-    let m = start_move(None, Accel::Kvm).await;
-    let (src, dst) = into_postcopy(&m).await;
-    // The save writes spec.tmp first; a folder in its place fails it, as a full disk does.
+/// Moves VM `a` to a target that cannot save it when it arrives: the save writes spec.tmp
+/// first, and a folder in its place fails it, as a full disk does. Returns, once the VM
+/// runs there, the target's QEMU and that folder.
+async fn arrive_unsaved(m: &Move) -> (Arc<FakeMachine>, std::path::PathBuf) {
+    let (src, dst) = into_postcopy(m).await;
     let blocker = m.target.vm_dir("a").join("spec.tmp");
     std::fs::create_dir(&blocker).unwrap();
     src.complete_migration();
     dst.complete_migration();
-    finished(m.task).await.unwrap();
     until("the target runs the VM", || {
         m.target.state("a") == Some(VmState::Running)
     })
     .await;
+    assert!(m.target.vm_dir("a").join("arrival.json").exists());
+    (dst, blocker)
+}
+
+fn saved_as_arrived(spec: &std::path::Path) -> bool {
+    std::fs::read_to_string(spec).is_ok_and(|s| !s.contains("\"incoming\""))
+}
+
+#[tokio::test]
+async fn an_arrival_it_could_not_save_is_saved_once_it_can() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (_, blocker) = arrive_unsaved(&m).await;
+    finished(m.task).await.unwrap();
+    std::fs::remove_dir(&blocker).unwrap();
+    let dir = m.target.vm_dir("a");
+    until("the arrival is saved", || {
+        !dir.join("arrival.json").exists()
+    })
+    .await;
+    assert!(saved_as_arrived(&dir.join("spec.json")));
+    assert!(!dir.join("switched-over").exists());
+}
+
+#[tokio::test]
+async fn an_arrival_it_could_not_save_is_finished_again_after_a_restart_keeping_its_channel() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (dst, blocker) = arrive_unsaved(&m).await;
+    finished(m.task).await.unwrap();
     let backend_starts = m.target.qemu.count(Step::RestartVsock);
     std::fs::remove_dir(&blocker).unwrap();
     let restarted = m.target.restart().await;
     let spec = restarted.vm_dir("a").join("spec.json");
-    until("the arrival is saved", || {
-        std::fs::read_to_string(&spec).is_ok_and(|s| !s.contains("\"incoming\""))
-    })
-    .await;
+    until("the arrival is saved", || saved_as_arrived(&spec)).await;
     assert_eq!(restarted.state("a"), Some(VmState::Running));
     assert!(dst.vsock_plugged(), "the guest lost its vsock device");
     assert_eq!(

@@ -38,6 +38,7 @@ fn every_phase_change_follows_the_tables() {
 async fn a_postcopy_migration_hands_the_vm_over_and_it_arrives_whole() {
     let m = start_move(None, Accel::Kvm).await;
     let (src, dst) = into_postcopy(&m).await;
+    assert!(dst.oob_monitor_open(), "post-copy may need a recovery");
     let committed = m.target.allocated();
     assert_eq!(committed, cu_size(2));
     src.complete_migration();
@@ -53,6 +54,10 @@ async fn a_postcopy_migration_hands_the_vm_over_and_it_arrives_whole() {
     })
     .await;
     assert!(dst.vsock_plugged());
+    assert!(
+        !dst.oob_monitor_open(),
+        "the migration ended: its monitor is free"
+    );
     assert_eq!(dst.hotplug_memory().await.unwrap(), 1 << 30);
     assert!(!m.target.vm_dir("a").join("switched-over").exists());
     assert_eq!(m.target.allocated(), cu_size(2));
