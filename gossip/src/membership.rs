@@ -48,6 +48,9 @@ pub struct HostView {
     /// without one): placement prefers hosts that already have a VM's image.
     #[serde(default)]
     pub images: std::collections::BTreeMap<String, String>,
+    /// GiB still free for VM disks; None from a host that does not say.
+    #[serde(default)]
+    pub disk_free_gib: Option<u64>,
 }
 
 impl HostView {
@@ -66,6 +69,15 @@ impl HostView {
         used.checked_add(size).is_some_and(|total| {
             total.fits_in(self.capacity) && total.memory_bytes <= self.watermark_memory_bytes
         })
+    }
+
+    /// Whether a disk of `gib` (if any) fits here, by this view; a host that does not say
+    /// is left to decide when the VM comes.
+    pub fn has_disk_room(&self, gib: Option<u32>) -> bool {
+        match (gib, self.disk_free_gib) {
+            (Some(gib), Some(free)) => u64::from(gib) <= free,
+            _ => true,
+        }
     }
 
     /// Whether the host has image `name` (with id `id`, when one is asked for), as the
@@ -426,6 +438,16 @@ mod tests {
         assert!(host.has_image("test", None));
     }
 
+    #[test]
+    fn a_disk_fits_by_the_room_a_host_says_it_has() {
+        let mut host = view(8, 0);
+        assert!(host.has_disk_room(Some(100)), "a host that says nothing");
+        host.disk_free_gib = Some(10);
+        assert!(host.has_disk_room(Some(10)));
+        assert!(!host.has_disk_room(Some(11)));
+        assert!(host.has_disk_room(None), "no disk");
+    }
+
     fn view(memory_gib: u64, allocated_gib: u64) -> HostView {
         HostView {
             name: "b".into(),
@@ -445,6 +467,7 @@ mod tests {
             version: "0".into(),
             drain: None,
             images: Default::default(),
+            disk_free_gib: None,
         }
     }
 

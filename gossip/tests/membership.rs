@@ -57,6 +57,7 @@ async fn start_speaking(
         version: "test".into(),
         drain: None,
         images: Default::default(),
+        disk_free_gib: None,
     };
     let config = MembershipConfig {
         cluster: CLUSTER.into(),

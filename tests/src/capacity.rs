@@ -110,6 +110,19 @@ impl SizeReader {
     }
 }
 
+/// What `vm`'s QEMU on `host` holds now, as the kernel and QEMU show it.
+pub fn held_by(host: &TestHost, vm: &str) -> Held {
+    let qemu = LabProcess {
+        pid: host.live_pids(vm).qemu(),
+        host: 0,
+        vm: vm.to_string(),
+        kind: Kind::Qemu,
+    };
+    SizeReader::default()
+        .held(&qemu, &host.state_dir())
+        .unwrap_or_else(|| panic!("the QEMU of {vm} ended while it was read"))
+}
+
 /// The sizes of the disk files in a host's state directory.
 fn disk_bytes(state_dir: &std::path::Path) -> u64 {
     let Ok(folders) = std::fs::read_dir(state_dir.join("vms")) else {

@@ -72,12 +72,9 @@ pub fn assert_confined(host: &TestHost, vm: &str, memory_bytes: u64) {
         Some("kvm") => 128,
         _ => 512,
     };
-    let folder = host.state_dir().join("vms").join(vm);
-    let pid = |file: &str| -> i32 {
-        let text = std::fs::read_to_string(folder.join(file)).unwrap();
-        text.trim().parse().unwrap()
-    };
-    let limits = limits_of(pid("qemu.pid"));
+    // The processes as /proc shows them, not as vmhostd's pidfiles name them.
+    let pids = host.live_pids(vm);
+    let limits = limits_of(pids.qemu());
     assert!(
         limits
             .memory_cgroup
@@ -86,7 +83,7 @@ pub fn assert_confined(host: &TestHost, vm: &str, memory_bytes: u64) {
     );
     assert_eq!(limits.memory_bytes, memory_bytes + (overhead_mib << 20));
     assert_eq!(
-        limits_of(pid("vsock.pid")),
+        limits_of(pids.backend()),
         limits,
         "the vsock backend shares QEMU's cgroup"
     );

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use vmhost_tests::capacity::{held_by, Held};
 use vmhost_tests::{bin, wait_until, GuestView, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
 
 const GIB: u64 = 1 << 30;
@@ -267,6 +268,13 @@ fn bounds_change_moves_a_running_vm_and_top_shows_it() {
         "the agent to move the VM into its new bounds",
         || cu(&host, "db1") == 2.0,
     );
+    let two_cu = Held {
+        vcpus: 2,
+        memory_bytes: 2 * GIB,
+    };
+    wait_until(Duration::from_secs(30), "QEMU to hold 2 CU", || {
+        held_by(&host, "db1") == two_cu
+    });
     let shown = host.show("db1");
     assert_eq!(
         (shown["min_cu"].as_f64(), shown["goal_cu"].as_f64()),

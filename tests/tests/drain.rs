@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
-use vmhost_tests::capacity::CapacityWatch;
+use vmhost_tests::capacity::{held_by, CapacityWatch};
 use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::workload::{
     assert_continued, fleet_hosts, live_hosts, wait_ticking, TickGaps, MIGRATION_STALL,
@@ -187,6 +187,9 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
     );
     let boot_before = a.wait_guest_ready("unplugged");
     a.vmctl_ok(&["scale", "unplugged", "--cu", "1", "--force"]);
+    wait_until(Duration::from_secs(60), "QEMU to end a vCPU", || {
+        held_by(a, "unplugged").vcpus == 1
+    });
     let tcg = a.show("unplugged")["accel"] == "tcg";
     if !tcg {
         eprintln!("!!! KVM: a vCPU unplug does not stop live migration; only the stopped VM checks the cold path");

@@ -280,6 +280,8 @@ fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
         "{victim}"
     );
     assert_eq!(victim["state"], "running");
+    // Its QEMU is the one the kernel shows running (this fails if there is none).
+    host.live_pids("victim");
     let bystander = host.show("bystander");
     assert_eq!(bystander["guest"]["connected"], true, "{bystander}");
     assert_eq!(bystander["guest"]["healthy"], true, "{bystander}");

@@ -298,10 +298,13 @@ fn a_source_restarted_before_the_switchover_keeps_the_vm_and_can_move_it_later()
     wait_until(Duration::from_secs(60), "a to see b again", || {
         live_hosts(a) == 2
     });
+    let before = wait_ticking(a, "back", 1);
+    let on_a = a.live_pids("back");
     let out = a.vmctl_ok(&["--json", "migrate", "back", "--to", "b"]);
     let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(summary["to"], "b", "{summary}");
-    assert_eq!(b.show("back")["state"], "running");
+    assert_continued(&before, b, "back");
+    on_a.assert_gone();
     b.wait_monitor("back");
 }
 

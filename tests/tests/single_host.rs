@@ -1,6 +1,7 @@
 //! One host, real QEMU guests under the accelerator `auto` picks, driven through vmctl.
 
 use std::time::Duration;
+use vmhost_tests::capacity::{held_by, Held};
 use vmhost_tests::cgroups::limits_of;
 use vmhost_tests::procs::{inheritable_file, open_files};
 use vmhost_tests::{process_alive, wait_until, GuestView, HostOptions, Limits, TestHost};
@@ -240,7 +241,11 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_half_made() {
         assert_one_line_error(host.vmctl_err(args), code, needle);
     }
     assert_eq!(host.show("a")["cu"], serde_json::json!(1.0));
-    assert_eq!(host.show("a")["vcpus"], 1);
+    let one_cu = Held {
+        vcpus: 1,
+        memory_bytes: GIB,
+    };
+    assert_eq!(held_by(&host, "a"), one_cu, "QEMU's size changed");
 
     // A second vmhostd on the same state dir is refused, and the first keeps serving.
     let second = std::process::Command::new(vmhost_tests::bin("vmhostd"))

@@ -145,6 +145,7 @@ impl Fleet {
             .await
             .into_iter()
             .filter(|v| v.has_room_for(v.cu_shape.resources(cu)))
+            .filter(|v| v.has_disk_room(create.disk_gib))
             .filter(|v| !image_required || has_image(v))
             .collect();
         candidates.sort_by_key(|v| (!has_image(v), std::cmp::Reverse(v.free().memory_bytes)));
@@ -165,23 +166,20 @@ impl Fleet {
                 ..create.clone()
             };
             let call = PeerCall::Forwarded(Request::Create(placed));
-            return match self.call_peer(&target, call).await {
-                Ok(reply) => Ok(reply),
-                Err(error) => {
-                    if error.kind == ErrorKind::CapacityExceeded {
-                        let why = format!("granted lease {} and then refused: {error}", lease.id);
-                        self.suspects.mark(
-                            &target.name,
-                            suspects::BROKEN_LEASE,
-                            &why,
-                            Instant::now(),
-                        );
-                    }
-                    // A committed lease is no longer a lease; releasing it changes nothing.
-                    self.release(&target, lease.id).await;
-                    Err(error)
-                }
+            let error = match self.call_peer(&target, call).await {
+                Ok(reply) => return Ok(reply),
+                Err(error) => error,
             };
+            // A committed lease is no longer a lease; releasing it changes nothing.
+            self.release(&target, lease.id).await;
+            if error.kind != ErrorKind::CapacityExceeded {
+                return Err(error);
+            }
+            // Its lease, or its gossip of disk room, promised what it then refused.
+            let why = format!("granted lease {} and then refused: {error}", lease.id);
+            self.suspects
+                .mark(&target.name, suspects::BROKEN_LEASE, &why, Instant::now());
+            refusals.push(format!("{}: {error}", target.name));
         }
         Err(ApiError::new(
             ErrorKind::CapacityExceeded,
@@ -416,6 +414,10 @@ fn own_view(host: &Host, config: &FleetConfig, images: &BTreeMap<String, String>
         version: env!("CARGO_PKG_VERSION").to_string(),
         drain: host.drain_phase(),
         images: images.clone(),
+        disk_free_gib: Some(
+            info.disk_capacity_gib
+                .saturating_sub(info.disk_allocated_gib),
+        ),
     }
 }
 

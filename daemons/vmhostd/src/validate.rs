@@ -5,7 +5,7 @@ use crate::agent_task;
 use crate::config::Config;
 use crate::error::HostError;
 use crate::store::{BootSource, VmSpec};
-use vmhost_api::{ComputeUnits, CreateVm, ImageRef};
+use vmhost_api::{ComputeUnits, CreateVm, ImageRef, IncomingMigration};
 
 /// The largest compute spec kept with a VM.
 pub const MAX_COMPUTE_SPEC_BYTES: usize = 256 << 10;
@@ -103,6 +103,35 @@ fn resolve_image(config: &Config, image: &ImageRef) -> Result<BootSource, HostEr
 }
 
 /// The host keeps a compute spec, and the guest judges it: here only its shape and size.
+/// What a migration's source says of the VM beyond its spec, checked as an operator's
+/// request is: bounds within those its QEMU was started with, and a size within them.
+pub fn check_arrival(spec: &VmSpec, incoming: &IncomingMigration) -> Result<(), HostError> {
+    let (min, max) = incoming.bounds;
+    check_min_max(min, max)?;
+    if min < spec.min_cu || max > spec.max_cu {
+        return Err(HostError::Invalid(format!(
+            "VM '{}': bounds [{min}, {max}] are outside [{}, {}], those its QEMU starts with",
+            spec.name, spec.min_cu, spec.max_cu
+        )));
+    }
+    let boot = spec.boot_resources();
+    let room = spec.cu_shape.resources(spec.max_cu);
+    if incoming.vcpus < boot.vcpus || incoming.vcpus > room.vcpus {
+        return Err(HostError::Invalid(format!(
+            "VM '{}': {} vCPUs, but its QEMU runs {} to {}",
+            spec.name, incoming.vcpus, boot.vcpus, room.vcpus
+        )));
+    }
+    let hotplug_room = room.memory_bytes.saturating_sub(boot.memory_bytes);
+    if incoming.restore_hotplug_memory_bytes > hotplug_room {
+        return Err(HostError::Invalid(format!(
+            "VM '{}': {} bytes of hotplug memory to restore, but it has room for {hotplug_room}",
+            spec.name, incoming.restore_hotplug_memory_bytes
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_compute_spec(spec: &serde_json::Value) -> Result<(), HostError> {
     let bytes = serde_json::to_vec(spec).map_or(usize::MAX, |b| b.len());
     if spec.is_object() && bytes <= MAX_COMPUTE_SPEC_BYTES {
@@ -251,6 +280,47 @@ mod tests {
             d = dir.display()
         );
         toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_peer_s_figures_for_an_arriving_vm_must_fit_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_with_root_image(dir.path(), "abc");
+        let vm = request(Some(1), Some("abc"));
+        let spec = spec_for(&config, vm.clone()).unwrap();
+        let (boot, room) = (spec.boot_resources(), spec.cu_shape.resources(spec.max_cu));
+        let hotplug = room.memory_bytes - boot.memory_bytes;
+        let incoming = |bounds, vcpus, restore_hotplug_memory_bytes| IncomingMigration {
+            version: vmhost_api::MIGRATION_VERSION,
+            vm: vm.clone(),
+            bounds,
+            vcpus,
+            restore_hotplug_memory_bytes,
+            postcopy: true,
+            tunnel: 1,
+            disk_tunnel: Some(2),
+        };
+        let full = (spec.min_cu, spec.max_cu);
+        check_arrival(&spec, &incoming(full, room.vcpus, hotplug)).unwrap();
+        check_arrival(&spec, &incoming(full, boot.vcpus, 0)).unwrap();
+        for (bounds, vcpus, restore) in [
+            ((spec.max_cu, spec.min_cu), boot.vcpus, 0),
+            (
+                (spec.min_cu, ComputeUnits::from_quarters(u32::MAX)),
+                boot.vcpus,
+                0,
+            ),
+            (full, room.vcpus + 1, 0),
+            (full, 0, 0),
+            (full, boot.vcpus, hotplug + 1),
+            (full, boot.vcpus, u64::MAX),
+        ] {
+            let refused = check_arrival(&spec, &incoming(bounds, vcpus, restore));
+            assert!(
+                matches!(refused, Err(HostError::Invalid(_))),
+                "{bounds:?} {vcpus} {restore}: {refused:?}"
+            );
+        }
     }
 
     fn request(disk_gib: Option<u32>, image_id: Option<&str>) -> CreateVm {

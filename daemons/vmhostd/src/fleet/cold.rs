@@ -78,6 +78,7 @@ impl Fleet {
             .await
             .into_iter()
             .filter(|v| v.cu_shape == spec.cu_shape && v.has_room_for(size))
+            .filter(|v| v.has_disk_room(spec.disk_gib))
             .filter(|v| super::has_image_of(v, spec))
             .max_by_key(|v| (self.trusted(v), v.free().memory_bytes))
             .ok_or_else(|| {

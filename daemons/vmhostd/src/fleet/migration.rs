@@ -224,6 +224,7 @@ impl Fleet {
             None => peers
                 .into_iter()
                 .filter(|v| v.cu_shape == shape_here && v.has_room_for(departing.size))
+                .filter(|v| v.has_disk_room(departing.spec.disk_gib))
                 .filter(|v| super::has_image_of(v, &departing.spec))
                 .max_by_key(|v| (self.trusted(v), v.free().memory_bytes))
                 .ok_or_else(|| {

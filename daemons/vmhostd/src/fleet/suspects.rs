@@ -54,6 +54,7 @@ mod tests {
             version: "0".into(),
             drain: None,
             images: Default::default(),
+            disk_free_gib: None,
         }
     }
 

@@ -58,6 +58,7 @@ impl Host {
             ));
         };
         let mut spec = validate::spec_for(&self.config, incoming.vm.clone())?;
+        validate::check_arrival(&spec, &incoming)?;
         spec.incoming = true;
         if spec.disk_gib.is_some() != incoming.disk_tunnel.is_some() {
             return Err(HostError::Invalid(format!(

@@ -241,7 +241,15 @@ impl Host {
             info.map(|i| i.status).unwrap_or(MigrationStatus::None)
         };
         let now = status(machine.migration_info().await);
-        if now == MigrationStatus::Completed {
+        // A QEMU that arrived here by migration reports that arrival as `completed` until
+        // it starts sending: only a source paused after sending its VM (`postmigrate`) has
+        // handed it over.
+        let sent = now == MigrationStatus::Completed
+            && machine
+                .status()
+                .await
+                .is_ok_and(|run| run.status == "postmigrate");
+        if sent {
             tracing::warn!(vm = %name, "vmhostd restarted after this VM's migration completed; handing it over");
             self.record_hand_over(name);
             slot.record().machine = None;

@@ -42,6 +42,7 @@ fn view(name: &str, addr: SocketAddr, allocated_vcpus: u32) -> HostView {
         version: "bench".into(),
         drain: None,
         images: Default::default(),
+        disk_free_gib: None,
     }
 }
 

@@ -225,6 +225,30 @@ async fn only_the_source_of_an_arrival_can_have_it_listen_again() {
     m.task.abort();
 }
 
+#[tokio::test]
+async fn a_restart_before_an_arrived_vm_is_sent_on_keeps_it_running() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    src.complete_migration();
+    dst.complete_migration();
+    finished(m.task).await.unwrap();
+    until("the VM runs on the target", || {
+        m.target.state("a") == Some(VmState::Running)
+    })
+    .await;
+    // Its QEMU reports its arrival as a completed migration from now on. The VM starts
+    // leaving again, and vmhostd restarts before the stream starts.
+    let departing = m.target.host.begin_departure("a").await.unwrap();
+    drop(departing);
+    let restarted = m.target.restart().await;
+    until("the VM runs on", || {
+        restarted.state("a") == Some(VmState::Running)
+    })
+    .await;
+    assert!(!dst.exited_now(), "the only copy of the VM was ended");
+    assert!(!restarted.vm_dir("a").join("handed-over").exists());
+}
+
 /// Moves VM `a` to a target that cannot save it when it arrives: the save writes spec.tmp
 /// first, and a folder in its place fails it, as a full disk does. Returns, once the VM
 /// runs there, the target's QEMU and that folder.

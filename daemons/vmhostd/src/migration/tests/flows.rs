@@ -2,10 +2,11 @@
 //! where it was.
 
 use super::*;
+use crate::error::HostError;
 use crate::testing::{cu, LocalTarget, TestHost};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use vmhost_api::{Resources, VmState, MIGRATION_VERSION};
+use vmhost_api::{CreateVm, Resources, VmState, MIGRATION_VERSION};
 use vmm::{Accel, MigrationStatus, Step};
 
 #[test]
@@ -83,6 +84,43 @@ async fn a_start_message_of_an_unknown_version_is_refused() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("version"), "{error}");
+}
+
+#[tokio::test]
+async fn a_start_message_with_figures_the_vm_cannot_have_is_refused_and_starts_nothing() {
+    let target = TestHost::new("host-b", Accel::Kvm).await;
+    let lease = target.lease("a", cu_size(2));
+    let vm = CreateVm {
+        lease: Some(lease),
+        ..TestHost::request("a", 1, 2, None)
+    };
+    let hostile = [
+        ((cu(2), cu(1)), 1, 0),
+        ((cu(1), cu(3)), 1, 0),
+        ((cu(1), cu(2)), 64, 0),
+        ((cu(1), cu(2)), 1, u64::MAX),
+    ];
+    for (bounds, vcpus, restore_hotplug_memory_bytes) in hostile {
+        let incoming = IncomingMigration {
+            version: MIGRATION_VERSION,
+            vm: vm.clone(),
+            bounds,
+            vcpus,
+            restore_hotplug_memory_bytes,
+            postcopy: true,
+            tunnel: 1,
+            disk_tunnel: None,
+        };
+        let error = target
+            .host
+            .prepare_arrival(incoming, crate::testing::SOURCE)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HostError::Invalid(_)), "{error}");
+    }
+    assert!(target.state("a").is_none());
+    assert_eq!(target.qemu.count(Step::Launch), 0);
+    assert_eq!(target.allocated(), Resources::default());
 }
 
 #[tokio::test]
