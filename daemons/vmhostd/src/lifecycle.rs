@@ -218,15 +218,16 @@ impl Host {
             path: paths.serial_log.display().to_string(),
             source,
         })?;
-        // An arriving VM gets its vsock device once it runs here (see `migration`).
-        if !incoming {
-            self.hypervisor.ensure_vsock(&paths.vsock).await?;
-        }
         let vcpu_slots = vmm::cmdline::vcpu_slots(self.accel.accel, max.vcpus);
         let budget = vmm::cmdline::vcpu_plug_budget(self.accel.accel, vcpu_slots, now.vcpus);
         self.save_plug_budget(&spec.name, budget)?;
         self.store
             .set_marker(&spec.name, Marker::VcpuUnplugged, false)?;
+        // Last before QEMU, so a failure before it (a full state filesystem) leaves no
+        // backend running. An arriving VM gets its device once it runs here.
+        if !incoming {
+            self.hypervisor.ensure_vsock(&paths.vsock).await?;
+        }
         let machine_spec = MachineSpec {
             name: spec.name.clone(),
             accel: self.accel.accel,

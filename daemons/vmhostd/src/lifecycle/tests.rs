@@ -72,3 +72,23 @@ async fn a_stop_cut_short_by_a_restart_is_finished_so_no_second_qemu_can_run() {
     host.host.start("a").await.unwrap();
     assert!(!host.machine("a").exited_now());
 }
+
+#[tokio::test]
+async fn a_start_that_cannot_write_its_files_leaves_no_backend_running() {
+    // Under TCG a start writes the VM's vCPU plug budget.
+    let host = TestHost::new("host-a", Accel::Tcg).await;
+    host.create("a", 1, 1).await;
+    host.host.stop("a").await.unwrap();
+    assert!(host.qemu.vsock_backends().is_empty());
+    // A folder in place of the budget's temporary file fails its write, as a full disk does.
+    let blocker = host.vm_dir("a").join("vcpu-plug-budget.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    assert!(host.host.start("a").await.is_err());
+    assert!(
+        host.qemu.vsock_backends().is_empty(),
+        "a backend outlived the failed start"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    host.host.start("a").await.unwrap();
+    assert_eq!(host.qemu.vsock_backends().len(), 1);
+}
