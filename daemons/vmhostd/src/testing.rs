@@ -57,6 +57,25 @@ pub fn cu(n: u32) -> ComputeUnits {
     ComputeUnits::whole(n)
 }
 
+/// A post-copy migration's start message for `vm`, without a disk.
+pub fn start_message(
+    vm: CreateVm,
+    bounds: (ComputeUnits, ComputeUnits),
+    vcpus: u32,
+    restore_hotplug_memory_bytes: u64,
+) -> IncomingMigration {
+    IncomingMigration {
+        version: vmhost_api::MIGRATION_VERSION,
+        vm,
+        bounds,
+        vcpus,
+        restore_hotplug_memory_bytes,
+        postcopy: true,
+        tunnel: 1,
+        disk_tunnel: None,
+    }
+}
+
 impl TestHost {
     pub async fn new(name: &str, accel: Accel) -> TestHost {
         let dir = tempfile::tempdir().unwrap();

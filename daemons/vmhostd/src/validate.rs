@@ -290,15 +290,9 @@ mod tests {
         let spec = spec_for(&config, vm.clone()).unwrap();
         let (boot, room) = (spec.boot_resources(), spec.cu_shape.resources(spec.max_cu));
         let hotplug = room.memory_bytes - boot.memory_bytes;
-        let incoming = |bounds, vcpus, restore_hotplug_memory_bytes| IncomingMigration {
-            version: vmhost_api::MIGRATION_VERSION,
-            vm: vm.clone(),
-            bounds,
-            vcpus,
-            restore_hotplug_memory_bytes,
-            postcopy: true,
-            tunnel: 1,
+        let incoming = |bounds, vcpus, restore| IncomingMigration {
             disk_tunnel: Some(2),
+            ..crate::testing::start_message(vm.clone(), bounds, vcpus, restore)
         };
         let full = (spec.min_cu, spec.max_cu);
         check_arrival(&spec, &incoming(full, room.vcpus, hotplug)).unwrap();

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::error::HostError;
-use crate::testing::{cu, LocalTarget, TestHost};
+use crate::testing::{cu, start_message, LocalTarget, TestHost};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use vmhost_api::{CreateVm, Resources, VmState, MIGRATION_VERSION};
@@ -70,13 +70,7 @@ async fn a_start_message_of_an_unknown_version_is_refused() {
     let target = TestHost::new("host-b", Accel::Kvm).await;
     let incoming = IncomingMigration {
         version: MIGRATION_VERSION + 1,
-        vm: TestHost::request("a", 1, 1, None),
-        bounds: (cu(1), cu(1)),
-        vcpus: 1,
-        restore_hotplug_memory_bytes: 0,
-        postcopy: true,
-        tunnel: 1,
-        disk_tunnel: None,
+        ..start_message(TestHost::request("a", 1, 1, None), (cu(1), cu(1)), 1, 0)
     };
     let error = target
         .host
@@ -100,17 +94,8 @@ async fn a_start_message_with_figures_the_vm_cannot_have_is_refused_and_starts_n
         ((cu(1), cu(2)), 64, 0),
         ((cu(1), cu(2)), 1, u64::MAX),
     ];
-    for (bounds, vcpus, restore_hotplug_memory_bytes) in hostile {
-        let incoming = IncomingMigration {
-            version: MIGRATION_VERSION,
-            vm: vm.clone(),
-            bounds,
-            vcpus,
-            restore_hotplug_memory_bytes,
-            postcopy: true,
-            tunnel: 1,
-            disk_tunnel: None,
-        };
+    for (bounds, vcpus, restore) in hostile {
+        let incoming = start_message(vm.clone(), bounds, vcpus, restore);
         let error = target
             .host
             .prepare_arrival(incoming, crate::testing::SOURCE)
