@@ -7,6 +7,7 @@
 //! the `TargetHost` trait.
 
 mod incoming;
+mod interrupted;
 mod outgoing;
 mod stream;
 #[cfg(test)]

@@ -19,16 +19,16 @@ use vmhost_api::{
     ApiError, CreateVm, ErrorKind, IncomingMigration, MigrationProgress, MigrationSummary,
     Resources, VmState, MIGRATION_VERSION,
 };
-use vmm::qmp::{MigrateSetParameters, MigrationInfo, RamStats};
-use vmm::{MigrationStatus, Vm};
+use vmm::qmp::{MigrateSetParameters, RamStats};
+use vmm::Vm;
 
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// QEMU's default cap (128 MiB/s) would hold every migration below the link's speed.
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
 /// The guest must eject its vsock device (ACPI) within this time.
 const VSOCK_EJECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a cancelled migration may take to wind down.
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the operator asked of the migration.
 #[derive(Debug, Clone)]
@@ -161,7 +161,7 @@ impl Host {
             })
     }
 
-    fn departing(
+    pub(super) fn departing(
         &self,
         spec: &VmSpec,
         machine: Arc<dyn Vm>,
@@ -182,102 +182,6 @@ impl Host {
             vsock_unplugged,
             phase: Phase::new(&spec.name, phase, super::SOURCE_TRANSITIONS),
         }
-    }
-
-    /// A VM whose post-copy migration was left paused, with where it was going: the
-    /// migration can be resumed from here.
-    pub async fn stranded_departure(
-        &self,
-        name: &str,
-    ) -> Result<(Departing, Departure), HostError> {
-        let slot = self.slot(name)?;
-        let (spec, machine, size) = {
-            let record = slot.record();
-            let machine = record.machine_for(Action::ResumeMigration)?;
-            if record.spec.incoming {
-                return Err(HostError::Invalid(format!(
-                    "VM '{name}' is arriving here; its migration is resumed from its source"
-                )));
-            }
-            (record.spec.clone(), machine, record.applied)
-        };
-        let not_stranded = |why: String| {
-            HostError::Invalid(format!(
-                "VM '{name}' has no paused post-copy migration to resume: {why}"
-            ))
-        };
-        let departure = self
-            .store
-            .departure(name)?
-            .ok_or_else(|| not_stranded("its target was never chosen".into()))?;
-        let status = machine
-            .migration_info()
-            .await
-            .map_err(vmm_error(name, "read its migration"))?
-            .status;
-        if status != MigrationStatus::PostcopyPaused {
-            return Err(not_stranded(format!("its migration is {status}")));
-        }
-        Ok((
-            self.departing(&spec, machine, size, SourcePhase::Stranded, true),
-            departure,
-        ))
-    }
-
-    /// After a restart, for a VM that was leaving: before the switchover its migration
-    /// lost its stream and orchestration, so it is cancelled and the VM runs on here (the
-    /// target drops its copy once the lease is no longer renewed). In post-copy the running
-    /// copy is the target's, which still needs pages from here: both stay as they are.
-    pub async fn resume_interrupted_departure(self: &Arc<Self>, slot: &Arc<VmSlot>) {
-        let (spec, machine) = {
-            let record = slot.record();
-            let Some(machine) = record.machine.clone() else {
-                return;
-            };
-            (record.spec.clone(), machine)
-        };
-        let name = spec.name.as_str();
-        let status = |info: Result<MigrationInfo, vmm::VmmError>| {
-            info.map(|i| i.status).unwrap_or(MigrationStatus::None)
-        };
-        let now = status(machine.migration_info().await);
-        // A QEMU that arrived here by migration reports that arrival as `completed` until
-        // it starts sending: only a source paused after sending its VM (`postmigrate`) has
-        // handed it over.
-        let sent = now == MigrationStatus::Completed
-            && machine
-                .status()
-                .await
-                .is_ok_and(|run| run.status == "postmigrate");
-        if sent {
-            tracing::warn!(vm = %name, "vmhostd restarted after this VM's migration completed; handing it over");
-            self.record_hand_over(name);
-            slot.record().machine = None;
-            if let Err(error) = machine.terminate().await {
-                tracing::warn!(vm = %name, error = %error_chain(&error), "the migrated-away QEMU did not end cleanly");
-            }
-            self.let_go(name, slot);
-            return;
-        }
-        if now.is_postcopy() || self.store.has_marker(name, Marker::Postcopy) {
-            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
-            return;
-        }
-        tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
-        let mut events = machine.migration_events();
-        let _ = machine.cancel_migration().await;
-        let deadline = Instant::now() + CANCEL_TIMEOUT;
-        while status(machine.migration_info().await).is_unfinished_precopy()
-            && Instant::now() < deadline
-        {
-            events.next_change(POLL_INTERVAL).await;
-        }
-        let size = spec.cu_shape.resources(spec.cu);
-        // `detach` stops the backend right after the unplug: a running one means the
-        // device is still plugged.
-        let unplugged = !self.hypervisor.vsock_running(&self.paths(name).vsock);
-        let departing = self.departing(&spec, machine, size, SourcePhase::Prepared, unplugged);
-        self.abandon_departure(departing).await;
     }
 
     /// Records that the VM is the target's now, so that a restart never runs this copy.
