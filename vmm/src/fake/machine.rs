@@ -33,6 +33,9 @@ pub(super) struct State {
     pub(super) postcopy: Option<bool>,
     pub(super) parameters: Option<MigrateSetParameters>,
     pub(super) pause_before_switchover: bool,
+    /// QEMU switches to post-copy at its next iteration, not on the request: a test holds
+    /// it in pre-copy to act in between.
+    pub(super) postcopy_switch_held: bool,
     pub(super) outgoing_socket: Option<PathBuf>,
     pub(super) incoming_socket: Option<PathBuf>,
     pub(super) oob_open: bool,
@@ -87,6 +90,7 @@ impl FakeMachine {
                 postcopy: None,
                 parameters: None,
                 pause_before_switchover: false,
+                postcopy_switch_held: false,
                 outgoing_socket: None,
                 incoming_socket: None,
                 oob_open: false,
@@ -179,6 +183,11 @@ impl FakeMachine {
 
     pub fn migration_parameters(&self) -> Option<MigrateSetParameters> {
         self.state().parameters.clone()
+    }
+
+    /// `start_postcopy` is accepted but the migration stays in pre-copy.
+    pub fn hold_postcopy_switch(&self) {
+        self.state().postcopy_switch_held = true;
     }
 
     pub fn pauses_before_switchover(&self) -> bool {

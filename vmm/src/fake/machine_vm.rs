@@ -264,6 +264,7 @@ impl Vm for FakeMachine {
                 "migrate-start-postcopy",
                 "Postcopy must be started after migration has been started",
             )),
+            MigrationStatus::Setup | MigrationStatus::Active if st.postcopy_switch_held => Ok(()),
             MigrationStatus::Setup | MigrationStatus::Active if st.pause_before_switchover => {
                 st.after_switchover = Some(MigrationStatus::PostcopyActive);
                 self.transition(&mut st, MigrationStatus::PreSwitchover);

@@ -57,6 +57,7 @@ impl Host {
     /// lost its stream and orchestration, so it is cancelled and the VM runs on here (the
     /// target drops its copy once the lease is no longer renewed). In post-copy the running
     /// copy is the target's, which still needs pages from here: both stay as they are.
+    /// QEMU's word decides which: a switch this host asked for may never have been made.
     pub async fn resume_interrupted_departure(self: &Arc<Self>, slot: &Arc<VmSlot>) {
         let (spec, machine) = {
             let record = slot.record();
@@ -69,15 +70,23 @@ impl Host {
         let status = |info: Result<MigrationInfo, vmm::VmmError>| {
             info.map(|i| i.status).unwrap_or(MigrationStatus::None)
         };
-        let now = status(machine.migration_info().await);
+        let mut now = status(machine.migration_info().await);
+        if now.is_unfinished_precopy() {
+            tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it");
+            let mut events = machine.migration_events();
+            let _ = machine.cancel_migration().await;
+            let deadline = Instant::now() + CANCEL_TIMEOUT;
+            while now.is_unfinished_precopy() && Instant::now() < deadline {
+                events.next_change(POLL_INTERVAL).await;
+                now = status(machine.migration_info().await);
+            }
+        }
+        let run = machine.status().await.ok();
         // A QEMU that arrived here by migration reports that arrival as `completed` until
         // it starts sending: only a source paused after sending its VM (`postmigrate`) has
         // handed it over.
         let sent = now == MigrationStatus::Completed
-            && machine
-                .status()
-                .await
-                .is_ok_and(|run| run.status == "postmigrate");
+            && run.as_ref().is_some_and(|run| run.status == "postmigrate");
         if sent {
             tracing::warn!(vm = %name, "vmhostd restarted after this VM's migration completed; handing it over");
             self.record_hand_over(name);
@@ -88,19 +97,13 @@ impl Host {
             self.let_go(name, slot);
             return;
         }
-        if now.is_postcopy() || self.store.has_marker(name, Marker::Postcopy) {
+        // After a failed migration QEMU runs the guest here again, unless it had switched.
+        let runs_here = run.is_some_and(|run| run.running);
+        if now.is_postcopy() || (self.store.has_marker(name, Marker::Postcopy) && !runs_here) {
             tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
             return;
         }
-        tracing::warn!(vm = %name, status = %now, "vmhostd restarted during this VM's migration; cancelling it, the VM runs on here");
-        let mut events = machine.migration_events();
-        let _ = machine.cancel_migration().await;
-        let deadline = Instant::now() + CANCEL_TIMEOUT;
-        while status(machine.migration_info().await).is_unfinished_precopy()
-            && Instant::now() < deadline
-        {
-            events.next_change(POLL_INTERVAL).await;
-        }
+        tracing::warn!(vm = %name, status = %now, "the interrupted migration ended before the switchover; the VM runs on here");
         let size = spec.cu_shape.resources(spec.cu);
         // `detach` stops the backend right after the unplug: a running one means the
         // device is still plugged.

@@ -218,12 +218,17 @@ impl Host {
         if let Err(error) = departing.machine.terminate().await {
             tracing::warn!(vm = %name, error = %error_chain(&error), "the paused QEMU did not end cleanly");
         }
+        self.clear_leaving_markers(name);
+        self.set_down(&mut slot.record(), VmState::Crashed);
+    }
+
+    /// The VM no longer leaves: a restart must not take it for one that does.
+    fn clear_leaving_markers(&self, name: &str) {
         for marker in [Marker::Postcopy, Marker::Leaving] {
             if let Err(error) = self.store.set_marker(name, marker, false) {
-                tracing::error!(vm = %name, error = %error_chain(&error), "a restart would take this crashed VM for one still leaving");
+                tracing::error!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one still leaving");
             }
         }
-        self.set_down(&mut slot.record(), VmState::Crashed);
     }
 
     /// Ends a departure before the stream started: the VM runs on here.
@@ -490,9 +495,7 @@ impl Host {
             record.guest = self.open_guest_link(name);
         }
         record.agent = self.start_agent(&record.spec);
-        if let Err(error) = self.store.set_marker(name, Marker::Leaving, false) {
-            tracing::warn!(vm = %name, error = %error_chain(&error), "a restart would take this VM for one still leaving");
-        }
+        self.clear_leaving_markers(name);
         tracing::info!(vm = %name, "VM runs on here after the failed migration");
     }
 }

@@ -125,10 +125,11 @@ impl Host {
                         Err(error) => {
                             tracing::warn!(vm = %name, error = %error_chain(&error), "cannot record the switch to post-copy; staying in pre-copy")
                         }
+                        // The phase follows QEMU's status, not this request: QEMU may
+                        // still fail the migration before it switches, and then runs the
+                        // guest here again.
                         Ok(()) => match machine.start_postcopy().await {
-                            Ok(()) => {
-                                let _ = departing.go(SourcePhase::PostcopyActive);
-                            }
+                            Ok(()) => {}
                             Err(error) => {
                                 // Still pre-copy: the guest runs here until QEMU switches over.
                                 tracing::warn!(vm = %name, error = %error_chain(&error), "cannot switch to post-copy; staying in pre-copy");

@@ -119,6 +119,43 @@ async fn a_failed_switch_to_postcopy_stays_precopy_and_a_failure_then_keeps_the_
     assert!(!m.target.host.admission.holds_lease(m.lease));
 }
 
+#[tokio::test]
+async fn a_switch_to_postcopy_qemu_never_made_leaves_the_vm_running_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").hold_postcopy_switch();
+    let (src, _dst) = postcopy_asked(&m).await;
+    // The stream breaks before QEMU switches: it fails the migration and runs the guest on.
+    src.break_link();
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("failed"), "{}", error.message);
+    assert_eq!(m.source.state("a"), Some(VmState::Running));
+    assert!(!src.exited_now());
+    assert!(src.vsock_plugged(), "the guest got its vsock device back");
+    let store = &m.source.host.store;
+    assert!(!store.has_marker("a", Marker::Postcopy));
+    assert!(!store.has_marker("a", Marker::Leaving));
+    assert!(!m.target.host.admission.holds_lease(m.lease));
+}
+
+#[tokio::test]
+async fn a_restart_before_qemu_made_the_asked_switch_leaves_the_vm_running_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").hold_postcopy_switch();
+    let (src, _dst) = postcopy_asked(&m).await;
+    // vmhostd dies right after asking for post-copy; QEMU is still in pre-copy.
+    m.task.abort();
+    let _ = m.task.await;
+    let restarted = m.source.restart().await;
+    until("the VM runs on here", || {
+        restarted.state("a") == Some(VmState::Running)
+    })
+    .await;
+    assert_eq!(src.migration_status(), MigrationStatus::Cancelled);
+    assert!(!src.exited_now());
+    assert!(!restarted.host.store.has_marker("a", Marker::Postcopy));
+    assert!(!restarted.host.store.has_marker("a", Marker::Leaving));
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_setup_timeout_counts_from_the_stream_not_from_the_disk_copy() {
     let (m, src) = move_with_a_slow_disk().await;
