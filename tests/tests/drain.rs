@@ -2,8 +2,9 @@
 //! host's VMs all run on elsewhere with their guests intact, it holds nothing and takes
 //! nothing until undrained, even across a restart; a VM that cannot move live is listed
 //! with its reason and, with `--cold`, moves by a stop here and a boot there with its
-//! disk; a host past its watermark moves an idle VM away so that a growing one gets its
-//! memory. No host goes over capacity meanwhile.
+//! disk, and never runs on two hosts when the source is killed mid-move; a host past its
+//! watermark moves an idle VM away so that a growing one gets its memory. No host goes
+//! over capacity meanwhile.
 
 use serde_json::Value;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -168,11 +169,11 @@ fn stamped(disk: &Path, pattern: &[u8]) -> bool {
 }
 
 #[test]
-fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
+fn a_vm_that_cannot_move_live_moves_cold_with_its_disk_and_never_runs_twice() {
     let _serial = serialized();
     let lab = Lab::new(3);
     let pki = tempfile::tempdir().unwrap();
-    let hosts = three_hosts(&lab, pki.path(), "");
+    let mut hosts = three_hosts(&lab, pki.path(), "");
     let a = &hosts[0];
     // A stopped VM can only move cold; its disk carries what was written.
     create(a, &["parked", "--no-autoscale", "--disk-gib", "1"]);
@@ -180,6 +181,8 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
     a.vmctl_ok(&["stop", "parked"]);
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     stamp(&a.state_dir().join("vms/parked/disk.raw"), &pattern);
+    let stopped_copy = tempfile::tempdir().unwrap();
+    copy_folder(&a.state_dir().join("vms/parked"), stopped_copy.path());
     // Under TCG, a VM that had a vCPU unplugged cannot migrate live.
     create(
         a,
@@ -256,6 +259,68 @@ fn a_vm_that_cannot_move_live_is_listed_and_moves_cold_with_its_disk() {
     unplugged_on_a.assert_gone();
     assert!(a.qemu_pids().is_empty());
     assert!(!a.state_dir().join("vms/parked").exists());
+    let target = hosts
+        .iter()
+        .position(|h| std::ptr::eq(h, parked_on))
+        .unwrap();
+    an_unsettled_cold_move_never_runs_twice(&mut hosts, target, stopped_copy.path());
+}
+
+/// vmhostd on the source killed after it asked `target` to boot the cold-moved `parked`,
+/// before it let go of its copy: restarted, it finds the copy, stopped, recorded as
+/// moving there. It never starts it: the fleet shows it on `target`, so it lets go. A
+/// second such VM that no host booted starts here again, as it ran before its move.
+fn an_unsettled_cold_move_never_runs_twice(hosts: &mut [TestHost], target: usize, stopped: &Path) {
+    let parked_pid = hosts[target].show("parked")["pid"].as_i64().unwrap();
+    let a = &mut hosts[0];
+    a.vmctl_ok(&["undrain", "a"]);
+    a.kill_daemon();
+    let pending = format!(
+        r#"{{"target":"{}","restart":true}}"#,
+        ["a", "b", "c"][target]
+    );
+    for vm in ["parked", "orphan"] {
+        let folder = a.state_dir().join("vms").join(vm);
+        copy_folder(stopped, &folder);
+        let spec_path = folder.join("spec.json");
+        let mut spec: Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+        assert_eq!(spec["run"], false, "the copy is of a stopped VM");
+        spec["name"] = vm.into();
+        std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        std::fs::write(folder.join("cold-move.json"), &pending).unwrap();
+    }
+    a.start_daemon();
+    let (_, refused) = a.vmctl_err(&["start", "parked"]);
+    println!("start of the stale copy: {refused}");
+    wait_or_dump(hosts, 60, "a to let go of its stale copy", || {
+        !hosts[0].state_dir().join("vms/parked").exists()
+    });
+    assert_eq!(
+        hosts[target].show("parked")["pid"].as_i64(),
+        Some(parked_pid),
+        "the VM on its target was disturbed"
+    );
+    wait_or_dump(
+        hosts,
+        90,
+        "the VM no host booted to start again here",
+        || runs_on(&hosts[..1], "orphan").is_some(),
+    );
+    assert_eq!(
+        hosts[0].qemu_pids().len(),
+        1,
+        "a runs only the VM no host booted"
+    );
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always", "-T"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot copy {}", from.display());
 }
 
 #[test]

@@ -94,6 +94,7 @@ impl Fleet {
             images,
         });
         fleet.spawn_drainer();
+        fleet.spawn_cold_settler();
         if fleet.config.rebalance {
             fleet.spawn_rebalancer();
         }

@@ -297,6 +297,11 @@ impl Host {
         };
         let leaving = self.store.has_marker(&name, Marker::Leaving);
         let mut record = match attached {
+            // Unreadable counts as pending: the VM may run on the target.
+            None if self.store.cold_move(&name).map_or(true, |m| m.is_some()) => {
+                tracing::warn!(vm = %name, "this VM's cold move asked its target to boot it; it stays migrating until that host's answer is known");
+                VmRecord::new(spec, VmState::Migrating, applied)
+            }
             None => VmRecord::new(spec, VmState::Stopped, applied),
             Some(Err(_)) if leaving && self.store.has_marker(&name, Marker::Postcopy) => {
                 tracing::error!(vm = %name, "this VM was leaving in post-copy and its QEMU is gone: it is the target's alone now");

@@ -15,6 +15,8 @@ const DRAIN_FILE: &str = "drain.json";
 const DISK_FILE: &str = "disk.raw";
 /// What an arriving VM's migration is, for a restarted vmhostd to follow it again.
 const ARRIVAL_FILE: &str = "arrival.json";
+/// A cold move whose boot on the target was asked for, until its outcome is known.
+const COLD_MOVE_FILE: &str = "cold-move.json";
 
 /// Facts about a VM's running QEMU that a restarted vmhostd must know, kept as files in its
 /// folder: empty, except that `leaving` records the departure once its target is chosen.
@@ -95,6 +97,15 @@ const PRIVATE_DIR: u32 = 0o700;
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().mode(PRIVATE_DIR).create(path)
+}
+
+/// A cold move that asked its target to boot the VM: until the target's answer is known,
+/// the VM may run there, so it never starts here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdMove {
+    pub target: String,
+    /// It ran here before the move: if the target never booted it, it starts here again.
+    pub restart: bool,
 }
 
 /// Write, fsync, rename, fsync the folder: a crash leaves the old file or the new one,
@@ -343,7 +354,25 @@ impl Store {
 
     /// The VM has arrived: its migration is over.
     pub fn end_arrival(&self, name: &str) -> Result<(), StoreError> {
-        let path = self.vm_dir(name).join(ARRIVAL_FILE);
+        self.remove_vm_file(name, ARRIVAL_FILE)
+    }
+
+    pub fn record_cold_move(&self, name: &str, cold_move: &ColdMove) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(cold_move).expect("a cold move always serializes");
+        write_atomically(&self.vm_dir(name).join(COLD_MOVE_FILE), &json)
+    }
+
+    pub fn cold_move(&self, name: &str) -> Result<Option<ColdMove>, StoreError> {
+        read_json(&self.vm_dir(name).join(COLD_MOVE_FILE))
+    }
+
+    /// The cold move's outcome is known: the VM never ran on its target.
+    pub fn end_cold_move(&self, name: &str) -> Result<(), StoreError> {
+        self.remove_vm_file(name, COLD_MOVE_FILE)
+    }
+
+    fn remove_vm_file(&self, name: &str, file: &str) -> Result<(), StoreError> {
+        let path = self.vm_dir(name).join(file);
         remove_if_present(&path).map_err(io_error("cannot remove", &path))
     }
 
