@@ -311,6 +311,7 @@ fn an_unsettled_cold_move_never_runs_twice(hosts: &mut [TestHost], target: usize
         1,
         "a runs only the VM no host booted"
     );
+    assert!(runs_on(&hosts[1..], "orphan").is_none());
 }
 
 fn copy_folder(from: &Path, to: &Path) {

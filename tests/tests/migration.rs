@@ -365,12 +365,22 @@ fn a_postcopy_left_paused_is_resumed_later_even_after_a_restart() {
     let (ok, out, err) = finish(migrate, stdout);
     assert!(!ok, "migrate succeeded with the link down: {out}");
     assert!(err.contains("vmctl migrate late --resume"), "{err}");
+    // Paused: a QEMU on each host, and the guest's counter moves on neither.
+    let reports = |hosts: &[TestHost]| -> Vec<usize> {
+        hosts
+            .iter()
+            .map(|h| ticks(&h.serial_log("late")).len())
+            .collect()
+    };
+    let frozen = reports(&hosts);
     let paused_on_both = |hosts: &[TestHost]| {
         for host in hosts {
             assert_eq!(host.show("late")["state"], "migrating", "{}", logs(hosts));
             assert_eq!(host.qemu_pids().len(), 1, "{}", logs(hosts));
         }
+        assert_eq!(reports(hosts), frozen, "the guest ran on while paused");
     };
+    std::thread::sleep(Duration::from_secs(3));
     paused_on_both(&hosts);
 
     let (code, error) = hosts[0].vmctl_err(&["migrate", "late", "--resume"]);

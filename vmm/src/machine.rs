@@ -6,7 +6,7 @@
 use crate::cmdline::{MachineSpec, HOTPLUG_CPU_ID_PREFIX, VIRTIO_MEM_ID};
 use crate::qmp::{
     CpuDeviceAdd, DeviceDel, HotpluggableCpu, OobMonitor, QmpClient, QmpError, QomGet, QomSet,
-    QueryHotpluggableCpus, QueryStatus, Quit, StatusInfo, SystemPowerdown,
+    QueryHotpluggableCpus, QueryStatus, Quit, StatusInfo, Stop, SystemPowerdown,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -199,6 +199,12 @@ impl Machine {
 
     pub async fn status(&self) -> Result<StatusInfo, VmmError> {
         Ok(self.qmp.execute(QueryStatus {}).await?)
+    }
+
+    /// Stops the guest's vCPUs; QEMU runs on.
+    pub async fn pause_guest(&self) -> Result<(), VmmError> {
+        self.qmp.execute(Stop {}).await?;
+        Ok(())
     }
 
     pub async fn vcpus(&self) -> Result<u32, VmmError> {

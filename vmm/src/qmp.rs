@@ -375,6 +375,10 @@ pub struct QueryStatus {}
 qmp_command!(QueryStatus => "query-status", StatusInfo);
 
 #[derive(Debug, Serialize)]
+pub struct Stop {}
+qmp_command!(Stop => "stop", qapi::Empty);
+
+#[derive(Debug, Serialize)]
 pub struct SystemPowerdown {}
 qmp_command!(SystemPowerdown => "system_powerdown", qapi::Empty);
 

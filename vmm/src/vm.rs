@@ -24,6 +24,8 @@ pub trait Vm: Send + Sync {
     async fn exited(&self);
     /// QEMU's run state (`running`, `inmigrate`, `postmigrate`, ...).
     async fn status(&self) -> Result<StatusInfo, VmmError>;
+    /// Stops the guest's vCPUs (QMP `stop`); QEMU runs on.
+    async fn pause_guest(&self) -> Result<(), VmmError>;
     async fn vcpus(&self) -> Result<u32, VmmError>;
     /// Plugs or unplugs vCPUs until the guest runs `target`, each acknowledged by the
     /// guest within `timeout`. Returns how many were plugged.
@@ -157,6 +159,9 @@ impl Vm for Machine {
     }
     async fn status(&self) -> Result<StatusInfo, VmmError> {
         Machine::status(self).await
+    }
+    async fn pause_guest(&self) -> Result<(), VmmError> {
+        Machine::pause_guest(self).await
     }
     async fn vcpus(&self) -> Result<u32, VmmError> {
         Machine::vcpus(self).await

@@ -155,9 +155,21 @@ impl FakeMachine {
 
     /// The migration fails with `reason` (a destination in pre-copy then exits, as QEMU does).
     pub fn fail_migration(&self, reason: &str) {
-        let mut st = self.state();
+        self.fail_migration_locked(&mut self.state(), reason);
+    }
+
+    fn fail_migration_locked(&self, st: &mut State, reason: &str) {
         st.error_desc = Some(reason.into());
-        self.transition(&mut st, MigrationStatus::Failed);
+        self.transition(st, MigrationStatus::Failed);
+    }
+
+    /// QEMU makes the switch to post-copy it was asked for and then fails the migration,
+    /// both between two of the caller's polls: the guest stays paused here for good.
+    pub fn fail_after_the_switch(&self, reason: &str) {
+        let mut st = self.state();
+        st.migration = MigrationStatus::PostcopyActive;
+        self.fail_migration_locked(&mut st, reason);
+        st.run = run("postmigrate", false);
     }
 
     /// The migration stream's link breaks: post-copy pauses, pre-copy fails.

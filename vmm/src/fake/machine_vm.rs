@@ -22,6 +22,15 @@ impl Vm for FakeMachine {
         Ok(self.state().run.clone())
     }
 
+    async fn pause_guest(&self) -> Result<(), VmmError> {
+        self.enter(Step::PauseGuest, String::new()).await?;
+        let mut st = self.state();
+        if st.run.running {
+            st.run = run("paused", false);
+        }
+        Ok(())
+    }
+
     async fn vcpus(&self) -> Result<u32, VmmError> {
         self.enter(Step::Vcpus, String::new()).await?;
         Ok(self.state().vcpus)

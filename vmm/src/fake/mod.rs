@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, watch};
 pub enum Step {
     // FakeMachine
     Status,
+    PauseGuest,
     Vcpus,
     SetVcpus,
     HotplugMemory,
@@ -69,6 +70,7 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::Status => "status",
+            Step::PauseGuest => "pause_guest",
             Step::Vcpus => "vcpus",
             Step::SetVcpus => "set_vcpus",
             Step::HotplugMemory => "hotplug_memory",

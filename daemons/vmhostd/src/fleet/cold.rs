@@ -149,9 +149,15 @@ impl Fleet {
             }
             Whereabouts::Nowhere => match self.host.store.end_cold_move(name) {
                 Ok(()) => {
-                    tracing::warn!(vm = %name, target = %pending.target, "no host booted the VM of an unsettled cold move; it is this host's again");
+                    let reason = format!(
+                        "its cold move to host '{}' never booted it there",
+                        pending.target
+                    );
+                    tracing::warn!(vm = %name, "{reason}; it is this host's again");
                     self.keep_here(name, &slot, operation, pending.restart)
                         .await;
+                    // A drain tries it again, like any move that failed.
+                    self.host.drain.set(name, VmMove::Stuck { reason });
                 }
                 Err(error) => {
                     tracing::error!(vm = %name, error = %crate::error::error_chain(&error), "cannot clear a settled cold move")

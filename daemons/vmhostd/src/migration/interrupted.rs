@@ -81,12 +81,15 @@ impl Host {
                 now = status(machine.migration_info().await);
             }
         }
-        let run = machine.status().await.ok();
+        let Ok(run) = machine.status().await else {
+            // A QEMU that does not answer: its exit, if it is gone, is handled as such.
+            tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's migration and its QEMU does not answer; it stays migrating");
+            return;
+        };
         // A QEMU that arrived here by migration reports that arrival as `completed` until
         // it starts sending: only a source paused after sending its VM (`postmigrate`) has
         // handed it over.
-        let sent = now == MigrationStatus::Completed
-            && run.as_ref().is_some_and(|run| run.status == "postmigrate");
+        let sent = now == MigrationStatus::Completed && run.status == "postmigrate";
         if sent {
             tracing::warn!(vm = %name, "vmhostd restarted after this VM's migration completed; handing it over");
             self.record_hand_over(name);
@@ -97,9 +100,10 @@ impl Host {
             self.let_go(name, slot);
             return;
         }
-        // After a failed migration QEMU runs the guest here again, unless it had switched.
-        let runs_here = run.is_some_and(|run| run.running);
-        if now.is_postcopy() || (self.store.has_marker(name, Marker::Postcopy) && !runs_here) {
+        // After a failed migration QEMU runs the guest here again, unless it had switched;
+        // one still under way after the cancel may switch yet, if that was asked.
+        let switch_asked = self.store.has_marker(name, Marker::Postcopy);
+        if now.is_postcopy() || (switch_asked && (!run.running || now.is_unfinished_precopy())) {
             tracing::error!(vm = %name, status = %now, "vmhostd restarted during this VM's post-copy migration; it stays paused on both hosts until `vmctl migrate {name} --resume` finishes it");
             return;
         }

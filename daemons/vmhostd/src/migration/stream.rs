@@ -59,7 +59,8 @@ impl Host {
             events.next_change(POLL_INTERVAL).await;
             let info = match machine.migration_info().await {
                 Ok(info) => info,
-                Err(error) if machine.exited_now() && switched(departing) => {
+                // Once asked, the switch may have been made between two polls.
+                Err(error) if machine.exited_now() && (switched(departing) || postcopy_asked) => {
                     // The pages still here are lost, and the target's copy (its disk
                     // included) is the only one left: this host lets go of the VM, so
                     // that it can never be started twice.
@@ -105,6 +106,15 @@ impl Host {
                         target.name()
                     ));
                     if switched(departing) {
+                        if self.arrived_despite_failure(departing, target).await {
+                            let _ = departing.go(SourcePhase::Completed);
+                            break info;
+                        }
+                        return Err(Failure::Stranded(message));
+                    }
+                    // A switch made between two polls: QEMU then never runs the guest
+                    // here again, as it does after a failure before the switch.
+                    if postcopy_asked && !machine.status().await.is_ok_and(|run| run.running) {
                         return Err(Failure::Stranded(message));
                     }
                     return Err(self.abandon(departing, target, lease, message).await);
@@ -199,6 +209,50 @@ impl Host {
             .map_err(vmm_error(name, "go on with the switchover"))
     }
 
+    /// QEMU fails a post-copy migration whose end the link lost (the target's last word
+    /// never came back), and then runs its own copy of the guest again, stale, while the
+    /// target may hold the whole VM. That copy is paused at once; if the target runs the VM
+    /// within the recovery window, the VM is the target's.
+    async fn arrived_despite_failure(
+        &self,
+        departing: &Departing,
+        target: &dyn TargetHost,
+    ) -> bool {
+        let name = departing.spec.name.as_str();
+        if departing
+            .machine
+            .status()
+            .await
+            .is_ok_and(|run| run.running)
+        {
+            tracing::error!(vm = %name, "QEMU runs the guest here again after its post-copy migration failed; pausing it");
+            if let Err(error) = departing.machine.pause_guest().await {
+                tracing::error!(vm = %name, error = %error_chain(&error), "cannot pause the guest QEMU runs again here");
+            }
+        }
+        let deadline = Instant::now() + self.recover_window();
+        loop {
+            if target.runs(name).await {
+                tracing::warn!(vm = %name, target = %target.name(), "the post-copy migration failed at its end, but the target runs the VM whole");
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(RECOVER_RETRY).await;
+        }
+    }
+
+    /// How long a post-copy migration's link may stay down before the VM is left paused.
+    fn recover_window(&self) -> Duration {
+        Duration::from_secs(
+            self.config
+                .fleet
+                .as_ref()
+                .map_or(60, |f| f.migration_recover_secs),
+        )
+    }
+
     /// Ends a migration that has not switched over: QEMU cancels it; the target's lease
     /// goes.
     async fn abandon(
@@ -222,12 +276,7 @@ impl Host {
     ) -> Result<(), Failure> {
         let name = departing.spec.name.as_str();
         tracing::error!(vm = %name, target = %target.name(), "the link broke during post-copy; the guest waits until it returns");
-        let window = Duration::from_secs(
-            self.config
-                .fleet
-                .as_ref()
-                .map_or(60, |f| f.migration_recover_secs),
-        );
+        let window = self.recover_window();
         let deadline = Instant::now() + window;
         loop {
             match tokio::time::timeout(RECOVER_CALL_TIMEOUT, target.listen_again(name)).await {

@@ -138,6 +138,54 @@ async fn a_switch_to_postcopy_qemu_never_made_leaves_the_vm_running_here() {
 }
 
 #[tokio::test]
+async fn a_postcopy_qemu_fails_at_its_end_is_handed_over_its_stale_copy_paused() {
+    let m = start_move(None, Accel::Kvm).await;
+    let (src, dst) = into_postcopy(&m).await;
+    dst.complete_migration();
+    until("the target runs the VM", || {
+        m.target.state("a") == Some(VmState::Running)
+    })
+    .await;
+    // The link goes with the target's last word: QEMU fails the migration and runs its
+    // own copy of the guest again.
+    src.fail_migration("Channel error: Input/output error");
+    finished(m.task).await.unwrap();
+    assert!(src.count(Step::PauseGuest) >= 1, "the stale copy ran on");
+    assert!(src.exited_now());
+    assert!(m.source.state("a").is_none());
+    assert!(!dst.exited_now());
+}
+
+#[tokio::test]
+async fn a_switch_made_unseen_then_a_failure_leaves_the_vm_paused_never_running_here() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").hold_postcopy_switch();
+    let (src, _dst) = postcopy_asked(&m).await;
+    src.fail_after_the_switch("Input/output error");
+    let error = finished(m.task).await.unwrap_err();
+    assert!(error.message.contains("failed"), "{}", error.message);
+    assert_eq!(m.source.state("a"), Some(VmState::Migrating));
+    assert!(m.source.host.store.has_marker("a", Marker::Postcopy));
+    assert!(!src.exited_now());
+}
+
+#[tokio::test]
+async fn a_source_qemu_lost_once_the_switch_was_asked_leaves_the_vm_to_the_target() {
+    let m = start_move(None, Accel::Kvm).await;
+    m.source.machine("a").hold_postcopy_switch();
+    let (src, _dst) = postcopy_asked(&m).await;
+    // It may have switched unseen: its memory is not whole here any more.
+    src.crash();
+    let error = finished(m.task).await.unwrap_err();
+    assert!(
+        error.message.contains("memory is lost"),
+        "{}",
+        error.message
+    );
+    assert!(m.source.state("a").is_none());
+}
+
+#[tokio::test]
 async fn a_restart_before_qemu_made_the_asked_switch_leaves_the_vm_running_here() {
     let m = start_move(None, Accel::Kvm).await;
     m.source.machine("a").hold_postcopy_switch();
