@@ -328,8 +328,7 @@ impl Store {
     /// Writes where a leaving VM goes into its `leaving` marker, so that a migration left
     /// paused in post-copy can be resumed, even by a restarted vmhostd.
     pub fn record_departure(&self, name: &str, departure: &Departure) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(departure).expect("a departure always serializes");
-        write_atomically(&self.vm_dir(name).join(Marker::Leaving.file()), &json)
+        self.write_vm_json(name, Marker::Leaving.file(), departure)
     }
 
     /// Where a leaving VM goes, once its target is chosen (until then its marker is empty).
@@ -344,8 +343,7 @@ impl Store {
     /// Keeps what an arriving VM's migration is, and which host sends it, until it has
     /// arrived.
     pub fn record_arrival(&self, name: &str, arrival: &Arrival) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(arrival).expect("an arrival always serializes");
-        write_atomically(&self.vm_dir(name).join(ARRIVAL_FILE), &json)
+        self.write_vm_json(name, ARRIVAL_FILE, arrival)
     }
 
     pub fn arrival(&self, name: &str) -> Result<Option<Arrival>, StoreError> {
@@ -358,8 +356,7 @@ impl Store {
     }
 
     pub fn record_cold_move(&self, name: &str, cold_move: &ColdMove) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(cold_move).expect("a cold move always serializes");
-        write_atomically(&self.vm_dir(name).join(COLD_MOVE_FILE), &json)
+        self.write_vm_json(name, COLD_MOVE_FILE, cold_move)
     }
 
     pub fn cold_move(&self, name: &str) -> Result<Option<ColdMove>, StoreError> {
@@ -369,6 +366,16 @@ impl Store {
     /// The cold move's outcome is known: the VM never ran on its target.
     pub fn end_cold_move(&self, name: &str) -> Result<(), StoreError> {
         self.remove_vm_file(name, COLD_MOVE_FILE)
+    }
+
+    fn write_vm_json(
+        &self,
+        name: &str,
+        file: &str,
+        value: &impl Serialize,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(value).expect("a VM's record always serializes");
+        write_atomically(&self.vm_dir(name).join(file), &json)
     }
 
     fn remove_vm_file(&self, name: &str, file: &str) -> Result<(), StoreError> {
