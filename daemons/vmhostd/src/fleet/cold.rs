@@ -25,7 +25,8 @@ enum ColdOutcome {
     Moved(String),
     /// No other host ever booted it: the VM is this host's still.
     NotMoved(ApiError),
-    /// The target was asked to boot it and its answer is unknown: it may run there.
+    /// The target was asked to boot it and its answer is unknown: it may run there, and
+    /// the settler finds out.
     Unsettled(ApiError),
 }
 
@@ -265,17 +266,9 @@ impl Fleet {
             return ColdOutcome::Moved(target.view.name.clone());
         };
         // The target may have booted it and its answer been lost: only its dropping the
-        // arrival, or a fleet without the VM, proves it never ran there.
-        let never_ran_there = self.abandon_there(target, name).await
-            || match self.whereabouts(name, &target.view.name).await {
-                Whereabouts::Elsewhere(host) => {
-                    tracing::warn!(vm = %name, %host, error = %error.message, "the answer to the cold boot was lost, but the VM runs there");
-                    return ColdOutcome::Moved(host);
-                }
-                Whereabouts::Nowhere => true,
-                Whereabouts::Unknown => false,
-            };
-        match never_ran_there && self.host.store.end_cold_move(name).is_ok() {
+        // arrival proves it never ran there. Otherwise the settler finds out where it runs.
+        match self.abandon_there(target, name).await && self.host.store.end_cold_move(name).is_ok()
+        {
             true => ColdOutcome::NotMoved(error),
             false => ColdOutcome::Unsettled(error),
         }

@@ -122,8 +122,7 @@ async fn a_failed_switch_to_postcopy_stays_precopy_and_a_failure_then_keeps_the_
 #[tokio::test]
 async fn a_switch_to_postcopy_qemu_never_made_leaves_the_vm_running_here() {
     let m = start_move(None, Accel::Kvm).await;
-    m.source.machine("a").hold_postcopy_switch();
-    let (src, _dst) = postcopy_asked(&m).await;
+    let (src, _dst) = postcopy_asked_not_made(&m).await;
     // The stream breaks before QEMU switches: it fails the migration and runs the guest on.
     src.break_link();
     let error = finished(m.task).await.unwrap_err();
@@ -159,8 +158,7 @@ async fn a_postcopy_qemu_fails_at_its_end_is_handed_over_its_stale_copy_paused()
 #[tokio::test]
 async fn a_switch_made_unseen_then_a_failure_leaves_the_vm_paused_never_running_here() {
     let m = start_move(None, Accel::Kvm).await;
-    m.source.machine("a").hold_postcopy_switch();
-    let (src, _dst) = postcopy_asked(&m).await;
+    let (src, _dst) = postcopy_asked_not_made(&m).await;
     src.fail_after_the_switch("Input/output error");
     let error = finished(m.task).await.unwrap_err();
     assert!(error.message.contains("failed"), "{}", error.message);
@@ -172,8 +170,7 @@ async fn a_switch_made_unseen_then_a_failure_leaves_the_vm_paused_never_running_
 #[tokio::test]
 async fn a_restart_before_qemu_made_the_asked_switch_leaves_the_vm_running_here() {
     let m = start_move(None, Accel::Kvm).await;
-    m.source.machine("a").hold_postcopy_switch();
-    let (src, _dst) = postcopy_asked(&m).await;
+    let (src, _dst) = postcopy_asked_not_made(&m).await;
     // vmhostd dies right after asking for post-copy; QEMU is still in pre-copy.
     m.task.abort();
     let _ = m.task.await;
@@ -228,10 +225,7 @@ async fn lose_the_source_qemu(switch_seen: bool) {
     let m = start_move(None, Accel::Kvm).await;
     let (src, dst) = match switch_seen {
         true => into_postcopy(&m).await,
-        false => {
-            m.source.machine("a").hold_postcopy_switch();
-            postcopy_asked(&m).await
-        }
+        false => postcopy_asked_not_made(&m).await,
     };
     src.crash();
     let error = finished(m.task).await.unwrap_err();

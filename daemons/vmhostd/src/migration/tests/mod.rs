@@ -104,6 +104,13 @@ async fn postcopy_asked(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
     (src, dst)
 }
 
+/// The switch to post-copy asked for, and held back in QEMU, which makes it only at its
+/// next iteration.
+async fn postcopy_asked_not_made(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
+    m.source.machine("a").hold_postcopy_switch();
+    postcopy_asked(m).await
+}
+
 /// Drives the source to post-copy and the target to the switchover.
 async fn into_postcopy(m: &Move) -> (Arc<FakeMachine>, Arc<FakeMachine>) {
     let (src, dst) = postcopy_asked(m).await;
