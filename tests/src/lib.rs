@@ -471,6 +471,20 @@ cmdline = "{cmdline} vmhost.monitor=off"
         text.lines().rev().find_map(parse_guest_view)
     }
 
+    /// The end of the guest's console and the VM's latest events, for a failure message.
+    pub fn guest_story(&self, name: &str) -> String {
+        let console = std::fs::read_to_string(self.serial_log(name)).unwrap_or_default();
+        let console: Vec<&str> = console.lines().rev().take(40).collect();
+        let events = self.vmctl(&["events", name]);
+        let events = String::from_utf8_lossy(&events.stdout);
+        let events: Vec<&str> = events.lines().rev().take(15).collect();
+        format!(
+            "console, newest first:\n{}\nevents, newest first:\n{}",
+            console.join("\n"),
+            events.join("\n")
+        )
+    }
+
     /// Waits for the guest's first report of its size, the one at boot.
     pub fn wait_guest_report(&self, name: &str) -> GuestView {
         let log = self.serial_log(name);
@@ -506,7 +520,8 @@ cmdline = "{cmdline} vmhost.monitor=off"
             }
             assert!(
                 Instant::now() < deadline,
-                "guest {name} reports {view:?}, expected {expected:?} (±{tolerance_kb} kB)"
+                "guest {name} reports {view:?}, expected {expected:?} (±{tolerance_kb} kB)\n{}",
+                self.guest_story(name)
             );
             std::thread::sleep(Duration::from_millis(50));
         }

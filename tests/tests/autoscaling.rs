@@ -94,19 +94,30 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
             .unwrap_or_default()
             .contains("cpuburn: done")
     });
+    // An idle guest under emulation on a busy host can show a moment of full use, which
+    // grows it by a quarter CU at once: the size and the guest's view are read together.
     watch(
         &host,
         Duration::from_secs(240),
         "the guest to return to min_cu",
-        || host.guest_view("burn") == Some(boot),
+        || cu(&host, "burn") == 1.0 && host.guest_view("burn") == Some(boot),
     );
-    assert_eq!(cu(&host, "burn"), 1.0);
     let log = events(&host, "burn");
     assert!(log.contains("load1") && log.contains("upscale to"), "{log}");
     assert!(log.contains("downscale to"), "{log}");
-    // Prometheus sees the same.
-    let metrics = host.scrape_metrics();
-    assert!(metrics.contains("vmhost_vm_cu{vm=\"burn\"} 1"), "{metrics}");
+    // Prometheus shows the size vmctl shows.
+    let mut metrics = String::new();
+    watch(
+        &host,
+        Duration::from_secs(30),
+        "metrics to show the size",
+        || {
+            let before = cu(&host, "burn");
+            metrics = host.scrape_metrics();
+            let shown = format!("vmhost_vm_cu{{vm=\"burn\"}} {before}\n");
+            metrics.contains(&shown) && cu(&host, "burn") == before
+        },
+    );
     assert!(
         metrics.contains(
             "vmhost_scaling_operations_total{vm=\"burn\",direction=\"up\",result=\"applied\"}"
