@@ -102,6 +102,15 @@ pub struct GuestView {
 }
 
 impl GuestView {
+    /// The view of a guest that booted at 1 CU (this view) once it runs `cu` whole CU, in
+    /// the test hosts' shape: a vCPU and a GiB each.
+    pub fn at_cu(self, cu: u32) -> GuestView {
+        GuestView {
+            cpus: cu,
+            mem_total_kb: self.mem_total_kb + u64::from(cu - 1) * (1 << 20),
+        }
+    }
+
     /// The VM's memory as the guest sees it, given its view and size at boot: plugged
     /// memory shows in MemTotal one for one.
     pub fn memory_bytes(&self, boot: GuestView, boot_bytes: u64) -> u64 {

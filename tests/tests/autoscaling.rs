@@ -5,10 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmhost_tests::capacity::{held_by, Held};
-use vmhost_tests::{bin, wait_until, GuestView, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
+use vmhost_tests::{bin, wait_until, Limits, TestHost, MEMHOG_MIB, MEMORY_GOAL_ONLY};
 
 const GIB: u64 = 1 << 30;
-const GIB_KB: u64 = 1 << 20;
 
 /// Short agent intervals, so a test sees several decisions in a minute or two.
 const FAST_AGENT: [&str; 6] = [
@@ -77,10 +76,7 @@ fn cpu_load_scales_up_to_max_and_back_to_min_after_the_cooldown() {
         },
     );
     // The guest itself runs the vCPUs and memory the agent gave it.
-    let grown = GuestView {
-        cpus: 2,
-        mem_total_kb: boot.mem_total_kb + GIB_KB,
-    };
+    let grown = boot.at_cu(2);
     watch(
         &host,
         Duration::from_secs(30),

@@ -15,7 +15,7 @@ use vmhost_tests::netns::{start_live_fleet, Lab};
 use vmhost_tests::workload::{
     assert_continued, fleet_hosts, live_hosts, wait_ticking, TickGaps, MIGRATION_STALL,
 };
-use vmhost_tests::{process_alive, wait_until, GuestView, Limits, TestHost};
+use vmhost_tests::{process_alive, wait_until, Limits, TestHost};
 
 /// One test at a time: each runs several emulated guests and their migrations.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -369,13 +369,7 @@ fn a_host_past_its_watermark_moves_an_idle_vm_away_so_a_growing_one_gets_its_mem
         "the idle VM booted again instead of moving live (was boot {idler_boot})"
     );
     a.vmctl_ok(&["scale", "grower", "--cu", "3"]);
-    a.wait_guest_view(
-        "grower",
-        GuestView {
-            cpus: 3,
-            mem_total_kb: boot.mem_total_kb + (2 << 20),
-        },
-    );
+    a.wait_guest_view("grower", boot.at_cu(3));
     assert!(runs_on(&hosts[..1], "grower").is_some());
 
     let events = a.vmctl_ok(&["events"]);

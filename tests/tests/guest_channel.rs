@@ -261,10 +261,7 @@ fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
 
     // Upscale requests are clamped to the VM's bounds: the guest itself sees 2 CU, no more.
     let boot = host.wait_guest_report("victim");
-    let clamped = GuestView {
-        cpus: 2,
-        mem_total_kb: boot.mem_total_kb + GIB_KB,
-    };
+    let clamped = boot.at_cu(2);
     let mut guest = FakeGuest::hello(&host, "victim");
     for id in 1..=3 {
         guest.send(&GuestMessage::UpscaleRequest {
@@ -294,13 +291,7 @@ fn hostile_guest_traffic_is_refused_and_vmhostd_keeps_serving() {
     // The bystander's channel still works: a shrink needs its monitor's consent, and the
     // guest itself shows each size.
     host.vmctl_ok(&["scale", "bystander", "--cu", "2"]);
-    host.wait_guest_view(
-        "bystander",
-        GuestView {
-            cpus: 2,
-            mem_total_kb: bystander_boot.mem_total_kb + GIB_KB,
-        },
-    );
+    host.wait_guest_view("bystander", bystander_boot.at_cu(2));
     host.vmctl_ok(&["scale", "bystander", "--cu", "1"]);
     host.wait_guest_view("bystander", bystander_boot);
 }

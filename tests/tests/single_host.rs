@@ -65,13 +65,7 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
     }
     assert!(shown["accel"].is_string());
     assert_eq!(shown["qemu_status"], "running");
-    host.wait_guest_view(
-        "db1",
-        GuestView {
-            cpus: 2,
-            mem_total_kb: boot.mem_total_kb + GIB_KB,
-        },
-    );
+    host.wait_guest_view("db1", boot.at_cu(2));
 
     host.wait_monitor("db1");
     host.vmctl_ok(&["scale", "db1", "--cu", "1"]);
@@ -116,14 +110,7 @@ fn scales_vcpus_and_memory_and_the_guest_sees_it() {
     host.vmctl_ok(&["create", "db2", "--min-cu", "1", "--max-cu", "2"]);
     host.vmctl_ok(&["scale", "db2", "--cu", "2"]);
     assert_eq!(host.show("db2")["vcpus"], 2);
-    host.wait_guest_view_within(
-        "db2",
-        GuestView {
-            cpus: 2,
-            mem_total_kb: boot.mem_total_kb + GIB_KB,
-        },
-        64 * 1024,
-    );
+    host.wait_guest_view_within("db2", boot.at_cu(2), 64 * 1024);
 }
 
 #[test]
@@ -152,13 +139,7 @@ fn vms_survive_a_sigkilled_vmhostd() {
     );
 
     host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
-    host.wait_guest_view(
-        "db1",
-        GuestView {
-            cpus: 2,
-            mem_total_kb: boot.mem_total_kb + GIB_KB,
-        },
-    );
+    host.wait_guest_view("db1", boot.at_cu(2));
     // Same guest, never rebooted.
     assert_eq!(host.wait_guest_ready("db1"), boot_id);
     let log = std::fs::read_to_string(host.serial_log("db1")).unwrap();
@@ -346,26 +327,14 @@ fn each_vm_runs_in_a_cgroup_whose_limits_follow_its_size() {
     assert_eq!(limits.cpu_quota_us, 100_000);
 
     host.vmctl_ok(&["scale", "db1", "--cu", "3"]);
-    host.wait_guest_view(
-        "db1",
-        GuestView {
-            cpus: 3,
-            mem_total_kb: boot.mem_total_kb + 2 * GIB_KB,
-        },
-    );
+    host.wait_guest_view("db1", boot.at_cu(3));
     let grown = limits_of(qemu);
     assert_eq!(grown.memory_bytes, 3 * GIB + OVERHEAD);
     assert_eq!(grown.cpu_quota_us, 300_000);
 
     host.wait_monitor("db1");
     host.vmctl_ok(&["scale", "db1", "--cu", "2"]);
-    host.wait_guest_view(
-        "db1",
-        GuestView {
-            cpus: 2,
-            mem_total_kb: boot.mem_total_kb + GIB_KB,
-        },
-    );
+    host.wait_guest_view("db1", boot.at_cu(2));
     assert_eq!(limits_of(qemu).memory_bytes, 2 * GIB + OVERHEAD);
     assert_eq!(limits_of(qemu).cpu_quota_us, 200_000);
 
